@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -22,18 +22,20 @@ class BuildModels(Strict):
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     n_experts: int = Field(16, ge=2)
     top_k: int = Field(8, ge=1)
-    shared_fraction: float = Field(0.5, ge=0.0, lt=1.0)  # FFN neurons kept in the always-on shared expert
+    shared_fraction: float = Field(0.5, ge=0.0, lt=1.0)  # FFN share of the always-on expert
     router_tau: float = Field(1e-3, gt=0)  # std of router logits: small keeps top-k weights ~1/k
     calib_prompts: int = Field(192, ge=8)
     eval_prompts: int = Field(48, ge=4)
     calib_new_tokens: int = Field(32, ge=1)
+    calib_tokens: int = Field(12000, ge=100)  # tokens sampled for clustering and least squares
     ridge_alpha: float = Field(1.0, gt=0)
+    refit_lambda: float = Field(0.01, ge=0)  # 0 = keep dense down projections (no refit)
     batch_size: int = Field(16, ge=1)
 
 
 class PrepareSafety(Strict):
     detect_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    advbench_max: int = Field(250, ge=1)  # AdvBench is all-unsafe; capped to balance XSTest's 250 safe
+    advbench_max: int = Field(250, ge=1)  # AdvBench is all unsafe: cap it near XSTest's 250 safe
 
 
 class CaptureRouting(Strict):
@@ -47,14 +49,71 @@ class CaptureRouting(Strict):
 
 class RiskDiff(Strict):
     token_scope: Literal["user", "generated", "all"] = "user"
-    n_permutations: int = Field(200, ge=0)
-    null_quantile: float = Field(0.999, gt=0.0, lt=1.0)
+    # Permutations are one matmul each (cheap); 1000 resolve the null's 0.99 and 0.999 quantiles.
+    n_permutations: int = Field(1000, ge=0)
+    null_quantile: float = Field(0.99, gt=0.0, lt=1.0)  # |risk_diff| above it "beats the null"
+
+    @model_validator(mode="after")
+    def _enough_permutations(self) -> RiskDiff:
+        # a quantile q is only resolved by >= 1/(1-q) permutations (else it is just the max)
+        n, q = self.n_permutations, self.null_quantile
+        if n > 0 and n * (1.0 - q) < 1.0 - 1e-9:
+            raise ValueError(
+                f"null_quantile={q} needs n_permutations >= {round(1.0 / (1.0 - q))}, got {n}"
+            )
+        return self
 
 
 class SelectExperts(Strict):
     threshold: float = 0.05
     top_k: int = Field(50, ge=1)
     alpha: float = Field(0.05, gt=0.0, le=1.0)
+
+
+# ---- MAT-Steer (issue 4) -------------------------------------------------------------------
+Split = Literal["train", "dev", "test"]
+
+
+class PrepareAttributes(Strict):
+    truthfulqa_fractions: dict[Split, float] = {"train": 0.4, "dev": 0.1, "test": 0.5}
+    # ToxiGen / BBQ have no offline splits: a held-out test of a validation split's relative size
+    # (toxigen-data "annotated": 940 / 9,900), the rest split 80/20 train/dev; grouped throughout.
+    test_fraction: dict[Literal["toxigen", "bbq"], float] = {"toxigen": 0.095, "bbq": 0.1}
+    dev_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    truthfulqa_answers_per_label: int = Field(2, ge=1)  # true / false answer texts per question
+    # Evaluation items (questions / BBQ items / statements) kept per task and split (null = all);
+    # sized so the stages fit a 2-core CPU. Raise (or null) them on a GPU.
+    max_items: dict[Split, int | None] = {"train": 200, "dev": 60, "test": 100}
+
+
+class ExtractActivations(Strict):
+    model: str = "models/base"
+    layer: int | None = None  # 0-based decoder layer; null = round(layer_ratio * n_layers)
+    layer_ratio: float = Field(14 / 32, ge=0.0, lt=1.0)  # the seed's layer 14 of 32
+    pooling: Literal["last", "mean"] = "last"
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=2)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TrainSteering(Strict):
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(96, ge=2)
+    epochs: int = Field(100, ge=1)
+    sigma: float = Field(2.0, gt=0)
+    # "median_distance": train on activations / s (s = median distance between training
+    # activations), so lr, sigma and init_scale mean the same on any model; "none": raw
+    # activations as in the seed (sigma 2.0 then saturates the RBF kernel on the default model).
+    scale: Literal["median_distance", "none"] = "median_distance"
+    patience: int = Field(0, ge=0)  # early stopping on the dev objective; 0 = run all epochs
+    init_scale: float = Field(0.01, gt=0)
+
+
+class EvalSteering(Strict):
+    mean_diff_scales: list[float] = [0.5, 1.0, 2.0, 4.0]  # chosen on dev
+    max_dev_items: int | None = Field(30, ge=1)  # per task, for the mean-difference scale sweep
+    max_rows: int = Field(64, ge=1)  # answer choices scored per forward
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class Params(Strict):
@@ -64,6 +123,15 @@ class Params(Strict):
     capture_routing: CaptureRouting = CaptureRouting()
     risk_diff: RiskDiff = RiskDiff()
     select_experts: SelectExperts = SelectExperts()
+    # MAT-Steer loss weights: top-level so `dvc exp run -S lambda_sparse=0.5` works.
+    lambda_mmd: float = Field(1.0, ge=0)
+    lambda_sparse: float = Field(0.9, ge=0)
+    lambda_ortho: float = Field(0.1, ge=0)
+    lambda_pos: float = Field(0.9, ge=0)
+    prepare_attributes: PrepareAttributes = PrepareAttributes()
+    extract_activations: ExtractActivations = ExtractActivations()
+    train_steering: TrainSteering = TrainSteering()
+    eval_steering: EvalSteering = EvalSteering()
 
 
 class ParamsError(ValueError):

@@ -1,0 +1,200 @@
+"""Benchmark: vectorized streaming risk_diff counts vs a plain per-token Python loop.
+
+Synthetic routing (default 200k tokens, 30 layers, top-8 of 64 experts) is written as Parquet
+shards to a temp dir. The loop runs on all of it by default (a few seconds; --loop-tokens times
+it on a subsample instead) and both ratios compare the two methods on the same tokens, counting
+the same scope ('user'):
+- ratio: end to end, both reading the same columns of the same Parquet files;
+- ratio_kernel: counting only, both starting from data already decoded in memory.
+Results are checked equal (counts, token totals, rates, risk_diff). The vectorized time on the
+full set and the permutation null's time are reported beside. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from steerline.io import write_table
+from steerline.risk_diff import count_batches, count_routing, permutation_null, risk_diff_table
+from steerline.routing_schema import (
+    iter_routing_shard_batches,
+    read_routing_meta,
+    routing_metadata,
+    routing_table,
+)
+
+TOKENS_PER_PROMPT = 100  # 3 template + 60 user + 1 template + 36 generated
+
+
+def synthetic(n_tokens: int, n_layers: int, top_k: int, n_experts: int, seed: int) -> dict:
+    """Per-token arrays; distinct top-k per (token, layer) from a bank of random permutations."""
+    rng = np.random.default_rng(seed)
+    n_prompts = -(-n_tokens // TOKENS_PER_PROMPT)
+    pos = np.tile(np.arange(TOKENS_PER_PROMPT), n_prompts)[:n_tokens]
+    prompt = np.repeat(np.arange(n_prompts), TOKENS_PER_PROMPT)[:n_tokens]
+    bank = np.argsort(rng.random((4096, n_experts)), axis=1)[:, :top_k].astype(np.int16)
+    experts = bank[rng.integers(0, len(bank), (n_tokens, n_layers))]  # [N, L, k]
+    return {
+        "prompt_id": np.char.add("p", prompt.astype(str)),
+        "label": np.where(prompt % 2 == 1, "unsafe", "safe"),
+        "position": pos,
+        "token_id": rng.integers(0, 49152, n_tokens),
+        "is_generated": pos >= 64,
+        "is_template": (pos < 3) | (pos == 63),
+        "experts": experts.reshape(n_tokens, n_layers * top_k),
+        "weights": np.full((n_tokens, n_layers * top_k), 1.0 / top_k, np.float16),
+    }
+
+
+def write(root: Path, arrays: dict, n_rows: int, shard_rows: int, meta: dict) -> Path:
+    root.mkdir(parents=True)
+    for start in range(0, n_rows, shard_rows):
+        part = {k: v[start : min(start + shard_rows, n_rows)] for k, v in arrays.items()}
+        write_table(routing_table(**part), root / f"{start:09d}.parquet", meta)
+    return root
+
+
+COLUMNS = ["prompt_id", "label", "is_generated", "is_template", "experts"]  # what both read
+
+
+def read_rows(root: Path) -> list[dict]:
+    """Decode the shards to Python rows (the loop's input), same columns as the vectorized."""
+    return [
+        row
+        for shard in sorted(root.glob("*.parquet"))
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=16384, columns=COLUMNS)
+        for row in batch.to_pylist()
+    ]
+
+
+def loop_counts(rows: list[dict], n_layers: int, top_k: int, n_experts: int) -> tuple:
+    """The literal reference: per token, per layer, per slot, in plain Python (scope 'user')."""
+    a = [[[0] * n_experts for _ in range(n_layers)] for _ in range(2)]
+    n = [0, 0]
+    for row in rows:
+        if row["is_generated"] or row["is_template"]:
+            continue
+        lab = 1 if row["label"] == "unsafe" else 0
+        n[lab] += 1
+        ex = row["experts"]
+        for layer in range(n_layers):
+            counts = a[lab][layer]
+            for e in ex[layer * top_k : (layer + 1) * top_k]:
+                counts[e] += 1
+    return a, n
+
+
+def read_batches(root: Path) -> list:
+    return list(iter_routing_shard_batches(root, COLUMNS))
+
+
+def best_of(fn, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def same(df, ref: tuple, n_layers: int, n_experts: int) -> bool:
+    a, n = np.asarray(ref[0]).reshape(2, n_layers * n_experts), ref[1]
+    return bool(
+        np.array_equal(df["a_safe"], a[0])
+        and np.array_equal(df["a_unsafe"], a[1])
+        and (df["n_safe"] == n[0]).all()
+        and (df["n_unsafe"] == n[1]).all()
+        and np.array_equal(df["a_safe_n"], a[0] / n[0])
+        and np.array_equal(df["a_unsafe_n"], a[1] / n[1])
+        and np.array_equal(df["risk_diff"], a[1] / n[1] - a[0] / n[0])
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument(
+        "--loop-tokens", type=int, default=None, help="time the loop on a subsample (default: all)"
+    )
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--permutations", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs, both methods")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    L, K, E = args.layers, args.top_k, args.experts
+    sub_tokens = min(args.loop_tokens or args.tokens, args.tokens)
+    r = args.repeats
+
+    arrays = synthetic(args.tokens, L, K, E, args.seed)
+    meta = routing_metadata(L, K, E, "synthetic")
+    with tempfile.TemporaryDirectory() as tmp:
+        full = write(Path(tmp) / "full", arrays, args.tokens, 6400, meta)
+        sub = (
+            full
+            if sub_tokens == args.tokens
+            else write(Path(tmp) / "sub", arrays, sub_tokens, 6400, meta)
+        )
+        rmeta = read_routing_meta(sub)
+
+        # end to end: both start from the same Parquet files and read the same columns
+        loop_s, ref = best_of(lambda: loop_counts(read_rows(sub), L, K, E), r)
+        vec_s, df_sub = best_of(lambda: risk_diff_table(count_routing(sub, "user")), r)
+        # kernels only: both start from data already decoded in memory (rows / Arrow batches)
+        rows, batches = read_rows(sub), read_batches(sub)
+        loop_k_s, ref_k = best_of(lambda: loop_counts(rows, L, K, E), r)
+        vec_k_s, df_k = best_of(
+            lambda: risk_diff_table(count_batches(batches, rmeta, "user", "memory")), r
+        )
+        vec_full_s, df_full = best_of(lambda: risk_diff_table(count_routing(full, "user")), r)
+        counts = count_routing(full, "user")
+        perm_s, _ = best_of(lambda: permutation_null(counts, args.permutations, args.seed), 1)
+
+    equal = same(df_sub, ref, L, E) and same(df_k, ref_k, L, E)
+    in_scope_full = int(df_full["n_safe"].iloc[0] + df_full["n_unsafe"].iloc[0])
+    print(
+        f"{sub_tokens} tokens, end to end from Parquet: loop {loop_s:.3f} s, "
+        f"vectorized {vec_s:.4f} s, ratio {loop_s / vec_s:.1f}"
+    )
+    print(
+        f"{sub_tokens} tokens, counting kernels only:   loop {loop_k_s:.3f} s, "
+        f"vectorized {vec_k_s:.4f} s, ratio {loop_k_s / vec_k_s:.1f}"
+    )
+    print(
+        f"full {args.tokens} tokens ({in_scope_full} in scope 'user'), vectorized end to end: "
+        f"{vec_full_s:.3f} s; permutation null x{args.permutations}: {perm_s:.3f} s"
+    )
+    result = {
+        "bench": "risk_diff",
+        "ratio": round(loop_s / vec_s, 1),
+        "equal": equal,
+        "ratio_kernel": round(loop_k_s / vec_k_s, 1),
+        "tokens_compared": sub_tokens,
+        "loop_s": round(loop_s, 4),
+        "vectorized_s": round(vec_s, 4),
+        "loop_kernel_s": round(loop_k_s, 4),
+        "vectorized_kernel_s": round(vec_k_s, 4),
+        "tokens_full": args.tokens,
+        "in_scope_tokens_full": in_scope_full,
+        "vectorized_s_full": round(vec_full_s, 4),
+        "vectorized_tokens_per_s_full": round(args.tokens / vec_full_s),
+        "permutations": args.permutations,
+        "permutation_null_s_full": round(perm_s, 4),
+        "layers": L,
+        "top_k": K,
+        "n_experts": E,
+        "repeats": r,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

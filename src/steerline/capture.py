@@ -1,0 +1,148 @@
+"""capture_routing's work: prompts -> greedy answers + per-token routing, sharded and resumable.
+
+Finished shards are kept in a cache directory keyed by a fingerprint of the model, the prompts
+and the params, so a killed run resumes where it stopped and produces the same final output;
+the DVC outputs themselves are written only once every shard is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from steerline.chat import render_chat
+from steerline.io import atomic_dir, write_parquet, write_table
+from steerline.moe_arch import find_routers, moe_shape
+from steerline.routing import Routed, check_context, generate_routed_all
+from steerline.routing_schema import routing_metadata, routing_table
+from steerline.safety_data import validate_prompts
+
+GEN_COLUMNS = ["prompt_id", "label", "answer", "n_prompt_tokens", "n_generated_tokens", "finished"]
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    max_new_tokens: int
+    batch_size: int
+    shard_prompts: int
+
+
+def load_moe(model_path: str, dtype: str = "float32"):
+    """Model + tokenizer from a local directory; rejects dense models before any work."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+    find_routers(model)  # DenseModelError with a clear message
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_fingerprint(model_path: str | Path) -> str:
+    """Cheap content fingerprint of a model directory (config + weight files' sizes and heads)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_path).glob("*")):
+        if f.suffix in (".json", ".jinja"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                h.update(f"{f.name}:{f.stat().st_size}".encode() + fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def shard_table(routed: list[Routed], ids: list[str], labels: list[str]):
+    """One routing shard (pyarrow Table, contract schema) from per-prompt captures."""
+    n = [len(r.token_ids) for r in routed]
+    return routing_table(
+        prompt_id=np.repeat(np.asarray(ids, dtype=object), n).tolist(),
+        label=np.repeat(np.asarray(labels, dtype=object), n).tolist(),
+        position=np.concatenate([np.arange(k, dtype=np.int32) for k in n]),
+        token_id=np.concatenate([r.token_ids for r in routed]),
+        is_generated=np.concatenate([r.is_generated for r in routed]),
+        is_template=np.concatenate([r.is_template for r in routed]),
+        experts=np.concatenate([r.experts for r in routed]),
+        weights=np.concatenate([r.weights for r in routed]),
+    )
+
+
+def generations_frame(
+    routed: list[Routed], ids: list[str], labels: list[str], tokenizer: PreTrainedTokenizerBase
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt_id": ids,
+            "label": labels,
+            "answer": [
+                tokenizer.decode(r.token_ids[r.n_prompt :], skip_special_tokens=True)
+                for r in routed
+            ],
+            "n_prompt_tokens": [r.n_prompt for r in routed],
+            "n_generated_tokens": [r.n_generated for r in routed],
+            "finished": [r.finished for r in routed],
+        }
+    )[GEN_COLUMNS]
+
+
+def run_capture(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: pd.DataFrame,
+    cfg: CaptureConfig,
+    routing_dir: Path,
+    generations_path: Path,
+    cache_dir: Path,
+    meta: dict[str, str],
+) -> pd.DataFrame:
+    """Capture every prompt, shard by shard (resuming from `cache_dir`), then publish outputs."""
+    validate_prompts(prompts, "capture_routing prompts")
+    prompts = prompts.sort_values("prompt_id").reset_index(drop=True)
+    chats = [render_chat(tokenizer, t) for t in prompts["text"]]
+    ids, labels = prompts["prompt_id"].tolist(), prompts["label"].tolist()
+    ctx = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    check_context(chats, ids, cfg.max_new_tokens, ctx)
+    n_experts, top_k = moe_shape(model)
+    n_layers = len(find_routers(model))
+    shard_meta = routing_metadata(n_layers, top_k, n_experts, **meta)
+    key = hashlib.sha256(
+        json.dumps([shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]).encode()
+    ).hexdigest()[:16]
+    work = cache_dir / key
+    work.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(chats), cfg.shard_prompts))
+    for k, s in enumerate(tqdm(starts, desc="capture shards")):
+        shard, gens = work / f"shard-{k:05d}.parquet", work / f"gen-{k:05d}.parquet"
+        if shard.exists() and gens.exists():
+            continue  # finished in an earlier (killed) run
+        e = s + cfg.shard_prompts
+        routed = generate_routed_all(
+            model, chats[s:e], cfg.max_new_tokens, tokenizer.pad_token_id, cfg.batch_size
+        )
+        write_parquet(generations_frame(routed, ids[s:e], labels[s:e], tokenizer), gens)
+        write_table(shard_table(routed, ids[s:e], labels[s:e]), shard, shard_meta)
+    generations = pd.concat(
+        [pd.read_parquet(work / f"gen-{k:05d}.parquet") for k in range(len(starts))],
+        ignore_index=True,
+    )
+    with atomic_dir(routing_dir) as tmp:
+        for k in range(len(starts)):
+            shutil.copyfile(work / f"shard-{k:05d}.parquet", tmp / f"shard-{k:05d}.parquet")
+    write_parquet(generations, generations_path)
+    shutil.rmtree(work, ignore_errors=True)
+    return generations
+
+
+def routing_store_bytes(routing_dir: Path) -> int:
+    return sum(f.stat().st_size for f in routing_dir.glob("*.parquet"))
+
+
+def routing_rows(routing_dir: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in routing_dir.glob("*.parquet"))

@@ -1,0 +1,207 @@
+"""Residual-stream activations after one decoder layer, batched, padding handled.
+
+"After decoder layer `layer`" (0-based) is the output of `model.model.layers[layer]`, i.e.
+`output_hidden_states[layer + 1]` of a plain forward for every layer but the last (the last entry
+of `hidden_states` has the final norm applied). Capture stops the forward at that layer, so the
+layers above it and the LM head are never computed.
+
+Contract (data/activations/): `{attribute}.npy` float32 [N, D] + `{attribute}.parquet` with
+`example_id`, `group_id`, `label`, `split` (rows aligned) and key-value metadata `layer`,
+`pooling`, `model`, `hidden_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from steerline.io import parquet_metadata, read_npy
+
+Pooling = Literal["last", "mean"]
+META_COLUMNS = ["example_id", "group_id", "label", "split"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM (Llama, Qwen, Mixtral, OLMoE, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers "
+                         f"(valid: 0..{n - 1})")
+    return layer
+
+
+def resolve_layer(n_layers: int, layer: int | None, layer_ratio: float) -> int:
+    """An explicit `layer`, or round(layer_ratio * n_layers) (the seed's 14 of 32 -> 13 of 30)."""
+    if layer is None:
+        layer = int(round(layer_ratio * n_layers))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range for a model with {n_layers} decoder "
+                         f"layers (valid: 0..{n_layers - 1})")
+    return layer
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def capture_layer_output(model: nn.Module, layer: int, stop: bool = True) -> Iterator[dict]:
+    """Within the block, forwards store the output of decoder layer `layer` in box["hidden"]
+    ([B, L, D]) and, if `stop`, abort the forward right there (caller catches nothing: use
+    `run_to_layer`). The hook is always removed."""
+    check_layer(model, layer)
+    box: dict = {}
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+        box["hidden"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _Stop
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def run_to_layer(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after decoder layer `layer`: input_ids [B, L] -> [B, L, D]."""
+    with capture_layer_output(model, layer, stop=True) as box:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+    if "hidden" not in box:
+        raise RuntimeError(f"decoder layer {layer} was not called by the forward")
+    return box["hidden"]
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """hidden [B, L, D], attention_mask [B, L] (right padding) -> [B, D]."""
+    mask = attention_mask.to(hidden.dtype)  # [B, L]
+    if pooling == "last":
+        last = attention_mask.sum(1) - 1  # [B]
+        return hidden[torch.arange(hidden.shape[0]), last]
+    if pooling == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+             max_length: int | None = None) -> list[list[int]]:
+    """Token ids per text (special tokens as the tokenizer adds them); over-long texts keep their
+    last `max_length` tokens (the answer is at the end)."""
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    if max_length is not None:
+        ids = [x[-max_length:] for x in ids]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("an empty text: every text needs at least one token")
+    return ids
+
+
+def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids [B, L], attention_mask [B, L]) padded on the right.
+
+    Right padding keeps every real token at the position it has alone, so with a causal mask the
+    real tokens' states do not depend on the padding."""
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return int(pid)
+
+
+@torch.inference_mode()
+def extract_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                        texts: Sequence[str], layer: int, pooling: Pooling = "last",
+                        batch_size: int = 32, max_length: int | None = 512,
+                        desc: str = "activations") -> np.ndarray:
+    """texts [N] -> float32 [N, D]: the residual stream after decoder layer `layer`, pooled.
+
+    Texts are batched in length order (less padding) and returned in input order."""
+    check_layer(model, layer)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    ids = tokenize(tokenizer, texts, max_length)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
+    pid = pad_id(tokenizer)
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch"):
+        idx = order[start: start + batch_size]
+        input_ids, mask = right_pad([ids[i] for i in idx], pid)
+        hidden = run_to_layer(model, layer, input_ids.to(model.device), mask.to(model.device))
+        out[idx] = pool(hidden.float(), mask.to(hidden.device), pooling).cpu().numpy()
+    return out
+
+
+def load_activations(directory: str | Path, attribute: str) -> tuple[np.ndarray, pd.DataFrame,
+                                                                    dict[str, str]]:
+    """(acts float32 [N, D], metadata DataFrame [N rows], key-value metadata), validated."""
+    directory = Path(directory)
+    npy, meta_path = directory / f"{attribute}.npy", directory / f"{attribute}.parquet"
+    for p in (npy, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: run the extract_activations stage")
+    acts = read_npy(npy)
+    meta = pd.read_parquet(meta_path)
+    if acts.ndim != 2 or acts.dtype != np.float32:
+        raise ValueError(f"{npy}: expected a float32 [N, D] array, got {acts.dtype} {acts.shape}")
+    if acts.shape[0] != len(meta):
+        raise ValueError(f"{attribute}: activations have {acts.shape[0]} rows but the metadata "
+                         f"has {len(meta)}: the two files are out of sync, re-run "
+                         "extract_activations")
+    missing = set(META_COLUMNS) - set(meta.columns)
+    if missing:
+        raise ValueError(f"{meta_path}: missing columns {sorted(missing)}")
+    if not np.isfinite(acts).all():
+        raise ValueError(f"{npy}: activations contain NaN or inf")
+    return acts, meta, parquet_metadata(meta_path)
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32",
+                   device: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A local causal LM directory (safetensors) and its tokenizer, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model directory {path} not found: run the build_models stage "
+                                "or point the params at a local checkpoint")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,246 @@
+"""MAT-Steer training on the union of the attributes' train splits; model choice on dev only.
+
+Sampling follows the seed: per batch and attribute, `n = min(batch_size // (2T), min_samples)`
+positives, as many negatives and an independent sample of positives as the MMD target (each
+drawn without replacement), `ceil(min_samples / n)` batches per epoch, where min_samples is the
+smallest pos or neg count over the attributes. All indices of an epoch are drawn at once and the
+four losses are computed for all attributes in one pass (see losses.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from steerline.mat_steer.diagnostics import attribute_diagnostics
+from steerline.mat_steer.losses import (
+    LossWeights,
+    mat_steer_losses,
+    median_pairwise_distance,
+    orthogonality_loss,
+)
+from steerline.mat_steer.module import SteeringModule
+
+
+@dataclass(frozen=True)
+class PosNeg:
+    """One attribute's activations on one split: pos [P, D], neg [Q, D] (float32)."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def split_pos_neg(acts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                  splits: Mapping[str, np.ndarray], split: str) -> dict[str, PosNeg]:
+    """Per attribute: rows of `split` with label pos / neg. Raises if a class is empty."""
+    out = {}
+    for name in acts:
+        in_split = np.asarray(splits[name]) == split
+        lab = np.asarray(labels[name])
+        pos, neg = acts[name][in_split & (lab == "pos")], acts[name][in_split & (lab == "neg")]
+        for kind, arr in (("positive", pos), ("negative", neg)):
+            if len(arr) == 0:
+                raise ValueError(f"attribute {name!r} has no {kind} examples in the {split} "
+                                 "split: fix data/attributes (prepare_attributes) so that every "
+                                 "attribute has both labels in train and dev")
+        out[name] = PosNeg(torch.from_numpy(np.ascontiguousarray(pos, dtype=np.float32)),
+                           torch.from_numpy(np.ascontiguousarray(neg, dtype=np.float32)))
+    return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 96
+    epochs: int = 100
+    sigma: float = 2.0
+    weights: LossWeights = field(default_factory=LossWeights)
+    scale: str = "median_distance"  # train on a / s, s = median distance ("none": s = 1)
+    patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
+    init_scale: float = 0.01
+    seed: int = 0
+
+
+def activation_scale(train: Mapping[str, PosNeg], mode: str, seed: int = 0) -> float:
+    """The unit in which training happens: the median distance between training activations
+    ("median_distance"), or 1 ("none": raw activations, the seed's setting).
+
+    The seed's hyperparameters (lr 1e-3, sigma 2.0, init 0.01) are not scale-free: the default
+    model's residual stream has norms ~150 and pairwise distances ~150, where a bandwidth of 2 makes
+    every kernel value exp(-2800) = 0 (no MMD gradient) and Adam's 1e-3 steps grow the steering
+    vectors far slower than the gates (whose logits move by ~1e-3 x |a|_1 per step) close. Training
+    on a / s and mapping back (`to_raw_units`) is exactly the same model in raw units."""
+    if mode == "none":
+        return 1.0
+    if mode != "median_distance":
+        raise ValueError(f"scale mode must be 'median_distance' or 'none', got {mode!r}")
+    allacts = torch.cat([torch.cat([d.pos, d.neg]) for d in train.values()])
+    g = torch.Generator().manual_seed(seed)
+    return median_pairwise_distance(allacts, generator=g)
+
+
+def scaled(data: Mapping[str, PosNeg], scale: float) -> dict[str, PosNeg]:
+    return {k: PosNeg(v.pos / scale, v.neg / scale) for k, v in data.items()}
+
+
+@torch.no_grad()
+def to_raw_units(module: SteeringModule, scale: float) -> SteeringModule:
+    """A module trained on a / scale as the same function of raw activations a:
+    g(a) = sigmoid((w / s) . a + b); a + sum g (s theta), renormalized to |a|."""
+    raw = SteeringModule(module.hidden_size, module.n_attributes)
+    raw.steering_vectors.copy_(module.steering_vectors * scale)
+    raw.gate_weight.copy_(module.gate_weight / scale)
+    raw.gate_bias.copy_(module.gate_bias)
+    return raw.eval()
+
+
+class Stacked:
+    """Attributes' pos / neg activations padded into [T, max_n, D] tensors for batched gathers."""
+
+    def __init__(self, data: Mapping[str, PosNeg]) -> None:
+        self.names = list(data)
+        self.n_pos = torch.tensor([len(d.pos) for d in data.values()])
+        self.n_neg = torch.tensor([len(d.neg) for d in data.values()])
+        self.pos = _pad_stack([d.pos for d in data.values()])  # [T, P_max, D]
+        self.neg = _pad_stack([d.neg for d in data.values()])  # [T, Q_max, D]
+
+    def batch_plan(self, batch_size: int) -> tuple[int, int]:
+        """(per-attribute batch size n, batches per epoch), as in the seed."""
+        t = len(self.names)
+        min_samples = int(min(self.n_pos.min(), self.n_neg.min()))
+        n = max(1, min(batch_size // (2 * t), min_samples))
+        return n, math.ceil(min_samples / n)
+
+    def sample(self, n_batches: int, n: int, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices [n_batches, T, n] of pos, neg and MMD-target pos, without replacement within
+        each (batch, attribute)."""
+        return (_sample(self.n_pos, n_batches, n, gen), _sample(self.n_neg, n_batches, n, gen),
+                _sample(self.n_pos, n_batches, n, gen))
+
+    def gather(self, which: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """which [T, max_n, D], idx [T, n] -> [T, n, D]."""
+        return which[torch.arange(which.shape[0]).unsqueeze(1), idx]
+
+
+def _pad_stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    width = max(len(x) for x in xs)
+    out = torch.zeros(len(xs), width, xs[0].shape[1])
+    for i, x in enumerate(xs):
+        out[i, : len(x)] = x
+    return out
+
+
+def _sample(counts: torch.Tensor, n_batches: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform samples of n distinct indices below counts[t]: [n_batches, T, n]."""
+    width = int(counts.max())
+    keys = torch.rand(n_batches, len(counts), width, generator=gen)
+    keys = keys.masked_fill(torch.arange(width) >= counts.unsqueeze(1), 2.0)
+    return keys.topk(n, dim=-1, largest=False).indices
+
+
+@torch.no_grad()
+def dev_metrics(module: SteeringModule, dev: Mapping[str, PosNeg], weights: LossWeights,
+                bandwidth: float) -> dict[str, float]:
+    """Deterministic dev objective (the training losses on the full dev sets) plus per-attribute
+    gate diagnostics, keys like "loss/total" and "<attribute>/gate_auroc"."""
+    out: dict[str, float] = {}
+    mmds, neg_gates, pos_gates = [], [], []
+    for t, (name, d) in enumerate(dev.items()):
+        diag = attribute_diagnostics(module, t, d.pos, d.neg, bandwidth)
+        out.update({f"{name}/{k}": v for k, v in diag.items()})
+        mmds.append(diag["mmd_after"])
+        neg_gates.append(module.gates(d.neg))
+        pos_gates.append(module.gates(d.pos))
+    mmd = float(np.mean(mmds))
+    sparse = float(torch.cat(neg_gates).abs().mean())
+    keep = float(torch.cat(pos_gates).pow(2).mean())
+    ortho = float(orthogonality_loss(module.steering_vectors))
+    out["loss/mmd"], out["loss/sparse"], out["loss/pos"], out["loss/ortho"] = mmd, sparse, keep, ortho
+    out["loss/total"] = (weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho
+                         + weights.pos * keep)
+    return out
+
+
+@dataclass
+class TrainResult:
+    module: SteeringModule  # the best epoch's weights (lowest dev loss/total), in raw units
+    best_epoch: int
+    epochs_run: int
+    scale: float  # activation unit s used in training
+    bandwidth: float  # RBF bandwidth in raw units (sigma x s)
+    history: list[dict[str, float]]
+
+
+EpochCallback = Callable[[int, dict[str, float], dict[str, float]], None]
+
+
+def train_mat_steer(train: Mapping[str, PosNeg], dev: Mapping[str, PosNeg], cfg: TrainConfig,
+                    on_epoch: EpochCallback | None = None) -> TrainResult:
+    """Train on `train`, choose the epoch with the lowest dev objective (never looks at test)."""
+    if list(train) != list(dev):
+        raise ValueError(f"train and dev attributes differ: {list(train)} vs {list(dev)}")
+    dims = {d.pos.shape[1] for d in train.values()} | {d.neg.shape[1] for d in train.values()}
+    if len(dims) != 1:
+        raise ValueError(f"attributes have different hidden sizes {sorted(dims)}")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    module = SteeringModule(dims.pop(), len(train), cfg.init_scale, generator=gen)
+    scale = activation_scale(train, cfg.scale, cfg.seed)
+    train, dev = scaled(train, scale), scaled(dev, scale)
+    bandwidth = cfg.sigma  # in units of `scale`
+    stacked = Stacked(train)
+    n, n_batches = stacked.batch_plan(cfg.batch_size)
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+    best = (math.inf, -1, copy.deepcopy(module.state_dict()))
+    history: list[dict[str, float]] = []
+    since_best, epoch = 0, -1
+    bar = tqdm(range(cfg.epochs), desc="train_steering", unit="epoch")
+    for epoch in bar:
+        module.train()
+        pos_idx, neg_idx, ref_idx = stacked.sample(n_batches, n, gen)
+        sums = torch.zeros(5)
+        for b in range(n_batches):
+            losses = mat_steer_losses(
+                module, stacked.gather(stacked.pos, pos_idx[b]),
+                stacked.gather(stacked.neg, neg_idx[b]), stacked.gather(stacked.pos, ref_idx[b]),
+                cfg.weights, bandwidth)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            sums += torch.stack([losses[k].detach() for k in ("total", "mmd", "sparse", "pos",
+                                                               "ortho")])
+        train_means = dict(zip(("train/total", "train/mmd", "train/sparse", "train/pos",
+                                "train/ortho"), (sums / n_batches).tolist(), strict=True))
+        module.eval()
+        dev_out = {f"dev/{k}": v for k, v in dev_metrics(module, dev, cfg.weights,
+                                                        bandwidth).items()}
+        history.append({"epoch": epoch, **train_means, **dev_out})
+        if on_epoch is not None:
+            on_epoch(epoch, train_means, dev_out)
+        score = dev_out["dev/loss/total"]
+        if score < best[0]:
+            best, since_best = (score, epoch, copy.deepcopy(module.state_dict())), 0
+        else:
+            since_best += 1
+        bar.set_postfix(train=f"{train_means['train/total']:.4f}", dev=f"{score:.4f}",
+                        best=best[1])
+        if cfg.patience and since_best >= cfg.patience:
+            break
+    module.load_state_dict(best[2])
+    return TrainResult(module=to_raw_units(module, scale), best_epoch=best[1],
+                       epochs_run=epoch + 1, scale=scale, bandwidth=bandwidth * scale,
+                       history=history)
+
+
+def mean_difference_vectors(train: Mapping[str, PosNeg]) -> torch.Tensor:
+    """[T, D]: mean(pos) - mean(neg) of each attribute's train activations."""
+    return torch.stack([d.pos.mean(0) - d.neg.mean(0) for d in train.values()])
+
+

@@ -1,0 +1,558 @@
+"""SteerMoE risk difference: how much more often unsafe prompts route a token to each expert.
+
+For every (layer, expert): a[label] = in-scope tokens of that label whose top-k at that layer
+holds the expert, n[label] = in-scope tokens; risk_diff = a_unsafe/n_unsafe - a_safe/n_safe.
+
+Token-level p-values treat tokens as independent, but tokens of one prompt are not, so they are
+anti-conservative; the prompt-level label-permutation null (max |risk_diff| over all pairs under
+shuffled prompt labels) is the honest yardstick and is reported beside them.
+
+Everything is streamed over the routing shards in record batches and vectorized: one bincount
+per batch into a per-prompt count matrix [n_prompts, n_layers * n_experts], from which both the
+pooled counts and every permutation (one matmul) follow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from scipy.stats import norm
+
+from steerline.routing_schema import (
+    LABELS,
+    META_MODEL,
+    META_N_EXPERTS,
+    META_N_LAYERS,
+    META_TOP_K,
+    PER_SHARD_PREFIX,
+    iter_routing_shard_batches,
+    read_routing_meta,
+)
+
+TOKEN_SCOPES = ("user", "generated", "all")
+REPORT_COLUMNS = (
+    "layer",
+    "expert",
+    "a_safe",
+    "a_unsafe",
+    "n_safe",
+    "n_unsafe",
+    "a_safe_n",
+    "a_unsafe_n",
+    "risk_diff",
+    "p_value",
+    "q_value",
+)
+# Quantiles of the null's max |risk_diff| always reported (if the permutations resolve them).
+REPORTED_QUANTILES = (0.95, 0.99, 0.999)
+_READ_COLUMNS = ("prompt_id", "label", "is_generated", "is_template", "experts")
+_SCOPE_HINT = (
+    "set risk_diff.token_scope to another of 'user', 'generated', 'all' in params.yaml, or check "
+    "capture_routing ('generated' needs capture_routing.max_new_tokens > 0)"
+)
+
+
+@dataclass(frozen=True)
+class PromptCounts:
+    """In-scope routing counts aggregated per prompt (prompts with >= 1 in-scope token)."""
+
+    prompt_ids: list[str]  # [P], first-seen order
+    unsafe: np.ndarray  # [P] bool
+    counts: np.ndarray  # [P, n_layers * n_experts] int32, column = layer * n_experts + expert
+    tokens: np.ndarray  # [P] int64 in-scope tokens
+    n_layers: int
+    top_k: int
+    n_experts: int
+    token_scope: str
+    routing_meta: dict[str, Any]
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """a [2, L*E] int64 and n [2] int64, row 0 safe, row 1 unsafe."""
+        a = np.stack(
+            [
+                self.counts[~self.unsafe].sum(0, dtype=np.int64),
+                self.counts[self.unsafe].sum(0, dtype=np.int64),
+            ]
+        )
+        n = np.array([self.tokens[~self.unsafe].sum(), self.tokens[self.unsafe].sum()], np.int64)
+        return a, n
+
+
+class _PromptAccumulator:
+    """Per-prompt counts with rows added as new prompt ids appear (capacity doubles)."""
+
+    initial_capacity = 256
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.row_of: dict[str, int] = {}
+        self.ids: list[str] = []
+        self._alloc(self.initial_capacity)
+
+    def _alloc(self, cap: int) -> None:
+        old = getattr(self, "counts", None)
+        counts = np.zeros((cap, self.width), np.int32)
+        label = np.full(cap, -1, np.int8)  # -1 unseen, 0 safe, 1 unsafe
+        tokens = np.zeros(cap, np.int64)
+        all_tokens = np.zeros(cap, np.int64)
+        if old is not None:  # copy the rows allocated so far (ids may already be past them)
+            n = len(old)
+            counts[:n], label[:n] = self.counts, self.label
+            tokens[:n], all_tokens[:n] = self.tokens, self.all_tokens
+        self.counts, self.label, self.tokens, self.all_tokens = counts, label, tokens, all_tokens
+
+    def rows(self, ids: list[str]) -> np.ndarray:
+        """Global row of each id (new ids get new rows); one dict lookup per prompt, not token."""
+        out = np.empty(len(ids), np.int64)
+        for i, pid in enumerate(ids):
+            row = self.row_of.get(pid)
+            if row is None:
+                row = self.row_of[pid] = len(self.ids)
+                self.ids.append(pid)
+            out[i] = row
+        if len(self.ids) > len(self.label):
+            self._alloc(max(2 * len(self.label), len(self.ids)))
+        return out
+
+
+def _bool_column(batch: pa.RecordBatch, name: str, shard: str | Path) -> np.ndarray:
+    col = batch.column(name)
+    if col.null_count:
+        raise ValueError(f"routing shard {shard} has null values in column {name!r}")
+    return col.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
+
+def _scope_mask(batch: pa.RecordBatch, token_scope: str, shard: str | Path) -> np.ndarray | None:
+    """[rows] bool of in-scope tokens, or None meaning all rows."""
+    if token_scope == "all":
+        return None
+    generated = _bool_column(batch, "is_generated", shard)
+    if token_scope == "generated":
+        return generated
+    return ~generated & ~_bool_column(batch, "is_template", shard)
+
+
+def _experts_matrix(
+    batch: pa.RecordBatch, n_layers: int, top_k: int, n_experts: int, shard: str | Path
+) -> np.ndarray:
+    """The experts column as an integer array [rows, n_layers, top_k] (no per-row Python)."""
+    col = batch.column("experts")
+    width = n_layers * top_k
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or not (
+        pa.types.is_integer(col.type.value_type)
+    ):
+        raise ValueError(
+            f"routing shard {shard} column 'experts' must be list<int16>, not {col.type}"
+        )
+    if col.null_count:
+        raise ValueError(f"routing shard {shard} has null rows in column 'experts'")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != width or lengths.max() != width):
+        bad = int(lengths[lengths != width][0])
+        raise ValueError(
+            f"routing shard {shard} has an 'experts' list of length {bad}; its metadata says "
+            f"n_layers*top_k = {n_layers}*{top_k} = {width}: delete data/routing and rerun "
+            "capture_routing"
+        )
+    flat = col.flatten().to_numpy(zero_copy_only=False)  # honours the batch's slice offset
+    if flat.size and (flat.min() < 0 or flat.max() >= n_experts):
+        raise ValueError(
+            f"routing shard {shard} has expert ids in [{flat.min()}, {flat.max()}], outside "
+            f"[0, n_experts={n_experts}) from its metadata: delete data/routing and rerun "
+            "capture_routing"
+        )
+    return flat.reshape(len(lengths), n_layers, top_k)
+
+
+def count_routing(
+    routing_dir: str | Path,
+    token_scope: str = "user",
+    batch_rows: int = 16384,
+    progress: bool = False,
+) -> PromptCounts:
+    """Stream the routing shards once into per-prompt in-scope counts (see PromptCounts).
+
+    Raises ValueError, naming what to fix, on: no shards, metadata disagreeing between shards,
+    missing columns, bad labels or expert ids, a prompt with both labels, only one label
+    present, no in-scope tokens of a label.
+    """
+    if token_scope not in TOKEN_SCOPES:
+        raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
+    meta = read_routing_meta(routing_dir)
+    batches = iter_routing_shard_batches(routing_dir, _READ_COLUMNS, batch_rows, progress)
+    return count_batches(batches, meta, token_scope, source=str(routing_dir))
+
+
+def count_batches(
+    batches: Iterable[tuple[str | Path, pa.RecordBatch]],
+    meta: Mapping[str, Any],
+    token_scope: str = "user",
+    source: str = "routing batches",
+) -> PromptCounts:
+    """count_routing on (name, record batch) pairs already in memory (names go into errors).
+
+    `meta` needs n_layers, top_k, n_experts (see read_routing_meta); batches need the columns
+    prompt_id, label, is_generated, is_template, experts. Assumes (per the routing contract)
+    that an expert appears at most once in a token's top-k at one layer, so counting
+    (token, slot) pairs counts tokens.
+    """
+    if token_scope not in TOKEN_SCOPES:
+        raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
+    n_layers, top_k, n_experts = (int(meta[k]) for k in (META_N_LAYERS, META_TOP_K, META_N_EXPERTS))
+    width = n_layers * n_experts
+    acc = _PromptAccumulator(width)
+    # [n_layers] offsets of each layer's block in the flattened (layer, expert) axis
+    layer_base = np.arange(n_layers, dtype=np.int64) * n_experts
+
+    for shard, batch in batches:
+        missing = [c for c in _READ_COLUMNS if c not in batch.schema.names]
+        if missing:
+            raise ValueError(f"routing batch from {shard} has no column {missing[0]!r}")
+        if batch.num_rows == 0:
+            continue
+        pid = batch.column("prompt_id")
+        if pid.null_count:
+            raise ValueError(f"routing shard {shard} has null values in column 'prompt_id'")
+        enc = pc.dictionary_encode(pid)
+        local = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)  # [rows]
+        ids = [str(x) for x in enc.dictionary.to_pylist()]
+        n_local = len(ids)
+
+        label = batch.column("label")
+        bad = [v for v in pc.unique(label).to_pylist() if v not in LABELS]
+        if bad:
+            raise ValueError(
+                f"routing shard {shard} has label {bad[0]!r}; labels must be 'safe' or 'unsafe'"
+            )
+        unsafe_tok = pc.equal(label, "unsafe").to_numpy(zero_copy_only=False).astype(bool)
+        tok_per = np.bincount(local, minlength=n_local)  # [n_local]
+        uns_per = np.bincount(local[unsafe_tok], minlength=n_local)
+        mixed = np.flatnonzero((uns_per > 0) & (uns_per < tok_per))
+        if mixed.size:
+            raise ValueError(
+                f"prompt {ids[mixed[0]]!r} in routing shard {shard} has both labels; every token "
+                "of a prompt must carry the prompt's label"
+            )
+        lab_local = (uns_per > 0).astype(np.int8)
+        rows = acc.rows(ids)
+        prev = acc.label[rows]
+        clash = np.flatnonzero((prev >= 0) & (prev != lab_local))
+        if clash.size:
+            raise ValueError(
+                f"prompt {ids[clash[0]]!r} has label {LABELS[lab_local[clash[0]]]!r} in routing "
+                f"shard {shard} but {LABELS[prev[clash[0]]]!r} elsewhere; delete data/routing and "
+                "rerun capture_routing"
+            )
+        acc.label[rows] = lab_local
+        acc.all_tokens[rows] += tok_per
+
+        experts = _experts_matrix(batch, n_layers, top_k, n_experts, shard)  # [rows, L, k]
+        mask = _scope_mask(batch, token_scope, shard)
+        if mask is not None:
+            experts, local = experts[mask], local[mask]
+        if local.size == 0:
+            continue
+        # flat bin = (local prompt, layer, expert); [n_in, L, k] int64, one bincount per batch
+        bins = (local[:, None] * width + layer_base)[:, :, None] + experts
+        counts = np.bincount(bins.ravel(), minlength=n_local * width).reshape(n_local, width)
+        acc.counts[rows] += counts.astype(np.int32)  # rows are distinct: no scatter-add needed
+        acc.tokens[rows] += np.bincount(local, minlength=n_local)
+
+    return _finish(acc, dict(meta), n_layers, top_k, n_experts, token_scope, source)
+
+
+def _finish(
+    acc: _PromptAccumulator,
+    meta: dict[str, Any],
+    n_layers: int,
+    top_k: int,
+    n_experts: int,
+    token_scope: str,
+    routing_dir: str,
+) -> PromptCounts:
+    n = len(acc.ids)
+    label, tokens, all_tokens = acc.label[:n], acc.tokens[:n], acc.all_tokens[:n]
+    if n == 0:
+        raise ValueError(
+            f"the routing shards in {routing_dir} hold no tokens: rerun capture_routing"
+        )
+    present = {LABELS[v] for v in np.unique(label)}
+    if len(present) < 2:
+        (only,) = present
+        raise ValueError(
+            f"only {only!r} prompts in {routing_dir} ({n} prompts): the risk difference compares "
+            "safe with unsafe prompts; capture both labels (check prepare_safety's output)"
+        )
+    for value, name in enumerate(LABELS):
+        if tokens[label == value].sum() == 0:
+            raise ValueError(
+                f"no {name} tokens in scope {token_scope!r} (of {all_tokens[label == value].sum()} "
+                f"{name} tokens in {routing_dir}): {_SCOPE_HINT}"
+            )
+    keep = tokens > 0  # a prompt without in-scope tokens takes no part, also not in permutations
+    return PromptCounts(
+        prompt_ids=[pid for pid, k in zip(acc.ids, keep, strict=True) if k],
+        unsafe=label[keep] == 1,
+        counts=acc.counts[:n][keep].copy(),
+        tokens=tokens[keep].copy(),
+        n_layers=n_layers,
+        top_k=top_k,
+        n_experts=n_experts,
+        token_scope=token_scope,
+        routing_meta=meta,
+    )
+
+
+def two_proportion_pvalue(
+    a1: np.ndarray, n1: np.ndarray | int, a2: np.ndarray, n2: np.ndarray | int
+) -> np.ndarray:
+    """Two-sided pooled-variance z-test of a1/n1 == a2/n2; p = 1 where the variance is 0."""
+    a1, a2 = np.asarray(a1, np.float64), np.asarray(a2, np.float64)
+    n1, n2 = np.asarray(n1, np.float64), np.asarray(n2, np.float64)
+    pooled = (a1 + a2) / (n1 + n2)
+    var = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)
+    ok = var > 0
+    z = np.divide(
+        a2 / n2 - a1 / n1,
+        np.sqrt(var, where=ok, out=np.ones_like(var)),
+        where=ok,
+        out=np.zeros_like(var),
+    )
+    return np.where(ok, 2.0 * norm.sf(np.abs(z)), 1.0)
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values: q_(i) = min_{j>=i} p_(j) m / j, capped at 1."""
+    p = np.asarray(p, np.float64)
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    q = np.empty(m)
+    q[order] = q_sorted
+    return q
+
+
+def risk_diff_table(counts: PromptCounts) -> pd.DataFrame:
+    """One row per (layer, expert) with REPORT_COLUMNS, sorted by layer, expert."""
+    (a_safe, a_unsafe), (n_safe, n_unsafe) = counts.pooled()
+    rate_safe, rate_unsafe = a_safe / n_safe, a_unsafe / n_unsafe
+    p = two_proportion_pvalue(a_safe, n_safe, a_unsafe, n_unsafe)
+    size = a_safe.size
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(counts.n_layers, dtype=np.int32), counts.n_experts),
+            "expert": np.tile(np.arange(counts.n_experts, dtype=np.int32), counts.n_layers),
+            "a_safe": a_safe,
+            "a_unsafe": a_unsafe,
+            "n_safe": np.full(size, n_safe, np.int64),
+            "n_unsafe": np.full(size, n_unsafe, np.int64),
+            "a_safe_n": rate_safe,
+            "a_unsafe_n": rate_unsafe,
+            "risk_diff": rate_unsafe - rate_safe,
+            "p_value": p,
+            "q_value": bh_qvalues(p),
+        },
+        columns=list(REPORT_COLUMNS),
+    )
+
+
+def permutation_null(
+    counts: PromptCounts, n_permutations: int, seed: int, chunk: int = 128
+) -> np.ndarray:
+    """Max |risk_diff| over all (layer, expert) under shuffled prompt labels: [n_permutations].
+
+    Labels are permuted among the prompts (the number of unsafe prompts is kept; token counts
+    then follow the prompts). Each chunk of permutations is one matmul
+    [chunk, P] @ [P, L*E]. Deterministic given `seed`, whatever `chunk`.
+    """
+    if n_permutations <= 0:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    total_tokens = int(counts.tokens.sum())
+    # float32 sums integers exactly below 2**24, and halves memory and time versus float64
+    dtype = np.float32 if total_tokens < 2**24 else np.float64
+    mat = counts.counts.astype(dtype)  # [P, L*E]
+    tok = counts.tokens.astype(dtype)  # [P]
+    col_total = counts.counts.sum(0, dtype=np.int64).astype(np.float64)  # [L*E]
+    out = np.empty(n_permutations)
+    for start in range(0, n_permutations, chunk):
+        m = min(chunk, n_permutations - start)
+        perm = np.stack([rng.permutation(counts.unsafe) for _ in range(m)]).astype(dtype)  # [m, P]
+        a_unsafe = (perm @ mat).astype(np.float64)  # [m, L*E]
+        n_unsafe = (perm @ tok).astype(np.float64)[:, None]  # [m, 1]
+        rd = a_unsafe / n_unsafe - (col_total - a_unsafe) / (total_tokens - n_unsafe)
+        out[start : start + m] = np.abs(rd).max(axis=1)
+    return out
+
+
+def check_null_quantile(n_permutations: int, null_quantile: float) -> None:
+    """A quantile q needs >= 1/(1-q) permutations to be more than the null's sample maximum."""
+    if not 0.0 < null_quantile < 1.0:
+        raise ValueError(f"null_quantile must be in (0, 1), got {null_quantile}")
+    if n_permutations > 0 and n_permutations * (1.0 - null_quantile) < 1.0 - 1e-9:
+        need = math.ceil(1.0 / (1.0 - null_quantile) - 1e-9)
+        raise ValueError(
+            f"risk_diff.null_quantile={null_quantile} needs at least {need} permutations, got "
+            f"risk_diff.n_permutations={n_permutations}: raise n_permutations or lower "
+            "null_quantile in params.yaml"
+        )
+
+
+def _qkey(q: float) -> str:
+    return f"{q:g}"
+
+
+def compute_risk_diff(
+    routing_dir: str | Path,
+    token_scope: str = "user",
+    n_permutations: int = 1000,
+    null_quantile: float = 0.99,
+    seed: int = 0,
+    batch_rows: int = 16384,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The risk_diff report (REPORT_COLUMNS) and its Parquet metadata (all values strings).
+
+    Metadata: token_scope, n_layers, top_k, n_experts, model (plus the routing's other shared
+    keys), prompt/token counts per label, n_permutations, seed, null_quantile, null_quantiles
+    (JSON {quantile: max |risk_diff|}), and, with permutations, null_threshold (the quantile
+    `null_quantile` of the null) and n_beyond_null (pairs with |risk_diff| above it).
+    """
+    check_null_quantile(n_permutations, null_quantile)
+    counts = count_routing(routing_dir, token_scope, batch_rows, progress)
+    df = risk_diff_table(counts)
+    null = permutation_null(counts, n_permutations, seed)
+
+    meta: dict[str, str] = {
+        k: str(v) for k, v in counts.routing_meta.items() if not k.startswith(PER_SHARD_PREFIX)
+    }
+    meta.update(
+        {
+            "token_scope": token_scope,
+            "n_prompts_safe": str(int((~counts.unsafe).sum())),
+            "n_prompts_unsafe": str(int(counts.unsafe.sum())),
+            "n_tokens_safe": str(int(df["n_safe"].iloc[0])),
+            "n_tokens_unsafe": str(int(df["n_unsafe"].iloc[0])),
+            "n_permutations": str(n_permutations),
+            "seed": str(seed),
+            "null_quantile": repr(float(null_quantile)),
+        }
+    )
+    quantiles = {}
+    if null.size:
+        wanted = sorted(
+            {
+                *(q for q in REPORTED_QUANTILES if null.size * (1 - q) >= 1 - 1e-9),
+                float(null_quantile),
+            }
+        )
+        quantiles = {_qkey(q): float(np.quantile(null, q)) for q in wanted}
+        quantiles["max"] = float(null.max())
+        threshold = float(np.quantile(null, null_quantile))
+        meta["null_threshold"] = repr(threshold)
+        meta["n_beyond_null"] = str(int((df["risk_diff"].abs() > threshold).sum()))
+    meta["null_quantiles"] = json.dumps(quantiles)
+    return df, meta
+
+
+def _top_rows(df: pd.DataFrame, n: int) -> list[dict[str, Any]]:
+    top = df.reindex(df["risk_diff"].abs().sort_values(ascending=False, kind="stable").index)
+    return [
+        {
+            "layer": int(r.layer),
+            "expert": int(r.expert),
+            "risk_diff": float(r.risk_diff),
+            "q_value": float(r.q_value),
+        }
+        for r in top.head(n).itertuples()
+    ]
+
+
+def risk_diff_summary(df: pd.DataFrame, meta: Mapping[str, str], alpha: float = 0.05) -> dict:
+    """Small metrics dict for reports/risk_diff_summary.json (flat keys DVC can diff)."""
+    null_q = json.loads(meta.get("null_quantiles", "{}"))
+    summary: dict[str, Any] = {
+        "token_scope": meta["token_scope"],
+        "model": meta.get(META_MODEL, ""),
+        "tokens": {"safe": int(meta["n_tokens_safe"]), "unsafe": int(meta["n_tokens_unsafe"])},
+        "prompts": {"safe": int(meta["n_prompts_safe"]), "unsafe": int(meta["n_prompts_unsafe"])},
+        "max_abs_risk_diff": float(df["risk_diff"].abs().max()),
+        "n_q_le_alpha": int((df["q_value"] <= alpha).sum()),
+        "alpha": alpha,
+        "top": _top_rows(df, 5),
+        "null": {
+            "n_permutations": int(meta["n_permutations"]),
+            # keys without dots so `dvc metrics show` does not split them
+            "max_abs_risk_diff": {
+                ("max" if k == "max" else "q" + k.replace("0.", "")): v for k, v in null_q.items()
+            },
+        },
+    }
+    if "null_threshold" in meta:
+        summary["null"]["quantile"] = float(meta["null_quantile"])
+        summary["null"]["threshold"] = float(meta["null_threshold"])
+        summary["null"]["n_beyond"] = int(meta["n_beyond_null"])
+    return summary
+
+
+def plot_rows(df: pd.DataFrame, n_each: int = 10) -> pd.DataFrame:
+    """The n_each highest and n_each lowest risk differences, for a DVC bar plot."""
+    order = df.sort_values(["risk_diff", "layer", "expert"], kind="stable")
+    picked = pd.concat([order.tail(n_each), order.head(n_each)])
+    picked = picked.drop_duplicates(["layer", "expert"])
+    picked = picked.sort_values("risk_diff", ascending=False, kind="stable")
+    return pd.DataFrame(
+        {
+            "pair": [f"L{r.layer:02d} E{r.expert:03d}" for r in picked.itertuples()],
+            "layer": picked["layer"].to_numpy(),
+            "expert": picked["expert"].to_numpy(),
+            "risk_diff": picked["risk_diff"].to_numpy(),
+            "q_value": picked["q_value"].to_numpy(),
+        }
+    )
+
+
+def heatmap_png(df: pd.DataFrame, meta: Mapping[str, str], dpi: int = 100) -> bytes:
+    """PNG bytes of a layer x expert heatmap of risk_diff, diverging and centred at 0.
+
+    Pairs beyond the permutation null's threshold are circled. Rendered in memory (no pyplot
+    global state) so the stage writes nothing until everything is computed.
+    """
+    from matplotlib.figure import Figure
+
+    n_layers, n_experts = int(meta[META_N_LAYERS]), int(meta[META_N_EXPERTS])
+    grid = np.zeros((n_layers, n_experts))
+    grid[df["layer"].to_numpy(), df["expert"].to_numpy()] = df["risk_diff"].to_numpy()
+    lim = max(float(np.abs(grid).max()), 1e-6)
+    fig = Figure(
+        figsize=(min(3.0 + 0.16 * n_experts, 24.0), min(2.0 + 0.2 * n_layers, 16.0)),
+        layout="constrained",
+    )
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="risk diff (unsafe - safe activation rate)")
+    title = f"{meta.get(META_MODEL, '')}  scope={meta['token_scope']}"
+    if "null_threshold" in meta:
+        thr = float(meta["null_threshold"])
+        ys, xs = np.nonzero(np.abs(grid) > thr)
+        ax.scatter(xs, ys, s=30, facecolors="none", edgecolors="black", linewidths=0.8)
+        title += f"\n{len(xs)} circled beyond null q{float(meta['null_quantile']):g} = {thr:.3f}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()

@@ -1,0 +1,29 @@
+"""Stage prepare_safety: data/raw AdvBench + XSTest -> data/prompts/safety.parquet."""
+
+from pathlib import Path
+
+from steerline.io import write_parquet
+from steerline.params import load_params
+from steerline.safety_data import build_safety_prompts
+
+RAW = Path("data/raw")
+OUT = Path("data/prompts/safety.parquet")
+
+
+def main() -> None:
+    params = load_params()
+    p = params.prepare_safety
+    df = build_safety_prompts(
+        RAW / "advbench/harmful_behaviors.csv",
+        RAW / "xstest/xstest_prompts.csv",
+        detect_fraction=p.detect_fraction,
+        advbench_max=p.advbench_max,
+        seed=params.seed,
+    )
+    write_parquet(df, OUT, {"seed": str(params.seed), "detect_fraction": str(p.detect_fraction)})
+    counts = df.groupby(["split", "source", "label"]).size()
+    print(f"wrote {OUT}: {len(df)} prompts\n{counts.to_string()}")
+
+
+if __name__ == "__main__":
+    main()

