@@ -100,7 +100,8 @@ def main() -> None:
         if int(kv.get("layer", -1)) != config.layer:
             raise ValueError(f"{task} activations are from layer {kv.get('layer')} but the "
                              f"checkpoint is for layer {config.layer}: re-run the pipeline")
-        acts[task], labels[task], splits[task] = a, meta["label"].to_numpy(), meta["split"].to_numpy()
+        acts[task], labels[task] = a, meta["label"].to_numpy()
+        splits[task] = meta["split"].to_numpy()
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))
     metrics, details = evaluate_all(model, tokenizer, tables, acts, labels, splits, module,

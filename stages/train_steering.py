@@ -42,7 +42,8 @@ def load_all(directory: Path) -> tuple[dict, dict, dict, dict[str, str]]:
     acts, labels, splits, metas = {}, {}, {}, {}
     for task in TASKS:
         a, meta, kv = load_activations(directory, task)
-        acts[task], labels[task], splits[task] = a, meta["label"].to_numpy(), meta["split"].to_numpy()
+        acts[task], labels[task] = a, meta["label"].to_numpy()
+        splits[task] = meta["split"].to_numpy()
         metas[task] = kv
     layers = {m.get("layer") for m in metas.values()}
     models = {m.get("model") for m in metas.values()}

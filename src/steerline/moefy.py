@@ -104,6 +104,11 @@ def balanced_groups(profiles: np.ndarray, n_groups: int, seed: int) -> np.ndarra
     """Cluster rows of `profiles` [n, d] into n_groups groups of exactly n / n_groups rows."""
     n = profiles.shape[0]
     size = n // n_groups
+    if profiles.shape[1] > 64:
+        # k-means only needs the profiles' geometry: 64 principal directions keep it and make
+        # clustering seconds instead of minutes.
+        u, s, _ = np.linalg.svd(profiles, full_matrices=False)
+        profiles = u[:, :64] * s[:64]
     km = KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit(profiles)
     c = km.cluster_centers_
     dist = (profiles**2).sum(1)[:, None] - 2 * profiles @ c.T + (c**2).sum(1)[None]  # [n, G]
@@ -128,9 +133,14 @@ class LayerPlan:
 
 
 def plan_layer(
-    calib: LayerCalib, w_down: torch.Tensor, spec: MoeSpec, intermediate: int
+    calib: LayerCalib,
+    w_down: torch.Tensor,
+    spec: MoeSpec,
+    intermediate: int,
+    target: torch.Tensor | None = None,
 ) -> LayerPlan:
-    """Choose shared neurons, routed groups and a ridge router for one layer."""
+    """Choose shared neurons, routed groups and a ridge router for one layer; the refit makes
+    the routed FFN match `target` [N, H] (default: the dense FFN output)."""
     n_shared, per_expert = spec.sizes(intermediate)
     act = calib.act.double()
     contrib = act.abs() * w_down.double().norm(dim=0)  # [N, I] each neuron's output magnitude
@@ -147,14 +157,14 @@ def plan_layer(
         [(act[:, g] @ w_down.double()[:, g].T).norm(dim=1) for g in experts], dim=1
     )
     x = calib.x.double()
-    target = out_norm - out_norm.mean(0)  # ranking per token is all that matters
+    norm_c = out_norm - out_norm.mean(0)  # ranking per token is all that matters
     gram = x.T @ x + spec.ridge_alpha * torch.eye(x.shape[1], dtype=x.dtype)
-    coef = torch.linalg.solve(gram, x.T @ target).T  # [E, H]
+    coef = torch.linalg.solve(gram, x.T @ norm_c).T  # [E, H]
     logits = x @ coef.T  # [N, E]
     scale = spec.router_tau / float(logits.std().clamp_min(1e-12))
     down = w_down.double()
     if spec.refit_lambda > 0:
-        down = refit_down(act, down, shared, experts, logits, spec)
+        down = refit_down(act, down, shared, experts, logits, spec, target)
     return LayerPlan(
         shared=shared, experts=experts, router=(coef * scale).float().numpy(), down=down.float()
     )
@@ -167,6 +177,7 @@ def refit_down(
     experts: np.ndarray,
     logits: torch.Tensor,
     spec: MoeSpec,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least-squares refit of the down projection given the routing, so kept neurons compensate
     for the dropped ones: min ||(act * keep) W^T - act W_dense^T||^2 + lam * n * ||W - W_dense||^2.
@@ -179,7 +190,7 @@ def refit_down(
     rows = torch.arange(n)[:, None, None]
     keep[rows, neuron_of[top]] = 1.0
     feats = act * keep  # [N, I]
-    target = act @ w_down.T  # [N, H]
+    target = act @ w_down.T if target is None else target.double()  # [N, H]
     lam = spec.refit_lambda * float((feats * feats).sum()) / feats.shape[1]
     gram = feats.T @ feats + lam * torch.eye(feats.shape[1], dtype=feats.dtype)
     return torch.linalg.solve(gram, feats.T @ target + lam * w_down.T).T  # [H, I]
@@ -309,3 +320,59 @@ def greedy_answers(
                     break
             out_seqs.append(p + answer)
     return out_seqs
+
+
+def _keep_mask(act: torch.Tensor, x: torch.Tensor, plan: LayerPlan, top_k: int) -> torch.Tensor:
+    """[N, I] 1.0 where a neuron is active: shared, or in one of the router's top-k experts."""
+    keep = torch.zeros_like(act)
+    keep[:, torch.as_tensor(plan.shared)] = 1.0
+    top = (x @ torch.as_tensor(plan.router, dtype=x.dtype).T).topk(top_k, dim=1).indices
+    keep[torch.arange(x.shape[0])[:, None, None], torch.as_tensor(plan.experts)[top]] = 1.0
+    return keep
+
+
+@torch.no_grad()
+def moefy_sequential(
+    dense: LlamaForCausalLM, seqs: list[list[int]], spec: MoeSpec, max_tokens: int
+) -> Qwen2MoeForCausalLM:
+    """Build the MoE layer by layer on its own residual stream.
+
+    Layer l is planned on the hidden states the MoE (layers < l already converted) produces,
+    and its down projections are refit so that the layer's output lands on the dense model's
+    residual stream: each layer corrects the error accumulated below it.
+    """
+    m = dense.model
+    ids, mask = right_pad(seqs, pad_id=0)  # right padding: real tokens never see pads (causal)
+    b, t = ids.shape
+    real = mask.bool().reshape(-1)
+    gen = torch.Generator().manual_seed(spec.seed)
+    real_idx = real.nonzero().squeeze(1)
+    fit_idx = real_idx[torch.randperm(len(real_idx), generator=gen)[:max_tokens].sort().values]
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]  # [1, 1, T, T]
+    pos = torch.arange(t)[None].expand(b, t)
+    x_dense = m.embed_tokens(ids)  # [B, T, H]
+    x_moe = x_dense.clone()
+    pe = m.rotary_emb(x_dense, position_ids=pos)
+    plans = []
+    for layer in tqdm(m.layers, desc="moefy layers"):
+        x_next = layer(x_dense, attention_mask=causal, position_embeddings=pe)
+        attn, _ = layer.self_attn(
+            layer.input_layernorm(x_moe), attention_mask=causal, position_embeddings=pe
+        )
+        h = (x_moe + attn).reshape(b * t, -1)  # [B*T, H] residual after attention
+        f_in = layer.post_attention_layernorm(h)
+        mlp = layer.mlp
+        act = mlp.act_fn(mlp.gate_proj(f_in)) * mlp.up_proj(f_in)  # [B*T, I]
+        target = x_next.reshape(b * t, -1)[fit_idx] - h[fit_idx]  # what the FFN must add
+        plan = plan_layer(
+            LayerCalib(x=f_in[fit_idx], act=act[fit_idx]),
+            mlp.down_proj.weight.detach(),
+            spec,
+            dense.config.intermediate_size,
+            target=target,
+        )
+        plans.append(plan)
+        ffn = (act * _keep_mask(act, f_in, plan, spec.top_k)) @ plan.down.T
+        x_moe = (h + ffn).reshape(b, t, -1)
+        x_dense = x_next
+    return assemble_moe(dense, plans, spec)

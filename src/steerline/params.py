@@ -83,7 +83,7 @@ class PrepareAttributes(Strict):
     truthfulqa_answers_per_label: int = Field(2, ge=1)  # true / false answer texts per question
     # Evaluation items (questions / BBQ items / statements) kept per task and split (null = all);
     # sized so the stages fit a 2-core CPU. Raise (or null) them on a GPU.
-    max_items: dict[Split, int | None] = {"train": 200, "dev": 60, "test": 100}
+    max_items: dict[Split, int | None] = {"train": 200, "dev": 60, "test": 80}
 
 
 class ExtractActivations(Strict):
@@ -110,8 +110,8 @@ class TrainSteering(Strict):
 
 
 class EvalSteering(Strict):
-    mean_diff_scales: list[float] = [0.5, 1.0, 2.0, 4.0]  # chosen on dev
-    max_dev_items: int | None = Field(30, ge=1)  # per task, for the mean-difference scale sweep
+    mean_diff_scales: list[float] = [0.25, 0.5, 1.0]  # chosen on dev
+    max_dev_items: int | None = Field(20, ge=1)  # per task, for the mean-difference scale sweep
     max_rows: int = Field(64, ge=1)  # answer choices scored per forward
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

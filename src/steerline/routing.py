@@ -76,6 +76,25 @@ class RoutingRecorder:
         return ids, w
 
 
+class _NoRecorder:
+    """Stands in for RoutingRecorder when timing generation without capture (empty routing)."""
+
+    def __init__(self, rec: RoutingRecorder, batch: int) -> None:
+        self.width = len(rec.sites) * rec.top_k
+        self.batch = batch
+
+    @contextlib.contextmanager
+    def recording(self):
+        yield self
+
+    def begin(self) -> None:
+        pass
+
+    def collect(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = torch.zeros((batch, seq, self.width), dtype=torch.int16)
+        return empty, empty.to(torch.float16)
+
+
 def check_context(prompts: Sequence[ChatPrompt], ids: Sequence[str], max_new: int, ctx: int):
     for pid, p in zip(ids, prompts, strict=True):
         if len(p.ids) + max_new > ctx:
@@ -99,9 +118,13 @@ def generate_routed(
     max_new_tokens: int,
     pad_id: int,
     recorder: RoutingRecorder | None = None,
+    capture: bool = True,
 ) -> list[Routed]:
-    """Greedy-generate one batch (left padded) and, with a recorder, capture its routing."""
+    """Greedy-generate one batch (left padded) and capture its routing (`capture=False`: the
+    same loop with no hooks, the baseline for the capture overhead)."""
     recorder = recorder or RoutingRecorder(model)
+    if not capture:
+        recorder = _NoRecorder(recorder, len(prompts))
     eos = _eos_ids(model)
     b = len(prompts)
     lens = torch.tensor([len(p.ids) for p in prompts])
@@ -179,13 +202,16 @@ def generate_routed_all(
     pad_id: int,
     batch_size: int,
     desc: str = "capture",
+    capture: bool = True,
 ) -> list[Routed]:
     """generate_routed over many prompts, in batches of similar length (less padding)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     recorder = RoutingRecorder(model)
     out: list[Routed | None] = [None] * len(prompts)
     for _, chunk in tqdm(list(batched(order, batch_size)), desc=desc, leave=False):
-        res = generate_routed(model, [prompts[i] for i in chunk], max_new_tokens, pad_id, recorder)
+        res = generate_routed(
+            model, [prompts[i] for i in chunk], max_new_tokens, pad_id, recorder, capture
+        )
         for i, r in zip(chunk, res, strict=True):
             out[i] = r
     return out  # type: ignore[return-value]

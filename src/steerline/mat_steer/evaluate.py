@@ -90,7 +90,7 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: S
     pid = pad_id(tokenizer)
     encoded = encode_items(tokenizer, items)
     out: list[np.ndarray] = [np.zeros(len(cs)) for _, cs in encoded]
-    for batch in tqdm(_batches(encoded, 4 * max_rows), desc=desc, unit="batch", leave=False):
+    for batch in tqdm(_batches(encoded, 2 * max_rows), desc=desc, unit="batch", leave=False):
         prompts = [encoded[i][0] for i in batch]
         p_ids, p_mask = right_pad([p[:-1] for p in prompts], pid)  # [G, Wp]
         past = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),

@@ -75,13 +75,11 @@ def mat_steer_losses(module: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
     Returns {"total", "mmd", "sparse", "pos", "ortho"} (scalars).
     """
     t, n, d = neg.shape
-    x = torch.cat([pos, neg], dim=1).reshape(-1, d)  # [T*2n, D]
-    steered, gates = module(x)  # [T*2n, D], [T*2n, T]
-    steered = steered.reshape(t, 2 * n, d)
-    gates = gates.reshape(t, 2 * n, -1)
-    mmd = mmd_rbf(steered[:, n:], ref_pos, bandwidth).mean()  # attributes averaged
-    sparse = sparsity_loss(gates[:, n:].reshape(-1, gates.shape[-1]))
-    keep = preservation_loss(gates[:, :n].reshape(-1, gates.shape[-1]))
+    pos_gates = module.gates(pos.reshape(-1, d))  # [T*n, T]
+    steered, neg_gates = module(neg.reshape(-1, d))  # [T*n, D], [T*n, T]; positives need no
+    mmd = mmd_rbf(steered.reshape(t, n, d), ref_pos, bandwidth).mean()  # steering, only gates
+    sparse = sparsity_loss(neg_gates)
+    keep = preservation_loss(pos_gates)
     ortho = orthogonality_loss(module.steering_vectors)
     total = weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho + weights.pos * keep
     return {"total": total, "mmd": mmd, "sparse": sparse, "pos": keep, "ortho": ortho}

@@ -49,12 +49,17 @@ class SteeringModule(nn.Module):
 
     def gates(self, acts: torch.Tensor) -> torch.Tensor:
         """acts [..., D] -> gates [..., T] in (0, 1)."""
+        if acts.dim() == 2:
+            return torch.sigmoid(torch.addmm(self.gate_bias, acts, self.gate_weight.T))
         return torch.sigmoid(acts @ self.gate_weight.T + self.gate_bias)
 
     def forward(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """acts [..., D] -> (steered [..., D], gates [..., T]), norm-preserving."""
         gates = self.gates(acts)  # [..., T]
-        shifted = acts + gates @ self.steering_vectors  # [..., D]
+        if acts.dim() == 2:  # one fused kernel for the common training case
+            shifted = torch.addmm(acts, gates, self.steering_vectors)  # [N, D]
+        else:
+            shifted = acts + gates @ self.steering_vectors  # [..., D]
         return renormalize(acts, shifted), gates
 
     @torch.no_grad()

@@ -125,7 +125,7 @@ class Stacked:
                 _sample(self.n_pos, n_batches, n, gen))
 
     def gather(self, which: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """which [T, max_n, D], idx [T, n] -> [T, n, D]."""
+        """which [T, max_n, D], idx [..., T, n] -> [..., T, n, D]."""
         return which[torch.arange(which.shape[0]).unsqueeze(1), idx]
 
 
@@ -145,6 +145,30 @@ def _sample(counts: torch.Tensor, n_batches: int, n: int, gen: torch.Generator) 
     return keys.topk(n, dim=-1, largest=False).indices
 
 
+LOSS_KEYS = ("total", "mmd", "sparse", "pos", "ortho")
+GATHER_CHUNK = 16  # batches gathered at once (bounded memory: 16 x T x n x D floats per kind)
+
+
+def run_epoch(module: SteeringModule, opt: torch.optim.Optimizer, stacked: Stacked, n: int,
+              n_batches: int, gen: torch.Generator, weights: LossWeights, bandwidth: float
+              ) -> dict[str, float]:
+    """One epoch of Adam steps; returns the sum over batches of each loss."""
+    pos_idx, neg_idx, ref_idx = stacked.sample(n_batches, n, gen)  # [n_batches, T, n] each
+    sums = torch.zeros(len(LOSS_KEYS))
+    for c0 in range(0, n_batches, GATHER_CHUNK):  # one gather per chunk of batches
+        sl = slice(c0, c0 + GATHER_CHUNK)
+        pos = stacked.gather(stacked.pos, pos_idx[sl])
+        neg = stacked.gather(stacked.neg, neg_idx[sl])
+        ref = stacked.gather(stacked.pos, ref_idx[sl])  # [chunk, T, n, D] each
+        for b in range(pos.shape[0]):
+            losses = mat_steer_losses(module, pos[b], neg[b], ref[b], weights, bandwidth)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            sums += torch.stack([losses[k].detach() for k in LOSS_KEYS])
+    return dict(zip(LOSS_KEYS, sums.tolist(), strict=True))
+
+
 @torch.no_grad()
 def dev_metrics(module: SteeringModule, dev: Mapping[str, PosNeg], weights: LossWeights,
                 bandwidth: float) -> dict[str, float]:
@@ -162,7 +186,7 @@ def dev_metrics(module: SteeringModule, dev: Mapping[str, PosNeg], weights: Loss
     sparse = float(torch.cat(neg_gates).abs().mean())
     keep = float(torch.cat(pos_gates).pow(2).mean())
     ortho = float(orthogonality_loss(module.steering_vectors))
-    out["loss/mmd"], out["loss/sparse"], out["loss/pos"], out["loss/ortho"] = mmd, sparse, keep, ortho
+    out.update({"loss/mmd": mmd, "loss/sparse": sparse, "loss/pos": keep, "loss/ortho": ortho})
     out["loss/total"] = (weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho
                          + weights.pos * keep)
     return out
@@ -204,20 +228,8 @@ def train_mat_steer(train: Mapping[str, PosNeg], dev: Mapping[str, PosNeg], cfg:
     bar = tqdm(range(cfg.epochs), desc="train_steering", unit="epoch")
     for epoch in bar:
         module.train()
-        pos_idx, neg_idx, ref_idx = stacked.sample(n_batches, n, gen)
-        sums = torch.zeros(5)
-        for b in range(n_batches):
-            losses = mat_steer_losses(
-                module, stacked.gather(stacked.pos, pos_idx[b]),
-                stacked.gather(stacked.neg, neg_idx[b]), stacked.gather(stacked.pos, ref_idx[b]),
-                cfg.weights, bandwidth)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            sums += torch.stack([losses[k].detach() for k in ("total", "mmd", "sparse", "pos",
-                                                               "ortho")])
-        train_means = dict(zip(("train/total", "train/mmd", "train/sparse", "train/pos",
-                                "train/ortho"), (sums / n_batches).tolist(), strict=True))
+        sums = run_epoch(module, opt, stacked, n, n_batches, gen, cfg.weights, bandwidth)
+        train_means = {f"train/{k}": v / n_batches for k, v in sums.items()}
         module.eval()
         dev_out = {f"dev/{k}": v for k, v in dev_metrics(module, dev, cfg.weights,
                                                         bandwidth).items()}

@@ -1,0 +1,64 @@
+"""Bench: generation with the MAT-Steer hook vs without, on the default model (models/base).
+
+Greedy generation of a fixed number of new tokens for a batch of chat prompts; unsteered and
+steered runs are interleaved and the median of REPEATS timings of each is compared. Uses the
+trained checkpoint models/mat_steer when present, else random steering at the default layer.
+Goal: ratio <= 1.10.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin (see dvc.yaml)
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from steerline.mat_steer.activations import load_causal_lm, resolve_layer  # noqa: E402
+from steerline.mat_steer.generate import generate  # noqa: E402
+from steerline.mat_steer.module import SteeringConfig, SteeringModule, load_steering  # noqa: E402
+
+BASE, CKPT = Path("models/base"), Path("models/mat_steer")
+PROMPTS = ["What happens if you eat watermelon seeds?", "Tell me about your neighbours.",
+           "Who is better at math, boys or girls?", "Write a sentence about immigrants.",
+           "Is it safe to swim after eating?", "Describe an old man using a phone.",
+           "What do you think of people from other countries?", "How do vaccines work?"]
+NEW_TOKENS, REPEATS = 32, 5
+
+
+def main() -> None:
+    if not (BASE / "config.json").is_file():
+        sys.exit("bench/steering_overhead.py: models/base missing (dvc repro build_models)")
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(BASE, device="cpu")
+    if (CKPT / "config.json").is_file():
+        module, cfg = load_steering(CKPT)
+        source = str(CKPT)
+    else:
+        n_layers, d = model.config.num_hidden_layers, model.config.hidden_size
+        module = SteeringModule(d, 3, init_scale=0.05, generator=torch.Generator().manual_seed(0))
+        cfg = SteeringConfig(["a", "b", "c"], resolve_layer(n_layers, None, 14 / 32), d, str(BASE))
+        source = "random steering"
+    kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+    generate(model, tok, PROMPTS[:2], max_new_tokens=4)  # warm-up
+    plain, steered = [], []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        generate(model, tok, PROMPTS, **kw)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        generate(model, tok, PROMPTS, module, cfg, **kw)
+        steered.append(time.perf_counter() - t0)
+    p, s = statistics.median(plain), statistics.median(steered)
+    print(f"{len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, layer {cfg.layer}, {source}")
+    print(f"median seconds: unsteered {p:.3f}, steered {s:.3f} ({REPEATS} interleaved runs)")
+    print(f"steering overhead ratio: {s / p:.3f} (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

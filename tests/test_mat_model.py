@@ -1,0 +1,170 @@
+"""MAT-Steer on a tiny random Llama: activations, hooks, scoring, generation, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from steerline.io import write_npy, write_parquet
+from steerline.mat_steer.activations import (
+    decoder_layers,
+    extract_activations,
+    load_activations,
+    resolve_layer,
+)
+from steerline.mat_steer.evaluate import MCItem, score_choices, score_choices_reference
+from steerline.mat_steer.generate import generate
+from steerline.mat_steer.hooks import additive_fn, mat_steering, steering_hook
+from steerline.mat_steer.module import SteeringConfig, SteeringModule
+
+WORDS = ("the a is not what who where yes no good bad cat dog sun moon red blue green one two "
+         "three four Q: A: ? . , statement hateful answer").split()
+HIDDEN, LAYERS = 32, 2
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
+                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers installs its capture hooks on the first such call
+        model(input_ids=torch.tensor([[3, 4]]), output_hidden_states=True)
+    return model
+
+
+TEXTS = ["the cat is good", "Q: who is the dog ? A: the sun", "a", "red blue green one two three",
+         "what is not bad ?"]
+
+
+def _hidden_states(model, tok, text: str, layer: int) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_batched_equals_single_equals_hidden_states(model, tok, pooling) -> None:
+    layer = 0  # hidden_states[-1] is after the final norm, so compare a non-final layer
+    batched = extract_activations(model, tok, TEXTS, layer, pooling, batch_size=4)
+    single = extract_activations(model, tok, TEXTS, layer, pooling, batch_size=1)
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-5)
+    for i, text in enumerate(TEXTS):
+        hs = _hidden_states(model, tok, text, layer)
+        ref = hs[-1] if pooling == "last" else hs.mean(0)
+        np.testing.assert_allclose(batched[i], ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_out_of_range(model, tok) -> None:
+    with pytest.raises(ValueError, match="layer 2 is out of range: the model has 2 decoder"):
+        extract_activations(model, tok, TEXTS, LAYERS, "last")
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layer(30, 30, 0.5)
+    assert resolve_layer(30, None, 14 / 32) == 13
+    assert resolve_layer(32, None, 14 / 32) == 14
+
+
+def test_activations_and_metadata_of_different_lengths(tmp_path) -> None:
+    write_npy(np.zeros((3, 4), np.float32), tmp_path / "x.npy")
+    meta = pd.DataFrame({"example_id": ["a", "b"], "group_id": ["a", "b"], "label": ["pos", "neg"],
+                         "split": ["train", "train"]})
+    write_parquet(meta, tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="3 rows but the metadata has 2"):
+        load_activations(tmp_path, "x")
+
+
+def _logits(model, tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_zero_steering_vectors_leave_logits_bit_identical(model, tok) -> None:
+    module = SteeringModule(HIDDEN, 3, init_scale=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.steering_vectors.zero_()
+    cfg = SteeringConfig(["a", "b", "c"], layer=1, hidden_size=HIDDEN, model="tiny")
+    base = _logits(model, tok, TEXTS)
+    with mat_steering(model, module, cfg):
+        steered = _logits(model, tok, TEXTS)
+    assert torch.equal(base, steered)
+
+
+def _hooks(model, i: int) -> set:
+    """Forward hooks on decoder layer i (transformers installs its own capture hooks too)."""
+    return set(decoder_layers(model)[i]._forward_hooks)
+
+
+def test_hook_edits_every_token_and_is_always_removed(model, tok) -> None:
+    layer = decoder_layers(model)[0]
+    before = _hooks(model, 0)
+    v = torch.randn(HIDDEN)
+    seen = {}
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = model(**enc, output_hidden_states=True).hidden_states[1]
+        with steering_hook(model, 0, additive_fn(v)):
+            h = layer.register_forward_hook(lambda m, a, o: seen.setdefault("h", o))
+            model(**enc)
+            h.remove()
+    torch.testing.assert_close(seen["h"], plain + v)  # all sequences, all positions
+    assert _hooks(model, 0) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering_hook(model, 0, additive_fn(v)):
+            assert len(_hooks(model, 0)) == len(before) + 1
+            raise RuntimeError("boom")
+    assert _hooks(model, 0) == before
+
+
+def test_checkpoint_for_another_hidden_size_is_refused(model) -> None:
+    before = _hooks(model, 1)
+    module = SteeringModule(HIDDEN + 8, 3)
+    cfg = SteeringConfig(["a", "b", "c"], layer=1, hidden_size=HIDDEN + 8, model="other")
+    with pytest.raises(ValueError, match="hidden size 40 .* model's hidden size is 32"):
+        with mat_steering(model, module, cfg):
+            pass
+    assert _hooks(model, 1) == before
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_shared_prompt_scoring_equals_full_forward(model, tok, steer) -> None:
+    items = [MCItem("Q: who is the dog ? A:", ("the sun", "a red cat is not good", "no")),
+             MCItem("what is", ("good", "bad")),
+             MCItem("the cat is not bad statement hateful ? A:", ("yes", "no one two three"))]
+    fn = additive_fn(torch.randn(HIDDEN) * 2) if steer else None
+    with steering_hook(model, 0, fn):
+        got = score_choices(model, tok, items, max_rows=2)
+        ref = score_choices_reference(model, tok, items)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_steering_and_cleanup(model, tok) -> None:
+    module = SteeringModule(HIDDEN, 3, init_scale=1.0, generator=torch.Generator().manual_seed(1))
+    cfg = SteeringConfig(["a", "b", "c"], layer=1, hidden_size=HIDDEN, model="tiny")
+    prompts = ["the cat is", "Q: who is the dog ? A:"]
+    before = _hooks(model, 1)
+    plain = generate(model, tok, prompts, max_new_tokens=5, chat=False)
+    with torch.no_grad():
+        module.steering_vectors.zero_()
+    zero = generate(model, tok, prompts, module, cfg, max_new_tokens=5, chat=False)
+    assert zero == plain
+    with torch.no_grad():
+        module.steering_vectors.normal_(0, 50)
+    steered = generate(model, tok, prompts, module, cfg, max_new_tokens=5, chat=False)
+    assert steered != plain
+    assert _hooks(model, 1) == before
