@@ -3,6 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Stage commands say `python`: it must be the venv's. PASSIVE: torch threads sleep instead of
+# spinning when they wait, which matters on a shared 2-core machine.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup repro test lint bench clean-venv
 

@@ -68,7 +68,8 @@ def main() -> None:
     print(f"plain generation {t_plain:.1f}s: capture overhead {t_batched / t_plain - 1:+.1%}")
     print(f"routing store {store / 1e6:.2f} MB vs fp16 router logits {logits_fp16 / 1e6:.2f} MB")
     print(json.dumps({
-        "bench": "capture", "ratio": round(ratio, 2), "equal": bool(same_tokens and token_agree == 1.0),
+        "bench": "capture", "ratio": round(ratio, 2),
+        "equal": bool(same_tokens and token_agree == 1.0),
         "token_layer_rows_equal": round(token_agree, 5), "same_answers": same_tokens,
         "batched_s": round(t_batched, 2), "single_s": round(t_single, 2),
         "plain_generation_s": round(t_plain, 2),

@@ -11,7 +11,7 @@ import torch
 from steerline.base_model import find_gguf, load_gguf_dense, save_model
 from steerline.chat import render_chat
 from steerline.io import write_json
-from steerline.moefy import MoeSpec, collect_ffn_calibration, fidelity, greedy_answers, moefy
+from steerline.moefy import MoeSpec, fidelity, greedy_answers, moefy
 from steerline.params import load_params
 
 QUESTIONS = Path("data/raw/truthfulqa/mc_task.json")
@@ -33,11 +33,9 @@ def main() -> None:
         raise ValueError(f"calib_prompts + eval_prompts > {len(questions)} available questions")
     chats = [render_chat(tokenizer, q).ids for q in questions[: n_cal + n_eval]]
     seqs = greedy_answers(dense, chats, p.calib_new_tokens, tokenizer.pad_token_id, p.batch_size)
-    calib = collect_ffn_calibration(dense, seqs[:n_cal], p.calib_tokens, params.seed, p.batch_size)
     spec = MoeSpec(p.n_experts, p.top_k, p.shared_fraction, p.router_tau, p.ridge_alpha,
                    p.refit_lambda, params.seed)
-    moe = moefy(dense, calib, spec)
-    del calib
+    moe = moefy(dense, seqs[:n_cal], spec, p.calib_tokens)
     eval_seqs = seqs[n_cal:]
     fid = fidelity(dense, moe, eval_seqs)
     # Greedy answers of both models on the held-out prompts (sanity of the MoE's text).

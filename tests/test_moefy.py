@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steerline.base_model import save_model
-from steerline.moefy import MoeSpec, balanced_groups, collect_ffn_calibration, fidelity, moefy
+from steerline.moefy import MoeSpec, balanced_groups, fidelity, moefy
 
 
 def random_seqs(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -19,10 +19,9 @@ def random_seqs(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int
 @pytest.mark.parametrize("refit", [0.0, 0.01])
 def test_all_experts_active_reproduces_dense(tiny_dense, refit):
     seqs = random_seqs(tiny_dense.config.vocab_size, 8, 12)
-    calib = collect_ffn_calibration(tiny_dense, seqs, max_tokens=80, seed=0)
     spec = MoeSpec(n_experts=4, top_k=4, shared_fraction=0.25, router_tau=1e-6,
                    refit_lambda=refit)
-    moe = moefy(tiny_dense, calib, spec)
+    moe = moefy(tiny_dense, seqs, spec, max_tokens=80)
     ids = torch.tensor(random_seqs(tiny_dense.config.vocab_size, 2, 10, seed=1))
     with torch.no_grad():
         dense_logits = tiny_dense(input_ids=ids).logits
@@ -33,10 +32,9 @@ def test_all_experts_active_reproduces_dense(tiny_dense, refit):
 
 def test_partial_routing_keeps_shape_and_active_fraction(tiny_dense):
     seqs = random_seqs(tiny_dense.config.vocab_size, 8, 12)
-    calib = collect_ffn_calibration(tiny_dense, seqs, max_tokens=90, seed=0)
     spec = MoeSpec(n_experts=4, top_k=2, shared_fraction=0.5, refit_lambda=0.01)
     assert spec.active_fraction(64) == 0.75
-    moe = moefy(tiny_dense, calib, spec)
+    moe = moefy(tiny_dense, seqs, spec, max_tokens=90)
     mlp = moe.model.layers[0].mlp
     assert mlp.experts.gate_up_proj.shape == (4, 2 * 8, 32)
     assert mlp.shared_expert.down_proj.weight.shape == (32, 32)
@@ -53,8 +51,7 @@ def test_balanced_groups_equal_sizes():
 
 def test_saved_moe_loads_unmodified(tiny_dense, tokenizer, tmp_path):
     seqs = random_seqs(tiny_dense.config.vocab_size, 6, 10)
-    calib = collect_ffn_calibration(tiny_dense, seqs, max_tokens=60, seed=0)
-    moe = moefy(tiny_dense, calib, MoeSpec(4, 2, 0.5, refit_lambda=0.01))
+    moe = moefy(tiny_dense, seqs, MoeSpec(4, 2, 0.5, refit_lambda=0.01), max_tokens=60)
     save_model(moe, tokenizer, tmp_path / "moe")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert type(loaded).__name__ == "Qwen2MoeForCausalLM"

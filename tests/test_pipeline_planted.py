@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 

@@ -53,42 +53,6 @@ class LayerCalib:
     act: torch.Tensor  # [N, I] SwiGLU activation act(gate(x)) * up(x)
 
 
-@torch.no_grad()
-def collect_ffn_calibration(
-    model: LlamaForCausalLM, seqs: list[list[int]], max_tokens: int, seed: int, batch_size: int = 8
-) -> list[LayerCalib]:
-    """Run `seqs` through the dense model and keep FFN inputs/activations of a token sample."""
-    layers = model.model.layers
-    store: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
-    current_mask: list[torch.Tensor] = []
-
-    def make_hook(i: int):
-        def hook(mlp, args):
-            x = args[0][current_mask[0]]  # [n_real, H]
-            store[i].append((x.clone(), mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)))
-
-        return hook
-
-    handles = [layer.mlp.register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
-    try:
-        for start in tqdm(range(0, len(seqs), batch_size), desc="calibration forward"):
-            ids, mask = right_pad(seqs[start : start + batch_size], pad_id=0)
-            current_mask[:] = [mask.bool()]
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-    n_total = sum(x.shape[0] for x, _ in store[0])
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(n_total, generator=gen)[: min(max_tokens, n_total)].sort().values
-    out = []
-    for parts in store:
-        x = torch.cat([p[0] for p in parts])[keep]
-        act = torch.cat([p[1] for p in parts])[keep]
-        out.append(LayerCalib(x=x, act=act))
-    return out
-
-
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into (ids [B, T], attention mask [B, T])."""
     width = max(len(s) for s in seqs)
@@ -142,8 +106,8 @@ def plan_layer(
     """Choose shared neurons, routed groups and a ridge router for one layer; the refit makes
     the routed FFN match `target` [N, H] (default: the dense FFN output)."""
     n_shared, per_expert = spec.sizes(intermediate)
-    act = calib.act.double()
-    contrib = act.abs() * w_down.double().norm(dim=0)  # [N, I] each neuron's output magnitude
+    act = calib.act.float()
+    contrib = act.abs() * w_down.float().norm(dim=0)  # [N, I] each neuron's output magnitude
     importance = contrib.mean(0)
     order = torch.argsort(importance, descending=True).numpy()
     shared = np.sort(order[:n_shared])
@@ -154,20 +118,31 @@ def plan_layer(
     experts = np.stack([np.sort(routed[assign == g]) for g in range(spec.n_experts)])
     # Target: each routed expert's output norm per token [N, E].
     out_norm = torch.stack(
-        [(act[:, g] @ w_down.double()[:, g].T).norm(dim=1) for g in experts], dim=1
-    )
+        [(act[:, g] @ w_down.float()[:, g].T).norm(dim=1) for g in experts], dim=1
+    ).double()
     x = calib.x.double()
     norm_c = out_norm - out_norm.mean(0)  # ranking per token is all that matters
     gram = x.T @ x + spec.ridge_alpha * torch.eye(x.shape[1], dtype=x.dtype)
     coef = torch.linalg.solve(gram, x.T @ norm_c).T  # [E, H]
     logits = x @ coef.T  # [N, E]
     scale = spec.router_tau / float(logits.std().clamp_min(1e-12))
-    down = w_down.double()
+    down = w_down.float()
     if spec.refit_lambda > 0:
-        down = refit_down(act, down, shared, experts, logits, spec, target)
+        down = refit_down(act, down, shared, experts, logits.float(), spec, target)
     return LayerPlan(
         shared=shared, experts=experts, router=(coef * scale).float().numpy(), down=down.float()
     )
+
+
+def keep_mask(
+    act: torch.Tensor, shared: np.ndarray, experts: np.ndarray, logits: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """[N, I] 1.0 where a neuron is active: shared, or in one of the router's top-k experts."""
+    keep = torch.zeros_like(act)
+    keep[:, torch.as_tensor(shared)] = 1.0
+    top = logits.topk(top_k, dim=1).indices  # [N, k]
+    keep[torch.arange(act.shape[0])[:, None, None], torch.as_tensor(experts)[top]] = 1.0
+    return keep
 
 
 def refit_down(
@@ -182,18 +157,13 @@ def refit_down(
     """Least-squares refit of the down projection given the routing, so kept neurons compensate
     for the dropped ones: min ||(act * keep) W^T - act W_dense^T||^2 + lam * n * ||W - W_dense||^2.
     """
-    n = act.shape[0]
-    top = logits.topk(spec.top_k, dim=1).indices  # [N, k]
-    keep = torch.zeros_like(act)
-    keep[:, torch.as_tensor(shared)] = 1.0
-    neuron_of = torch.as_tensor(experts)  # [E, n_e]
-    rows = torch.arange(n)[:, None, None]
-    keep[rows, neuron_of[top]] = 1.0
-    feats = act * keep  # [N, I]
-    target = act @ w_down.T if target is None else target.double()  # [N, H]
+    feats = act * keep_mask(act, shared, experts, logits, spec.top_k)  # [N, I]
+    target = act @ w_down.T if target is None else target.float()  # [N, H]
     lam = spec.refit_lambda * float((feats * feats).sum()) / feats.shape[1]
-    gram = feats.T @ feats + lam * torch.eye(feats.shape[1], dtype=feats.dtype)
-    return torch.linalg.solve(gram, feats.T @ target + lam * w_down.T).T  # [H, I]
+    # Products in float32 (the cost), the I x I solve in float64 (cheap, well conditioned).
+    gram = (feats.T @ feats).double() + lam * torch.eye(feats.shape[1], dtype=torch.float64)
+    rhs = (feats.T @ target).double() + lam * w_down.T.double()
+    return torch.linalg.solve(gram, rhs).T.float()  # [H, I]
 
 
 def moe_config(dense: LlamaForCausalLM, spec: MoeSpec) -> Qwen2MoeConfig:
@@ -264,17 +234,6 @@ def assemble_moe(
     return moe
 
 
-def moefy(
-    dense: LlamaForCausalLM, calib: list[LayerCalib], spec: MoeSpec
-) -> Qwen2MoeForCausalLM:
-    """The whole conversion: plan each layer from calibration data, then assemble."""
-    plans = []
-    for i, layer in enumerate(tqdm(dense.model.layers, desc="moefy layers")):
-        w_down = layer.mlp.down_proj.weight.detach()
-        plans.append(plan_layer(calib[i], w_down, spec, dense.config.intermediate_size))
-    return assemble_moe(dense, plans, spec)
-
-
 @torch.no_grad()
 def fidelity(
     dense: torch.nn.Module, moe: torch.nn.Module, seqs: list[list[int]], batch_size: int = 8
@@ -322,17 +281,8 @@ def greedy_answers(
     return out_seqs
 
 
-def _keep_mask(act: torch.Tensor, x: torch.Tensor, plan: LayerPlan, top_k: int) -> torch.Tensor:
-    """[N, I] 1.0 where a neuron is active: shared, or in one of the router's top-k experts."""
-    keep = torch.zeros_like(act)
-    keep[:, torch.as_tensor(plan.shared)] = 1.0
-    top = (x @ torch.as_tensor(plan.router, dtype=x.dtype).T).topk(top_k, dim=1).indices
-    keep[torch.arange(x.shape[0])[:, None, None], torch.as_tensor(plan.experts)[top]] = 1.0
-    return keep
-
-
 @torch.no_grad()
-def moefy_sequential(
+def moefy(
     dense: LlamaForCausalLM, seqs: list[list[int]], spec: MoeSpec, max_tokens: int
 ) -> Qwen2MoeForCausalLM:
     """Build the MoE layer by layer on its own residual stream.
@@ -372,7 +322,8 @@ def moefy_sequential(
             target=target,
         )
         plans.append(plan)
-        ffn = (act * _keep_mask(act, f_in, plan, spec.top_k)) @ plan.down.T
+        logits = f_in @ torch.as_tensor(plan.router).T  # [B*T, E]
+        ffn = (act * keep_mask(act, plan.shared, plan.experts, logits, spec.top_k)) @ plan.down.T
         x_moe = (h + ffn).reshape(b, t, -1)
         x_dense = x_next
     return assemble_moe(dense, plans, spec)

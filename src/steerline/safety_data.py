@@ -59,9 +59,11 @@ def validate_prompts(df: pd.DataFrame, where: str) -> None:
         raise ValueError(f"{where}: no {absent[0]!r} prompts; risk difference needs both classes")
     blank = df["text"].astype(str).str.strip() == ""
     if blank.any():
-        raise ValueError(f"{where}: empty text for prompt(s) {list(df.loc[blank, 'prompt_id'])[:5]}")
-    if df["prompt_id"].duplicated().any():
-        raise ValueError(f"{where}: duplicate prompt_id {df['prompt_id'][df['prompt_id'].duplicated()].iloc[0]!r}")
+        ids = list(df.loc[blank, "prompt_id"])[:5]
+        raise ValueError(f"{where}: empty text for prompt(s) {ids}")
+    dup = df["prompt_id"][df["prompt_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{where}: duplicate prompt_id {dup.iloc[0]!r}")
 
 
 def split_stratified(df: pd.DataFrame, detect_fraction: float, seed: int) -> pd.Series:
