@@ -28,6 +28,19 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def layer_set_agreement(a_runs: list, b_runs: list, k: int) -> float:
+    """Fraction of (token, layer) whose top-k expert SET agrees (order within top-k is the
+    weight order, which float near-ties may swap without changing the routing)."""
+    rows = []
+    for a, b in zip(a_runs, b_runs, strict=True):
+        if len(a.experts) != len(b.experts):
+            return 0.0
+        sa = np.sort(a.experts.reshape(len(a.experts), -1, k), axis=-1)
+        sb = np.sort(b.experts.reshape(len(b.experts), -1, k), axis=-1)
+        rows.append((sa == sb).all(axis=-1).ravel())
+    return float(np.concatenate(rows).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/moe")
@@ -35,6 +48,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_moe(args.model)
@@ -43,16 +57,20 @@ def main() -> None:
     chats = [render_chat(tok, t) for t in df["text"]]
     pad, m = tok.pad_token_id, args.max_new_tokens
     generate_routed_all(model, chats[:2], 4, pad, 2)  # warm-up
-    batched, t_batched = timed(lambda: generate_routed_all(model, chats, m, pad, args.batch_size))
-    plain, t_plain = timed(
-        lambda: generate_routed_all(model, chats, m, pad, args.batch_size, capture=False)
-    )
+    # Interleaved repeats, best of each: on a noisy machine a single run order biases the
+    # capture-vs-plain overhead by more than the overhead itself.
+    t_batched = t_plain = float("inf")
+    for _ in range(args.repeats):
+        _, t = timed(lambda: generate_routed_all(model, chats, m, pad, args.batch_size,
+                                                 capture=False))
+        t_plain = min(t_plain, t)
+        batched, t = timed(lambda: generate_routed_all(model, chats, m, pad, args.batch_size))
+        t_batched = min(t_batched, t)
     single, t_single = timed(lambda: generate_routed_all(model, chats, m, pad, 1))
     same_tokens = all(a.token_ids.tolist() == b.token_ids.tolist()
                       for a, b in zip(batched, single, strict=True))
-    rows = [(a.experts == b.experts).all(axis=1) for a, b in zip(batched, single, strict=True)
-            if len(a.experts) == len(b.experts)]
-    token_agree = float(np.concatenate(rows).mean()) if rows else 0.0
+    k = model.config.num_experts_per_tok
+    token_agree = layer_set_agreement(batched, single, k)
     n_tokens = sum(len(r.token_ids) for r in batched)
     n_gen = sum(r.n_generated for r in batched)
     with tempfile.TemporaryDirectory() as tmp:
