@@ -1,12 +1,14 @@
 """Stage capture_routing: models/moe + detect-split safety prompts -> data/routing/ +
-data/generations.parquet (transformers backend)."""
+data/generations.parquet, through the backend the params name (vLLM by default)."""
 
 from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import AutoTokenizer
 
-from steerline.capture import CaptureConfig, load_moe, model_fingerprint, run_capture
+from steerline.backends import make_backend
+from steerline.capture import CaptureConfig, model_fingerprint, run_capture
 from steerline.params import load_params
 
 PROMPTS = Path("data/prompts/safety.parquet")
@@ -22,20 +24,26 @@ def main() -> None:
     prompts = pd.read_parquet(PROMPTS)
     if "split" in prompts.columns:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
-    model, tokenizer = load_moe(p.model, p.dtype)
-    gens = run_capture(
-        model,
-        tokenizer,
-        prompts,
-        CaptureConfig(p.max_new_tokens, p.batch_size, p.shard_prompts),
-        ROUTING,
-        GENERATIONS,
-        CACHE,
-        meta={"model": p.model, "model_fingerprint": model_fingerprint(p.model),
-              "backend": p.backend, "dtype": p.dtype},
-    )
+    vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
+                        data_parallel_size=p.data_parallel_size,
+                        gpu_memory_utilization=p.gpu_memory_utilization,
+                        max_num_seqs=p.max_num_seqs, seed=params.seed)
+    with make_backend(p.backend, p.model, p.dtype, batch_size=p.batch_size,
+                      **(vllm_options if p.backend == "vllm" else {})) as backend:
+        gens = run_capture(
+            backend,
+            AutoTokenizer.from_pretrained(p.model),
+            prompts,
+            CaptureConfig(p.max_new_tokens, p.shard_prompts),
+            ROUTING,
+            GENERATIONS,
+            CACHE,
+            meta={"model": p.model, "model_fingerprint": model_fingerprint(p.model),
+                  "dtype": p.dtype},
+        )
     print(
-        f"captured {len(gens)} prompts, {int(gens['n_generated_tokens'].sum())} generated tokens "
+        f"captured {len(gens)} prompts with {p.backend}, "
+        f"{int(gens['n_generated_tokens'].sum())} generated tokens "
         f"({float(gens['finished'].mean()):.0%} stopped at end-of-turn)"
     )
 

@@ -3,6 +3,9 @@ models built in seconds for exact checks."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -76,3 +79,31 @@ def real_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("real") / "base"
     save_model(model, tok, path)
     return path, model, tok
+
+
+@pytest.fixture(scope="session")
+def real_moe(real_base):
+    """A quick MoEfication of the real default model (the build_models recipe on fewer
+    calibration tokens): (dense, moe, tokenizer, held-out greedy sequences)."""
+    from steerline.chat import render_chat
+    from steerline.moefy import MoeSpec, greedy_answers, moefy
+
+    _, dense, tok = real_base
+    raw = Path(__file__).resolve().parents[1] / "data/raw/truthfulqa/mc_task.json"
+    questions = [q["question"] for q in json.loads(raw.read_text())][:24]
+    chats = [render_chat(tok, q).ids for q in questions]
+    seqs = greedy_answers(dense, chats, 16, tok.pad_token_id, batch_size=12)
+    moe = moefy(dense, seqs[:16], MoeSpec(16, 8, 0.5, refit_lambda=0.01), max_tokens=1500)
+    return dense, moe, tok, seqs[16:]
+
+
+@pytest.fixture(scope="session")
+def real_moe_dir(real_moe, tmp_path_factory):
+    """`real_moe` saved as a model directory (what build_models writes), for engines that load
+    from disk (vLLM)."""
+    from steerline.base_model import save_model
+
+    _, moe, tok, _ = real_moe
+    path = tmp_path_factory.mktemp("real") / "moe"
+    save_model(moe, tok, path)
+    return path

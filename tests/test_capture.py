@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from steerline.backends.hf import TransformersBackend
 from steerline.capture import CaptureConfig, run_capture
 from steerline.chat import render_chat
 from steerline.moe_arch import DenseModelError, find_routers
@@ -94,15 +95,17 @@ def test_dense_model_is_rejected(tiny_dense):
 
 
 def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, monkeypatch):
-    cfg = CaptureConfig(max_new_tokens=6, batch_size=2, shard_prompts=2)
-    meta = {"model": "tiny", "backend": "transformers"}
+    cfg = CaptureConfig(max_new_tokens=6, shard_prompts=2)
+    meta = {"model": "tiny"}
     df = prompts_frame()
-    full = run_capture(tiny_moe, tokenizer, df, cfg, tmp_path / "a", tmp_path / "a.parquet",
+    backend = TransformersBackend(tiny_moe, tokenizer, batch_size=2)
+    full = run_capture(backend, tokenizer, df, cfg, tmp_path / "a", tmp_path / "a.parquet",
                        tmp_path / "cache", meta)
     shards = sorted((tmp_path / "a").glob("*.parquet"))
     assert len(shards) == 3 and not any((tmp_path / "cache").iterdir())
     md = pq.read_schema(shards[0]).metadata
     assert md[b"n_layers"] == b"3" and md[b"top_k"] == b"2" and md[b"n_experts"] == b"8"
+    assert md[b"backend"] == b"transformers"
     table = pd.concat([pd.read_parquet(s) for s in shards])
     assert set(table["prompt_id"]) == set(df["prompt_id"])
     per = table.groupby("prompt_id")["position"].agg(["min", "max", "count"])
@@ -113,9 +116,7 @@ def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, 
             counts["n_prompt_tokens"] + counts["n_generated_tokens"]).all()
 
     # Kill the run in the second shard, then resume: same final output.
-    import steerline.capture as cap
-
-    real = cap.generate_routed_all
+    real = backend.generate_and_capture
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -124,13 +125,13 @@ def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, 
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(cap, "generate_routed_all", dying)
+    monkeypatch.setattr(backend, "generate_and_capture", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_capture(tiny_moe, tokenizer, df, cfg, tmp_path / "b", tmp_path / "b.parquet",
+        run_capture(backend, tokenizer, df, cfg, tmp_path / "b", tmp_path / "b.parquet",
                     tmp_path / "cache", meta)
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.parquet").exists()
-    monkeypatch.setattr(cap, "generate_routed_all", real)
-    resumed = run_capture(tiny_moe, tokenizer, df, cfg, tmp_path / "b", tmp_path / "b.parquet",
+    monkeypatch.setattr(backend, "generate_and_capture", real)
+    resumed = run_capture(backend, tokenizer, df, cfg, tmp_path / "b", tmp_path / "b.parquet",
                           tmp_path / "cache", meta)
     pd.testing.assert_frame_equal(full, resumed)
     for s in shards:
@@ -147,16 +148,17 @@ def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, 
     ],
 )
 def test_bad_prompt_tables(tiny_moe, tokenizer, tmp_path, frame, match):
-    cfg = CaptureConfig(4, 2, 2)
+    cfg = CaptureConfig(4, 2)
     with pytest.raises(ValueError, match=match):
-        run_capture(tiny_moe, tokenizer, frame, cfg, tmp_path / "r", tmp_path / "g.parquet",
-                    tmp_path / "c", {"model": "tiny"})
+        run_capture(TransformersBackend(tiny_moe, tokenizer), tokenizer, frame, cfg,
+                    tmp_path / "r", tmp_path / "g.parquet", tmp_path / "c", {"model": "tiny"})
     assert not (tmp_path / "r").exists() and not (tmp_path / "g.parquet").exists()
 
 
 def test_prompt_longer_than_context(tiny_moe, tokenizer, tmp_path):
     df = prompts_frame([" ".join(["word"] * 600), "hi there"])
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
-        run_capture(tiny_moe, tokenizer, df, CaptureConfig(4, 2, 2), tmp_path / "r",
+        run_capture(TransformersBackend(tiny_moe, tokenizer), tokenizer, df, CaptureConfig(4, 2),
+                    tmp_path / "r",
                     tmp_path / "g.parquet", tmp_path / "c", {"model": "tiny"})
     assert not (tmp_path / "r").exists()

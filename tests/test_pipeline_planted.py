@@ -11,6 +11,7 @@ import torch
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
+from steerline.backends.hf import TransformersBackend
 from steerline.capture import CaptureConfig, run_capture
 from steerline.risk_diff import compute_risk_diff
 from steerline.select_experts import select_experts
@@ -82,7 +83,8 @@ def planted_routing(tokenizer, tmp_path_factory):
     model = finish_model(Qwen2MoeForCausalLM(cfg), tokenizer)
     plant(model, single_token_ids(tokenizer, UNSAFE_WORDS), single_token_ids(tokenizer, SAFE_WORDS))
     tmp = tmp_path_factory.mktemp("planted")
-    run_capture(model, tokenizer, make_prompts(24), CaptureConfig(4, 8, 16), tmp / "routing",
+    backend = TransformersBackend(model, tokenizer, batch_size=8)
+    run_capture(backend, tokenizer, make_prompts(24), CaptureConfig(4, 16), tmp / "routing",
                 tmp / "gen.parquet", tmp / "cache", {"model": "tiny-planted"})
     return tmp / "routing"
 

@@ -1,32 +1,17 @@
 """The real default model end to end (slow): GGUF conversion, a quick MoEfication of it, and
-routing capture on the resulting real MoE (exactness and batching)."""
+routing capture on the resulting real MoE (exactness and batching); `real_moe` is in conftest."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 from test_capture import plain_topk
 
 from steerline.chat import render_chat
-from steerline.moefy import MoeSpec, fidelity, greedy_answers, moefy
+from steerline.moefy import fidelity, greedy_answers
 from steerline.routing import generate_routed_all
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def real_moe(real_base):
-    _, dense, tok = real_base
-    questions = [q["question"] for q in json.loads((ROOT / "data/raw/truthfulqa/mc_task.json")
-                                                    .read_text())][:24]
-    chats = [render_chat(tok, q).ids for q in questions]
-    seqs = greedy_answers(dense, chats, 16, tok.pad_token_id, batch_size=12)
-    moe = moefy(dense, seqs[:16], MoeSpec(16, 8, 0.5, refit_lambda=0.01), max_tokens=1500)
-    return dense, moe, tok, seqs[16:]
 
 
 def test_gguf_dense_answers_sensibly(real_base):

@@ -1,8 +1,9 @@
 """capture_routing's work: prompts -> greedy answers + per-token routing, sharded and resumable.
 
-Finished shards are kept in a cache directory keyed by a fingerprint of the model, the prompts
-and the params, so a killed run resumes where it stopped and produces the same final output;
-the DVC outputs themselves are written only once every shard is done.
+Any backend (steerline.backends: vLLM by default, transformers as the reference) does the
+generation; finished shards are kept in a cache directory keyed by a fingerprint of the model,
+the backend, the prompts and the params, so a killed run resumes where it stopped and produces
+the same final output; the DVC outputs themselves are written only once every shard is done.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from steerline.backends import Backend
 from steerline.chat import render_chat
 from steerline.io import atomic_dir, write_parquet, write_table
-from steerline.moe_arch import find_routers, moe_shape
-from steerline.routing import Routed, check_context, generate_routed_all
+from steerline.moe_arch import DenseModelError, find_routers
+from steerline.routing import Routed, check_context
 from steerline.routing_schema import routing_metadata, routing_table
 from steerline.safety_data import validate_prompts
 
@@ -33,8 +35,7 @@ GEN_COLUMNS = ["prompt_id", "label", "answer", "n_prompt_tokens", "n_generated_t
 @dataclass(frozen=True)
 class CaptureConfig:
     max_new_tokens: int
-    batch_size: int
-    shard_prompts: int
+    shard_prompts: int  # prompts per shard, each shard one backend call (vLLM: all in flight)
 
 
 def load_moe(model_path: str, dtype: str = "float32"):
@@ -93,7 +94,7 @@ def generations_frame(
 
 
 def run_capture(
-    model,
+    backend: Backend,
     tokenizer: PreTrainedTokenizerBase,
     prompts: pd.DataFrame,
     cfg: CaptureConfig,
@@ -102,16 +103,18 @@ def run_capture(
     cache_dir: Path,
     meta: dict[str, str],
 ) -> pd.DataFrame:
-    """Capture every prompt, shard by shard (resuming from `cache_dir`), then publish outputs."""
+    """Capture every prompt, shard by shard (resuming from `cache_dir`), then publish outputs.
+    The shards' metadata records `backend` (the backend's name) besides `meta`."""
+    if not backend.n_layers:
+        raise DenseModelError("routing capture needs a Mixture-of-Experts model; the backend "
+                              "loaded a dense one")
     validate_prompts(prompts, "capture_routing prompts")
     prompts = prompts.sort_values("prompt_id").reset_index(drop=True)
     chats = [render_chat(tokenizer, t) for t in prompts["text"]]
     ids, labels = prompts["prompt_id"].tolist(), prompts["label"].tolist()
-    ctx = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    check_context(chats, ids, cfg.max_new_tokens, ctx)
-    n_experts, top_k = moe_shape(model)
-    n_layers = len(find_routers(model))
-    shard_meta = routing_metadata(n_layers, top_k, n_experts, **meta)
+    check_context(chats, ids, cfg.max_new_tokens, backend.max_context)
+    shard_meta = routing_metadata(backend.n_layers, backend.top_k, backend.n_experts,
+                                  **{**meta, "backend": backend.name})
     key = hashlib.sha256(
         json.dumps([shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]).encode()
     ).hexdigest()[:16]
@@ -123,9 +126,7 @@ def run_capture(
         if shard.exists() and gens.exists():
             continue  # finished in an earlier (killed) run
         e = s + cfg.shard_prompts
-        routed = generate_routed_all(
-            model, chats[s:e], cfg.max_new_tokens, tokenizer.pad_token_id, cfg.batch_size
-        )
+        routed = backend.generate_and_capture(chats[s:e], cfg.max_new_tokens)
         write_parquet(generations_frame(routed, ids[s:e], labels[s:e], tokenizer), gens)
         write_table(shard_table(routed, ids[s:e], labels[s:e]), shard, shard_meta)
     generations = pd.concat(

@@ -1,0 +1,136 @@
+"""The transformers backend: the reference implementation (exact checks run against it).
+
+Capture and MoE generation use steerline.routing's KV-cached greedy loop with router hooks;
+dense models generate with `model.generate` (greedy, left padding). Steering is per request at
+the API level: prompts are grouped by their Steering and each group runs inside that request's
+context managers, `expert_steering` (the SteerMoE router hook) and `mat_steer.hooks.steering_hook`
+(activation steering on one decoder layer), which remove their hooks on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from steerline.backends.base import Backend, Generated, Prompt, prompt_ids
+from steerline.backends.steering import Steering, SteeringArg, per_prompt
+from steerline.chat import ChatPrompt
+from steerline.expert_steering import expert_steering
+from steerline.mat_steer.activations import decoder_layers
+from steerline.mat_steer.hooks import steering_hook
+from steerline.moe_arch import DenseModelError, find_routers, moe_shape
+from steerline.routing import Routed, generate_routed_all
+
+
+@contextlib.contextmanager
+def hf_steering(model: nn.Module, steering: Steering | None) -> Iterator[None]:
+    """One request's steering on a transformers model inside the block (hooks removed on exit)."""
+    with contextlib.ExitStack() as stack:
+        if steering is not None and steering.experts is not None and not steering.experts.empty:
+            stack.enter_context(expert_steering(model, steering.experts))
+        if steering is not None and steering.activation is not None:
+            act = steering.activation
+            act.check(int(model.config.hidden_size), len(decoder_layers(model)))
+            device = next(model.parameters()).device
+            stack.enter_context(steering_hook(model, act.layer, act.fn(device)))
+        yield
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 batch_size: int = 16) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        try:
+            self.n_experts, self.top_k = moe_shape(model)
+            self.n_layers = len(find_routers(model))
+        except DenseModelError:
+            self.n_experts = self.top_k = self.n_layers = 0
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+    @classmethod
+    def load(cls, model_path: str, dtype: str = "float32",
+             batch_size: int = 16) -> TransformersBackend:
+        from steerline.mat_steer.activations import load_causal_lm
+
+        model, tokenizer = load_causal_lm(model_path, dtype)
+        return cls(model, tokenizer, batch_size)
+
+    def _groups(self, n: int, steering: SteeringArg) -> list[tuple[Steering | None, list[int]]]:
+        plans = per_prompt(steering, n)
+        groups: dict[str, tuple[Steering | None, list[int]]] = {}
+        for i, plan in enumerate(plans):
+            key = "" if plan is None else plan.plan_id
+            groups.setdefault(key, (plan, []))[1].append(i)
+        return list(groups.values())
+
+    def _as_chats(self, prompts: Sequence[Prompt]) -> list[ChatPrompt]:
+        out = []
+        for p in prompts:
+            ids = prompt_ids(p)
+            out.append(p if isinstance(p, ChatPrompt) else ChatPrompt(ids, [True] * len(ids)))
+        return out
+
+    def generate_and_capture(self, prompts: Sequence[ChatPrompt], max_new_tokens: int,
+                             steering: SteeringArg = None) -> list[Routed]:
+        return self._run(self._as_chats(prompts), max_new_tokens, steering, capture=True)
+
+    def _run(self, chats: list[ChatPrompt], max_new_tokens: int, steering: SteeringArg,
+             capture: bool) -> list[Routed]:
+        out: list[Routed | None] = [None] * len(chats)
+        for plan, idx in self._groups(len(chats), steering):
+            with hf_steering(self.model, plan):
+                res = generate_routed_all(self.model, [chats[i] for i in idx], max_new_tokens,
+                                          self.pad_id, self.batch_size, capture=capture)
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int,
+                 steering: SteeringArg = None) -> list[Generated]:
+        chats = self._as_chats(prompts)
+        if self.n_layers:
+            routed = self._run(chats, max_new_tokens, steering, capture=False)
+            return [Generated(r.token_ids[r.n_prompt:].copy(), r.finished) for r in routed]
+        out: list[Generated | None] = [None] * len(chats)
+        for plan, idx in self._groups(len(chats), steering):
+            with hf_steering(self.model, plan):
+                for s in range(0, len(idx), self.batch_size):
+                    chunk = idx[s:s + self.batch_size]
+                    res = self._dense_generate([chats[i].ids for i in chunk], max_new_tokens)
+                    for i, g in zip(chunk, res, strict=True):
+                        out[i] = g
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _dense_generate(self, ids: list[list[int]], max_new_tokens: int) -> list[Generated]:
+        eos = self.model.generation_config.eos_token_id
+        eos_set = set(eos if isinstance(eos, list) else [eos]) - {None}
+        width = max(len(x) for x in ids)
+        dev = next(self.model.parameters()).device
+        inp = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(inp)
+        for i, x in enumerate(ids):
+            inp[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        out = self.model.generate(input_ids=inp.to(dev), attention_mask=mask.to(dev),
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.pad_id)[:, width:].cpu()
+        res = []
+        for row in out.tolist():
+            gen = []
+            for t in row:
+                gen.append(t)
+                if t in eos_set:
+                    break
+            res.append(Generated(np.asarray(gen, dtype=np.int32), bool(gen and gen[-1] in eos_set)))
+        return res

@@ -1,0 +1,322 @@
+"""What runs inside each vLLM worker: forward hooks on the loaded model, no forked model files.
+
+`SteerlineWorkerExtension` is passed to vLLM as `worker_extension_cls`; the driver calls its
+methods by name through `LLM.collective_rpc` (in-process on CPU with
+VLLM_ENABLE_V1_MULTIPROCESSING=0; on a GPU over vLLM's RPC to each worker process).
+
+Hooks on the model the worker's runner holds (installed by `configure`, removed by `remove`):
+- a pre-hook on the whole model reads the scheduled batch before every forward: the running
+  requests in row order (`input_batch.req_ids`), their row offsets (`query_start_loc`) and the
+  token positions; each request names itself and its steering by its SamplingParams.extra_args;
+- a forward hook on every router (`mlp.gate` / `block_sparse_moe.gate`): the SteerMoE edit of
+  the steered requests' rows (`expert_steering.steer_scores`), then the routing rule (below) and,
+  when capturing, the top-k ids and weights of every row;
+- a forward hook on a decoder layer for activation steering of the rows that ask for it. vLLM
+  layers return (hidden, residual) with the residual add deferred to the next layer's fused
+  add-norm; the residual stream is hidden + residual, so a steered row returns
+  (steered stream, 0) and the next add gives the steered stream exactly;
+- a post-hook moves the forward's routing [rows, layers, k] to the CPU in one copy.
+Rows past the scheduled tokens (padding) and forwards with no scheduled request (warm-up, dummy
+batches) are ignored. Needs an eager model (enforce_eager=True): hooks do not run inside CUDA
+graphs or compiled regions.
+
+Routing rule: transformers picks the top-k of float32 softmax probabilities, vLLM's fused MoE
+the top-k of the logits. On a near-uniform router (the default MoE: logit std ~1e-3) logits
+less than ~1e-7 apart round to equal probabilities, transformers breaks the tie by expert index
+and vLLM does not see it; each such flip changes that token's FFN output and answers can drift.
+Rule "transformers" makes vLLM's MoE use the transformers choice: on tie rows only, any expert
+outside the transformers top-k whose logit reaches the smallest chosen one is lowered to the next
+float below it (the chosen logits, hence the weights, are untouched). Rule "engine" keeps vLLM's
+choice (and plain generation then runs with no hook at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from steerline.backends.steering import Steering
+from steerline.expert_steering import steer_scores
+from steerline.mat_steer.activations import decoder_layers
+from steerline.moe_arch import ROUTER_PATHS, router_topk
+
+KEY_ARG = "steerline_key"
+PLAN_ARG = "steerline_plan"
+ROUTING_RULES = ("transformers", "engine")
+Capture = tuple[np.ndarray, np.ndarray, np.ndarray]  # positions [n], ids [n, L, k], weights
+
+
+def enforce_topk(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [N, E] whose top-k (taken on the logits, as vLLM does) is exactly the set `ids`
+    [N, k]; rows without a tie come back unchanged, bit for bit."""
+    chosen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(-1, ids, True)
+    inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
+    floor = torch.where(chosen, logits, inf).amin(dim=-1, keepdim=True)  # [N, 1]
+    return torch.where(~chosen & (logits >= floor), torch.nextafter(floor, -inf), logits)
+
+
+def engine_topk(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, weights) by vLLM's own rule: top-k of the logits, softmax over them (renormalised)
+    or exp(logit - logsumexp)."""
+    x = logits.float()
+    vals, ids = torch.topk(x, top_k, dim=-1)
+    if norm:
+        return ids, torch.softmax(vals, dim=-1)
+    return ids, (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp()
+
+
+def _router(layer: nn.Module) -> nn.Module | None:
+    for path in ROUTER_PATHS:
+        try:
+            return attrgetter(path)(layer)
+        except AttributeError:
+            continue
+    return None
+
+
+@dataclass
+class _Plan:
+    """One Steering compiled for this worker's model."""
+
+    experts: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (activate, deactivate)
+    delta: float
+    act_layer: int | None
+    act_fn: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass
+class _Batch:
+    """The scheduled batch of one forward, as the hooks see it."""
+
+    keys: list[str | None]  # per request, in row order
+    qsl: np.ndarray  # [n_reqs + 1] row offsets
+    n_rows: int  # scheduled rows; the model may see padding after them
+    positions: torch.Tensor  # [n_rows]
+    expert_rows: list[tuple[torch.Tensor, _Plan]]
+    act_rows: dict[int, list[tuple[torch.Tensor, Callable]]]  # layer -> [(rows, fn)]
+    ids: list[torch.Tensor | None]
+    weights: list[torch.Tensor | None]
+
+
+class SteerlineState:
+    """Hooks and buffers of one worker (one model)."""
+
+    def __init__(self, runner: Any, rank: int = 0) -> None:
+        self.runner = runner
+        self.rank = rank
+        self.model: nn.Module = runner.get_model()
+        cfg = runner.model_config.hf_text_config
+        self.hidden_size = int(cfg.hidden_size)
+        self.layers = decoder_layers(self.model)
+        n_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+        self.n_experts = int(n_experts or 0)
+        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if self.n_experts else 0
+        self.norm_topk = bool(getattr(cfg, "norm_topk_prob", True))
+        self.routers: list[nn.Module] = []
+        if self.n_experts:
+            for i, layer in enumerate(self.layers):
+                mod = _router(layer)
+                if mod is None:
+                    raise ValueError(
+                        f"decoder layer {i} of {type(self.model).__name__} has no router "
+                        f"({' or '.join(ROUTER_PATHS)}); dense layers in between, or pipeline "
+                        "parallelism, are not supported by routing capture")
+                self.routers.append(mod)
+        self.device = next(self.model.parameters()).device
+        self.capture = False
+        self.rule = "transformers"
+        self.plans: dict[str, _Plan] = {}
+        self.blocks: list[tuple[list[str | None], np.ndarray, np.ndarray, np.ndarray,
+                                np.ndarray]] = []
+        self.cur: _Batch | None = None
+        self.handles: list[Any] = []
+        self.act_handles: list[Any] = []
+
+    # ---- control (called through collective_rpc) ------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"n_layers": len(self.routers), "n_experts": self.n_experts, "top_k": self.top_k,
+                "hooks": len(self.handles) + len(self.act_handles)}
+
+    def configure(self, capture: bool, plans: dict[str, dict[str, Any]], rule: str) -> None:
+        """Capture on/off, the routing rule, and the steering requests (plan id -> wire form).
+        Hooks are (re)installed only where something needs them."""
+        if rule not in ROUTING_RULES:
+            raise ValueError(f"routing rule must be one of {ROUTING_RULES}, got {rule!r}")
+        compiled = {pid: self._compile(Steering.from_wire(raw)) for pid, raw in plans.items()}
+        self.remove()
+        self.rule, self.plans = rule, compiled
+        self.capture = bool(capture) and bool(self.routers) and self.rank == 0
+        needs_routers = self.capture or any(p.experts for p in compiled.values()) or (
+            bool(self.routers) and rule == "transformers")
+        if not (needs_routers or compiled):
+            return
+        self.handles.append(self.model.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._post))
+        if needs_routers:
+            self.handles += [r.register_forward_hook(self._router_hook(i))
+                             for i, r in enumerate(self.routers)]
+        for layer in sorted({p.act_layer for p in compiled.values() if p.act_fn is not None}):
+            self.act_handles.append(
+                self.layers[layer].register_forward_hook(self._act_hook(layer)))
+
+    def remove(self) -> None:
+        for h in [*self.handles, *self.act_handles]:
+            h.remove()
+        self.handles, self.act_handles, self.cur = [], [], None
+
+    def _compile(self, steering: Steering) -> _Plan:
+        experts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        plan = steering.experts
+        if plan is not None and not plan.empty:
+            if not self.routers:
+                raise ValueError("expert steering needs a Mixture-of-Experts model")
+            plan.validate(len(self.routers), self.n_experts, self.top_k)
+            experts = {layer: (torch.tensor(a, dtype=torch.long, device=self.device),
+                               torch.tensor(d, dtype=torch.long, device=self.device))
+                       for layer, (a, d) in plan.per_layer().items()}
+        act_layer, act_fn = None, None
+        if steering.activation is not None:
+            steering.activation.check(self.hidden_size, len(self.layers))
+            act_layer, act_fn = steering.activation.layer, steering.activation.fn(self.device)
+        return _Plan(experts, plan.delta if plan is not None else 0.0, act_layer, act_fn)
+
+    def take(self) -> dict[str, Capture]:
+        """Captured routing per request key: positions [n], ids [n, L, k], weights [n, L, k]
+        (a position seen twice, e.g. recomputed after preemption, keeps its last capture)."""
+        parts: dict[str, list[Capture]] = {}
+        for keys, qsl, pos, ids, w in self.blocks:
+            for i, key in enumerate(keys):
+                if key is not None:
+                    s, e = int(qsl[i]), int(qsl[i + 1])
+                    parts.setdefault(key, []).append((pos[s:e], ids[s:e], w[s:e]))
+        self.blocks = []
+        out = {}
+        for key, chunks in parts.items():
+            pos, ids, w = (np.concatenate([c[j] for c in chunks]) for j in range(3))
+            last = len(pos) - 1 - np.unique(pos[::-1], return_index=True)[1]
+            out[key] = (pos[last], ids[last], w[last])
+        return out
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.cur = None
+        runner = self.runner
+        n = int(runner.input_batch.num_reqs)
+        if n == 0 or not (self.capture or self.plans):
+            return
+        qsl = np.asarray(runner.query_start_loc.np[: n + 1]).copy()
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        n_rows = int(qsl[-1])
+        if positions is None or positions.shape[-1] < n_rows:
+            return  # not a scheduled batch (warm-up / dummy run)
+        keys: list[str | None] = []
+        by_plan: dict[str, list[int]] = {}
+        for i, rid in enumerate(runner.input_batch.req_ids[:n]):
+            params = getattr(runner.requests.get(rid), "sampling_params", None)
+            extra = getattr(params, "extra_args", None) or {}
+            keys.append(extra.get(KEY_ARG))
+            pid = extra.get(PLAN_ARG)
+            if pid is not None:
+                if pid not in self.plans:
+                    raise RuntimeError(f"request {rid} asks for unknown steering plan {pid}")
+                by_plan.setdefault(pid, []).append(i)
+        expert_rows: list[tuple[torch.Tensor, _Plan]] = []
+        act_rows: dict[int, list[tuple[torch.Tensor, Callable]]] = {}
+        for pid, reqs in by_plan.items():
+            plan = self.plans[pid]
+            rows = torch.from_numpy(np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in reqs]))
+            rows = rows.to(self.device)
+            if plan.experts:
+                expert_rows.append((rows, plan))
+            if plan.act_fn is not None:
+                act_rows.setdefault(plan.act_layer, []).append((rows, plan.act_fn))
+        n_routers = len(self.routers)
+        self.cur = _Batch(keys, qsl, n_rows, positions[..., :n_rows], expert_rows, act_rows,
+                          [None] * n_routers, [None] * n_routers)
+
+    def _router_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            cur = self.cur
+            is_tuple = isinstance(output, tuple)
+            logits = output[0] if is_tuple else output
+            edited = None
+            for rows, plan in cur.expert_rows if cur is not None else ():
+                if layer in plan.experts:
+                    # float32 as expert_steering returns it: a bf16 cast would round delta away
+                    edited = logits.float().clone() if edited is None else edited
+                    act, deact = plan.experts[layer]
+                    edited[rows] = steer_scores(logits[rows], act, deact, plan.delta)
+            src = logits if edited is None else edited
+            capture = cur is not None and self.capture
+            if self.rule == "transformers":
+                _, ids, w = router_topk(src, self.top_k, self.norm_topk)
+                edited = src = enforce_topk(src, ids)
+            elif capture:
+                ids, w = engine_topk(src, self.top_k, self.norm_topk)
+            if capture:
+                cur.ids[layer], cur.weights[layer] = ids[: cur.n_rows], w[: cur.n_rows]
+            if edited is None:
+                return None
+            return (edited, *output[1:]) if is_tuple else edited
+
+        return hook
+
+    def _act_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            cur = self.cur
+            if cur is None or layer not in cur.act_rows:
+                return None
+            hidden, residual = output if isinstance(output, tuple) else (output, None)
+            new_h = hidden.clone()
+            new_r = None if residual is None else residual.clone()
+            for rows, fn in cur.act_rows[layer]:
+                stream = hidden[rows] if residual is None else (
+                    hidden[rows].float() + residual[rows].float()).to(hidden.dtype)
+                new_h[rows] = fn(stream).to(hidden.dtype)
+                if new_r is not None:
+                    new_r[rows] = 0
+            return new_h if residual is None else (new_h, new_r)
+
+        return hook
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        cur, self.cur = self.cur, None
+        if cur is None or not self.capture:
+            return
+        if any(x is None for x in cur.ids):
+            raise RuntimeError("a router did not run in the last forward")
+        ids = torch.stack(cur.ids, dim=1).to(torch.int16).cpu().numpy()  # [T, L, k]
+        w = torch.stack(cur.weights, dim=1).to(torch.float16).cpu().numpy()
+        pos = cur.positions.reshape(-1).to(torch.int32).cpu().numpy()
+        self.blocks.append((cur.keys, cur.qsl, pos, ids, w))
+
+
+class SteerlineWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); methods are called by name."""
+
+    def _steerline(self) -> SteerlineState:
+        state = getattr(self, "_steerline_state", None)
+        if state is None:
+            state = SteerlineState(self.model_runner, int(getattr(self, "rank", 0)))
+            self._steerline_state = state
+        return state
+
+    def steerline_info(self) -> dict[str, Any]:
+        return self._steerline().info()
+
+    def steerline_configure(self, capture: bool, plans: dict[str, dict[str, Any]],
+                            rule: str) -> None:
+        self._steerline().configure(capture, plans, rule)
+
+    def steerline_take(self) -> dict[str, Capture]:
+        return self._steerline().take()
+
+    def steerline_remove_hooks(self) -> None:
+        self._steerline().remove()
