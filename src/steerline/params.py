@@ -24,10 +24,10 @@ class BuildModels(Strict):
     top_k: int = Field(8, ge=1)
     shared_fraction: float = Field(0.5, ge=0.0, lt=1.0)  # FFN share of the always-on expert
     router_tau: float = Field(1e-3, gt=0)  # std of router logits: small keeps top-k weights ~1/k
-    calib_prompts: int = Field(192, ge=8)
+    calib_prompts: int = Field(128, ge=8)
     eval_prompts: int = Field(48, ge=4)
     calib_new_tokens: int = Field(32, ge=1)
-    calib_tokens: int = Field(12000, ge=100)  # tokens sampled for clustering and least squares
+    calib_tokens: int = Field(8000, ge=100)  # tokens sampled for clustering and least squares
     ridge_alpha: float = Field(1.0, gt=0)
     refit_lambda: float = Field(0.01, ge=0)  # 0 = keep dense down projections (no refit)
     batch_size: int = Field(16, ge=1)
@@ -40,11 +40,17 @@ class PrepareSafety(Strict):
 
 class CaptureRouting(Strict):
     model: str = "models/moe"  # a local MoE directory (a hub checkpoint downloaded beforehand)
-    backend: Literal["transformers"] = "transformers"
+    # vllm: the production engine (hooks on its routers); transformers: the reference
+    backend: Literal["vllm", "transformers"] = "vllm"
     max_new_tokens: int = Field(32, ge=0)
-    batch_size: int = Field(16, ge=1)
-    shard_prompts: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)  # transformers backend only
+    shard_prompts: int = Field(64, ge=1)  # prompts per resumable shard (vLLM: all in flight)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # vLLM scale-out, passed through (null: vLLM's default; on CPU the KV cache is 1 GiB)
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    max_num_seqs: int | None = Field(None, ge=1)
 
 
 class RiskDiff(Strict):
@@ -116,6 +122,51 @@ class EvalSteering(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+# ---- SteerMoE actions (issue 5): expert steering, selective finetuning, safety evaluation ----
+class ExpertSteering(Strict):
+    # deactivate_unsafe: force experts.json's unsafe experts out of the top-k; activate_safe:
+    # force its safe experts in; both. The SteerMoE margin delta on the router log-softmax.
+    mode: Literal["deactivate_unsafe", "activate_safe", "both"] = "activate_safe"
+    # Experts per list, in rank order (per-layer caps: <= top_k activated, <= E - top_k
+    # deactivated). An empty experts.json list falls back to the risk_diff ranking.
+    n_experts: int = Field(50, ge=1)
+    delta: float = Field(0.01, gt=0)
+
+
+class FinetuneExperts(Strict):
+    model: str = "models/moe"  # the MoE models/experts.json was selected on
+    max_experts: int | None = Field(None, ge=1)  # first n unsafe experts of experts.json; null=all
+    fallback_top_n: int = Field(20, ge=1)  # top-n by risk_diff when experts.json lists none
+    # The seed's HF Trainer settings (lr 5e-5, 3 epochs, batch 4, 100 warmup steps) scaled to a
+    # CPU run of ~60 steps: a larger lr, 2 epochs, warmup as a ratio of the steps.
+    lr: float = Field(4e-4, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(4, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    # SFT examples from the detect split (null = all): unsafe -> refusal, safe -> own answer
+    max_unsafe: int | None = Field(60, ge=1)
+    max_safe: int | None = Field(80, ge=1)
+    max_length: int = Field(256, ge=8)
+    checkpoint_every: int = Field(10, ge=0)  # steps between resumable checkpoints (0 = epochs)
+
+
+class EvalSafety(Strict):
+    model: str = "models/moe"  # "base" and, with the steering hook, "steered"
+    finetuned: str = "models/moe_finetuned"
+    # Test-split prompts evaluated (null = all): unsafe (AdvBench + XSTest contrast prompts,
+    # sources in proportion) and XSTest safe prompts; seeded subsample.
+    max_unsafe: int | None = Field(80, ge=1)
+    max_safe: int | None = Field(60, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    judge: Literal["phrase", "llm"] = "phrase"
+    judge_model: str | None = None  # a local chat model for judge: llm (e.g. on a GPU)
+    judge_window: int = Field(300, ge=1)  # characters of the answer the phrase judge reads
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class Params(Strict):
     seed: int = 0
     build_models: BuildModels = BuildModels()
@@ -132,6 +183,9 @@ class Params(Strict):
     extract_activations: ExtractActivations = ExtractActivations()
     train_steering: TrainSteering = TrainSteering()
     eval_steering: EvalSteering = EvalSteering()
+    expert_steering: ExpertSteering = ExpertSteering()
+    finetune_experts: FinetuneExperts = FinetuneExperts()
+    eval_safety: EvalSafety = EvalSafety()
 
 
 class ParamsError(ValueError):

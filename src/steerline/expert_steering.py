@@ -1,0 +1,324 @@
+"""Inference-time expert steering (SteerMoE), no training: a forward hook on every router.
+
+The SteerMoE rule on one MoE layer, per token: take s = log_softmax(router logits) [N, E];
+every expert to activate gets max(s) + delta, every expert to deactivate gets min(s) - delta
+(max / min over the token's unmodified scores, delta = 0.01 by default); the top-k selection and
+the routing weights then come from the modified scores (softmax, top-k, renormalised when the
+model's `norm_topk_prob` says so). At most top_k experts are activated and at most E - top_k
+deactivated per layer, so an activated expert is in every token's top-k and a deactivated one in
+none.
+
+The hook lives only inside the `expert_steering()` context manager (removed on exit, also on
+errors) and acts on every row the router sees: a whole batch of prompts, each generated token,
+teacher-forced scoring alike. transformers 5 routers return (logits, top-k weights, top-k ids):
+the hook returns that tuple recomputed from the modified scores; a plain Linear gate returning
+logits (older OLMoE-/Mixtral-style blocks) gets the modified scores back as float32 logits, from
+which its block takes softmax and top-k itself. It is prepended to the router's hooks, so a
+routing recorder on the same router sees the steered routing.
+
+Which experts: models/experts.json (select_experts) ranks unsafe experts by risk_diff (highest
+first) and safe experts (lowest first); `plan_from_experts` takes the first n of the list(s) the
+mode asks for, or, when a list is empty, the first n of the same ranking in
+reports/risk_diff.parquet regardless of q-value (recorded in the plan's `source`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from steerline.moe_arch import find_routers, moe_shape
+
+log = logging.getLogger(__name__)
+
+Expert = tuple[int, int]  # (layer, expert)
+Mode = Literal["deactivate_unsafe", "activate_safe", "both"]
+MODES: tuple[str, ...] = ("deactivate_unsafe", "activate_safe", "both")
+
+
+# ---------------------------------------------------------------------------- expert lists
+
+
+def check_experts(
+    experts: Sequence[Sequence[int]], n_layers: int, n_experts: int, where: str
+) -> list[Expert]:
+    """[[layer, expert], ...] as a list of int pairs; one clear error for a malformed or
+    out-of-range entry, or a duplicate."""
+    out: list[Expert] = []
+    for item in experts:
+        if (
+            not isinstance(item, (list, tuple))
+            or len(item) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+        ):
+            raise ValueError(
+                f"{where}: every entry must be [layer, expert] (two ints), got {item!r}"
+            )
+        layer, expert = int(item[0]), int(item[1])
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"{where}: expert {[layer, expert]} names layer {layer}, but the model has "
+                f"{n_layers} MoE layers (0..{n_layers - 1})"
+            )
+        if not 0 <= expert < n_experts:
+            raise ValueError(
+                f"{where}: expert {[layer, expert]} is out of range: the model has {n_experts} "
+                f"experts per layer (0..{n_experts - 1})"
+            )
+        if (layer, expert) in out:
+            raise ValueError(f"{where}: expert {[layer, expert]} is listed twice")
+        out.append((layer, expert))
+    return out
+
+
+def read_experts_json(path: str | Path) -> dict[str, Any]:
+    """models/experts.json with its shape checked ({"unsafe": [...], "safe": [...], ...})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run the select_experts stage first")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(obj.get(k), list) for k in ("unsafe", "safe")
+    ):
+        raise ValueError(f'{path} must be {{"unsafe": [[layer, expert], ...], "safe": [...]}}')
+    return obj
+
+
+def ranked_from_risk_diff(df: pd.DataFrame, side: Literal["unsafe", "safe"]) -> list[Expert]:
+    """Every (layer, expert) on `side` of zero, strongest first (unsafe: highest risk_diff,
+    safe: lowest), regardless of q-value; ties by (layer, expert)."""
+    for col in ("layer", "expert", "risk_diff"):
+        if col not in df.columns:
+            raise ValueError(f"risk_diff report has no column {col!r}: rerun risk_diff")
+    sub = df[df["risk_diff"] > 0] if side == "unsafe" else df[df["risk_diff"] < 0]
+    sub = sub.sort_values(
+        ["risk_diff", "layer", "expert"], ascending=[side == "safe", True, True], kind="stable"
+    )
+    return [(int(r.layer), int(r.expert)) for r in sub.itertuples()]
+
+
+def expert_list(
+    selection: Mapping[str, Any],
+    side: Literal["unsafe", "safe"],
+    n: int,
+    fallback: pd.DataFrame | None,
+    n_layers: int,
+    n_experts: int,
+) -> tuple[list[Expert], str]:
+    """The first n experts of experts.json's `side` list, or of the risk_diff ranking when that
+    list is empty (never silently nothing); returns (experts, source)."""
+    listed = check_experts(selection[side], n_layers, n_experts, f"experts.json {side!r}")
+    if listed:
+        return listed[:n], "experts.json"
+    if fallback is None:
+        raise ValueError(
+            f"experts.json has no {side} experts and no risk_diff report was given to fall back on"
+        )
+    ranked = check_experts(
+        ranked_from_risk_diff(fallback, side), n_layers, n_experts, "risk_diff report"
+    )
+    if not ranked:
+        raise ValueError(f"experts.json has no {side} experts and risk_diff ranks none either")
+    log.warning(
+        "experts.json lists no %s experts: using the top %d of the risk_diff ranking instead "
+        "(regardless of q-value)", side, min(n, len(ranked)),
+    )
+    return ranked[:n], "risk_diff_fallback"
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """Experts to force into (activate) / out of (deactivate) the top-k, with the margin delta."""
+
+    activate: tuple[Expert, ...] = ()
+    deactivate: tuple[Expert, ...] = ()
+    delta: float = 0.01
+    source: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def empty(self) -> bool:
+        return not self.activate and not self.deactivate
+
+    def per_layer(self) -> dict[int, tuple[list[int], list[int]]]:
+        """layer -> (experts to activate, experts to deactivate), sorted."""
+        out: dict[int, tuple[list[int], list[int]]] = {}
+        for which, pairs in ((0, self.activate), (1, self.deactivate)):
+            for layer, expert in pairs:
+                out.setdefault(layer, ([], []))[which].append(expert)
+        return {k: (sorted(a), sorted(d)) for k, (a, d) in sorted(out.items())}
+
+    def validate(self, n_layers: int, n_experts: int, top_k: int) -> None:
+        """One clear error for an expert out of range, listed twice, both activated and
+        deactivated, or more per layer than the top-k can honour."""
+        if not (self.delta > 0 and torch.isfinite(torch.tensor(self.delta))):
+            raise ValueError(f"steering delta must be a positive finite number, got {self.delta}")
+        act = check_experts(self.activate, n_layers, n_experts, "steering plan 'activate'")
+        deact = check_experts(self.deactivate, n_layers, n_experts, "steering plan 'deactivate'")
+        both = sorted(set(act) & set(deact))
+        if both:
+            raise ValueError(f"expert {list(both[0])} is both activated and deactivated")
+        for layer, (a, d) in self.per_layer().items():
+            if len(a) > top_k:
+                raise ValueError(
+                    f"layer {layer}: {len(a)} experts to activate but only top_k={top_k} are "
+                    "routed per token"
+                )
+            if len(d) > n_experts - top_k:
+                raise ValueError(
+                    f"layer {layer}: {len(d)} experts to deactivate leaves fewer than top_k="
+                    f"{top_k} of {n_experts} experts to route to"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "activate": [list(p) for p in self.activate],
+            "deactivate": [list(p) for p in self.deactivate],
+            "delta": self.delta,
+            "source": dict(self.source),
+        }
+
+
+def capped(
+    experts: Sequence[Expert], cap: int, taken: Mapping[int, int] | None = None
+) -> list[Expert]:
+    """The experts in order, skipping any that would put more than `cap` in one layer."""
+    count = dict(taken or {})
+    out = []
+    for layer, expert in experts:
+        if count.get(layer, 0) < cap:
+            out.append((layer, expert))
+            count[layer] = count.get(layer, 0) + 1
+    return out
+
+
+def plan_from_experts(
+    selection: Mapping[str, Any],
+    mode: Mode,
+    n: int,
+    delta: float,
+    n_layers: int,
+    n_experts: int,
+    top_k: int,
+    fallback: pd.DataFrame | None = None,
+) -> SteeringPlan:
+    """The steering plan the params ask for: the first n unsafe experts to deactivate and/or the
+    first n safe experts to activate (per-layer caps applied in rank order)."""
+    if mode not in MODES:
+        raise ValueError(f"expert_steering.mode must be one of {MODES}, got {mode!r}")
+    if n < 1:
+        raise ValueError(f"expert_steering.n_experts must be >= 1, got {n}")
+    activate: list[Expert] = []
+    deactivate: list[Expert] = []
+    source: dict[str, str] = {}
+    if mode in ("deactivate_unsafe", "both"):
+        ranked, source["deactivate"] = expert_list(
+            selection, "unsafe", n_layers * n_experts, fallback, n_layers, n_experts
+        )
+        deactivate = capped(ranked, n_experts - top_k)[:n]
+    if mode in ("activate_safe", "both"):
+        ranked, source["activate"] = expert_list(
+            selection, "safe", n_layers * n_experts, fallback, n_layers, n_experts
+        )
+        ranked = [p for p in ranked if p not in deactivate]
+        activate = capped(ranked, top_k)[:n]
+    plan = SteeringPlan(tuple(activate), tuple(deactivate), delta, source)
+    plan.validate(n_layers, n_experts, top_k)
+    return plan
+
+
+# ---------------------------------------------------------------------------- the hook
+
+
+def steer_scores(
+    logits: torch.Tensor, activate: torch.Tensor, deactivate: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """SteerMoE scores [N, E] (float32) from router logits [N, E]: log-softmax, then
+    activated experts = max + delta, deactivated = min - delta (per row)."""
+    scores = torch.log_softmax(logits.float(), dim=-1)  # [N, E]
+    hi = scores.max(dim=-1, keepdim=True).values + delta  # [N, 1]
+    lo = scores.min(dim=-1, keepdim=True).values - delta
+    if activate.numel():
+        scores[:, activate] = hi.expand(-1, activate.numel())
+    if deactivate.numel():
+        scores[:, deactivate] = lo.expand(-1, deactivate.numel())
+    return scores
+
+
+def _router_rule(module: nn.Module, config: Any) -> tuple[int, bool]:
+    """(top_k, norm_topk_prob) of one router: the module's own, else the config's (Mixtral
+    routers always renormalise and carry no flag)."""
+    top_k = int(getattr(module, "top_k", None) or config.num_experts_per_tok)
+    norm = getattr(module, "norm_topk_prob", None)
+    if norm is None:
+        norm = getattr(config, "norm_topk_prob", True)
+    return top_k, bool(norm)
+
+
+def make_router_hook(
+    activate: Sequence[int], deactivate: Sequence[int], delta: float, top_k: int, norm: bool
+):
+    """A forward hook for one router module applying the SteerMoE rule."""
+    act = torch.as_tensor(list(activate), dtype=torch.long)
+    deact = torch.as_tensor(list(deactivate), dtype=torch.long)
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> object:
+        if isinstance(output, tuple) and len(output) == 3:
+            logits, weights, ids = output  # [N, E], [N, k], [N, k]
+            flat = logits.reshape(-1, logits.shape[-1])
+            scores = steer_scores(flat, act.to(flat.device), deact.to(flat.device), delta)
+            probs = torch.softmax(scores, dim=-1)  # [N, E] float32
+            top_w, top_i = torch.topk(probs, top_k, dim=-1)  # [N, k]
+            if norm:
+                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            return (
+                scores.to(logits.dtype).reshape(logits.shape),
+                top_w.to(weights.dtype),
+                top_i.to(ids.dtype),
+            )
+        if isinstance(output, torch.Tensor):
+            flat = output.reshape(-1, output.shape[-1])
+            # float32: at bf16 resolution (~0.016 near log(1/E)) a 0.01 margin would round away
+            scores = steer_scores(flat, act.to(flat.device), deact.to(flat.device), delta)
+            return scores.reshape(output.shape)
+        raise TypeError(
+            f"router returned {type(output).__name__}; expected logits or (logits, weights, ids)"
+        )
+
+    return hook
+
+
+@contextlib.contextmanager
+def expert_steering(model: nn.Module, plan: SteeringPlan) -> Iterator[SteeringPlan]:
+    """Steer `model`'s routers by `plan` inside the block (an empty plan hooks nothing).
+
+    Raises DenseModelError for a dense model and ValueError for a plan the model cannot honour,
+    before any hook is registered."""
+    sites = find_routers(model)
+    n_experts, top_k = moe_shape(model)
+    plan.validate(len(sites), n_experts, top_k)
+    handles = []
+    try:
+        for layer, (act, deact) in plan.per_layer().items():
+            module = sites[layer].module
+            k, norm = _router_rule(module, model.config)
+            hook = make_router_hook(act, deact, plan.delta, k, norm)
+            handles.append(module.register_forward_hook(hook, prepend=True))
+        yield plan
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,170 @@
+"""Stage finetune_experts: models/moe + models/experts.json + refusal SFT data ->
+models/moe_finetuned/ (a complete model directory, plus trained_experts.json and
+expert_slices/trained_experts.safetensors: only the trained slices, in a subfolder so that vLLM,
+which loads every *.safetensors file of a model folder, does not read it as weights) and a dvclive
+loss curve in reports/finetune_experts/.
+
+Only the MLP slices of the unsafe experts in models/experts.json are trained (the first
+`max_experts`); when that list is empty, the top `fallback_top_n` experts by risk_diff
+(regardless of q-value) are trained instead, and trained_experts.json says so. The run resumes
+from tmp/finetune_experts/ (safetensors + JSON checkpoints) after a kill. Before anything is
+published, the saved model is checked: every tensor outside the trained slices is bit-identical
+to the base model, and applying the slices file to the base model reproduces the fine-tuned
+weights exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from dvclive import Live
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from steerline.expert_steering import expert_list, read_experts_json
+from steerline.finetune import (
+    ExpertSlices,
+    TrainConfig,
+    apply_expert_slices,
+    build_sft_examples,
+    compare_state_dicts,
+    end_of_turn_id,
+    save_expert_slices,
+    train_slices,
+)
+from steerline.io import atomic_dir, write_json
+from steerline.moe_arch import find_routers, moe_shape
+from steerline.params import load_params
+
+EXPERTS = Path("models/experts.json")
+RISK_DIFF = Path("reports/risk_diff.parquet")
+PROMPTS = Path("data/prompts/safety.parquet")
+GENERATIONS = Path("data/generations.parquet")
+OUT = Path("models/moe_finetuned")
+SLICES = Path("expert_slices/trained_experts.safetensors")  # inside OUT
+LIVE = Path("reports/finetune_experts")
+CHECKPOINTS = Path("tmp/finetune_experts")  # git-ignored; removed after a successful run
+
+log = logging.getLogger("finetune_experts")
+
+
+def load(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    find_routers(model)  # a dense model is rejected here, before any work
+    return model, tokenizer
+
+
+def on_disk(directory: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a saved model directory (its top-level *.safetensors files)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    t0 = time.perf_counter()
+    params = load_params()
+    p = params.finetune_experts
+    torch.manual_seed(params.seed)
+    model, tokenizer = load(p.model)
+    n_layers, (n_experts, _) = len(find_routers(model)), moe_shape(model)
+
+    selection = read_experts_json(EXPERTS)
+    picked_on = (selection.get("criteria") or {}).get("model")
+    if picked_on and Path(picked_on).resolve() != Path(p.model).resolve():
+        raise ValueError(f"{EXPERTS} was selected on {picked_on!r} but finetune_experts.model is "
+                         f"{p.model!r}: rerun the detection stages on that model or fix the param")
+    fallback = pd.read_parquet(RISK_DIFF) if RISK_DIFF.is_file() else None
+    n = (p.max_experts or n_layers * n_experts) if selection["unsafe"] else p.fallback_top_n
+    experts, source = expert_list(selection, "unsafe", n, fallback, n_layers, n_experts)
+
+    examples = build_sft_examples(
+        tokenizer, pd.read_parquet(PROMPTS), pd.read_parquet(GENERATIONS),
+        end_of_turn_id(model), params.seed, p.max_unsafe, p.max_safe, p.max_length,
+    )
+    n_kind = {k: sum(e.kind == k for e in examples) for k in ("refusal", "own_answer")}
+    log.info("training %d experts (%s) on %d refusal + %d own-answer examples", len(experts),
+             source, n_kind["refusal"], n_kind["own_answer"])
+    cfg = TrainConfig(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                      warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+                      max_grad_norm=p.max_grad_norm, checkpoint_every=p.checkpoint_every,
+                      seed=params.seed)
+    with atomic_dir(LIVE) as live_dir:
+        live = Live(dir=str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False)
+
+        def on_step(rec: dict[str, float]) -> None:
+            live.step = int(rec["step"])
+            live.log_metric("train/loss", rec["loss"])
+            live.log_metric("train/lr", rec["lr"])
+
+        t_train = time.perf_counter()
+        result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
+                              checkpoint_dir=CHECKPOINTS, model_tag=p.model, on_step=on_step)
+        train_seconds = time.perf_counter() - t_train
+        losses = [h["loss"] for h in result.history]
+        per_epoch = len(losses) // cfg.epochs
+        live.summary["first_epoch_loss"] = sum(losses[:per_epoch]) / per_epoch
+        live.summary["last_epoch_loss"] = sum(losses[-per_epoch:]) / per_epoch
+        live.summary["steps"] = result.steps
+        live.summary["n_experts_trained"] = len(experts)
+        live.end()
+
+    model.eval()
+    slices = ExpertSlices(model, experts)
+    info = {
+        "experts": [list(e) for e in slices.experts],
+        "n_experts": len(experts),
+        "source": source,  # "experts.json" or "risk_diff_fallback"
+        "slices_file": str(SLICES),
+        "base_model": p.model,
+        "n_examples": n_kind,
+        "training": {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                     "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+                     "max_grad_norm": cfg.max_grad_norm, "steps": result.steps,
+                     "resumed_from_step": result.resumed_from, "seed": params.seed,
+                     "seconds": round(train_seconds, 1)},
+        "loss": {"first_epoch": round(sum(losses[:per_epoch]) / per_epoch, 4),
+                 "last_epoch": round(sum(losses[-per_epoch:]) / per_epoch, 4)},
+    }
+    with atomic_dir(OUT) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_expert_slices(slices, tmp / SLICES,
+                           {"source": source, "base_model": p.model})
+        # Checks before publishing: frozen tensors bit-identical on disk; slices reproduce.
+        base_disk, tuned_disk = on_disk(Path(p.model)), on_disk(tmp)
+        frozen = compare_state_dicts(base_disk, tuned_disk, experts)
+        del base_disk, tuned_disk
+        rebuilt, _ = load(p.model)
+        apply_expert_slices(rebuilt, tmp / SLICES)
+        tuned_sd, rebuilt_sd = model.state_dict(), rebuilt.state_dict()
+        reproduces = all(torch.equal(tuned_sd[k], rebuilt_sd[k]) for k in tuned_sd)
+        if not frozen["identical_outside_slices"] or not reproduces:
+            raise RuntimeError(f"fine-tuned model failed its checks: frozen={frozen}, "
+                               f"slices reproduce the model: {reproduces}")
+        info["checks"] = {"frozen_identical_outside_slices": True,
+                          "tensors_compared_on_disk": frozen["tensors_compared"],
+                          "expert_tensors_changed_on_disk": frozen["changed_slices"],
+                          "slices_reproduce_model": True}
+        write_json(info, tmp / "trained_experts.json")
+    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    log.info("trained %d experts in %d steps (loss %.3f -> %.3f); checks passed; %.1f s total",
+             len(experts), result.steps, info["loss"]["first_epoch"], info["loss"]["last_epoch"],
+             time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        raise SystemExit(f"finetune_experts: {err}") from None
