@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from steerline.capture import load_moe
 from steerline.expert_steering import plan_from_experts, read_experts_json
 from steerline.io import atomic_path, read_json, write_json, write_parquet
 from steerline.moe_arch import find_routers, moe_shape
@@ -40,17 +40,6 @@ PLOT_CSV = Path("reports/safety_eval_bars.csv")
 log = logging.getLogger("eval_safety")
 
 
-def load(path: str, dtype: str):
-    if not Path(path).is_dir():
-        raise ValueError(f"model directory {path} not found: run the stage that builds it")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    find_routers(model)  # rejects a dense model with a clear error
-    return model, tokenizer
-
-
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     t0 = time.perf_counter()
@@ -66,7 +55,7 @@ def main() -> None:
     judge = make_judge(p.judge, p.judge_model, p.judge_window, p.dtype)
     agreement = judge_agreement(judge, read_labels(str(LABELS)))
 
-    model, tokenizer = load(p.model, p.dtype)
+    model, tokenizer = load_moe(p.model, p.dtype)
     n_layers, (n_experts, top_k) = len(find_routers(model)), moe_shape(model)
     selection = read_experts_json(EXPERTS)
     fallback = pd.read_parquet(RISK_DIFF) if RISK_DIFF.is_file() else None
@@ -89,7 +78,7 @@ def main() -> None:
     seconds["steered"] = time.perf_counter() - t
     frames.append(frame)
     del model
-    tuned, tuned_tok = load(p.finetuned, p.dtype)
+    tuned, tuned_tok = load_moe(p.finetuned, p.dtype)
     t = time.perf_counter()
     metrics["finetuned"], frame = evaluate_variant(
         "finetuned", tuned, tuned_tok, prompts, judge, p.max_new_tokens, p.batch_size,

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from dvclive import Live
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from steerline.capture import load_moe
 from steerline.expert_steering import expert_list, read_experts_json
 from steerline.finetune import (
     ExpertSlices,
@@ -53,15 +53,6 @@ CHECKPOINTS = Path("tmp/finetune_experts")  # git-ignored; removed after a succe
 log = logging.getLogger("finetune_experts")
 
 
-def load(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    find_routers(model)  # a dense model is rejected here, before any work
-    return model, tokenizer
-
-
 def on_disk(directory: Path) -> dict[str, torch.Tensor]:
     """Every weight of a saved model directory (its top-level *.safetensors files)."""
     out: dict[str, torch.Tensor] = {}
@@ -76,7 +67,7 @@ def main() -> None:
     params = load_params()
     p = params.finetune_experts
     torch.manual_seed(params.seed)
-    model, tokenizer = load(p.model)
+    model, tokenizer = load_moe(p.model)
     n_layers, (n_experts, _) = len(find_routers(model)), moe_shape(model)
 
     selection = read_experts_json(EXPERTS)
@@ -145,7 +136,7 @@ def main() -> None:
         base_disk, tuned_disk = on_disk(Path(p.model)), on_disk(tmp)
         frozen = compare_state_dicts(base_disk, tuned_disk, experts)
         del base_disk, tuned_disk
-        rebuilt, _ = load(p.model)
+        rebuilt, _ = load_moe(p.model)
         apply_expert_slices(rebuilt, tmp / SLICES)
         tuned_sd, rebuilt_sd = model.state_dict(), rebuilt.state_dict()
         reproduces = all(torch.equal(tuned_sd[k], rebuilt_sd[k]) for k in tuned_sd)

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from steerline.backends import Backend
 from steerline.chat import render_chat
@@ -38,13 +37,13 @@ class CaptureConfig:
     shard_prompts: int  # prompts per shard, each shard one backend call (vLLM: all in flight)
 
 
-def load_moe(model_path: str, dtype: str = "float32"):
-    """Model + tokenizer from a local directory; rejects dense models before any work."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+def load_moe(model_path: str | Path, dtype: str = "float32"):
+    """MoE model (CPU, eval mode) + tokenizer from a local directory; a missing directory or a
+    dense model is rejected before any work."""
+    from steerline.mat_steer.activations import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_path, dtype, device="cpu")
     find_routers(model)  # DenseModelError with a clear message
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
