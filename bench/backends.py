@@ -1,7 +1,9 @@
 """Benchmark: generation with routing capture, vLLM vs transformers backend, on the default MoE.
 
 Same prompts (the first --n detect-split safety prompts), same max_new_tokens, greedy; the
-answers are compared (equal lengths follow from equal answers) with the top-k agreement rate.
+answers and routing are compared (steerline.backends.compare): "equal" is the issue's criterion,
+identical answers up to splits at a float tie of the next-token logits and >= 99.5% of
+token-layers with the same top-k experts.
 Also times vLLM generation without any hook (its own routing rule, no capture) to give the
 capture overhead. Engine start-up is timed apart; both backends get one torch thread by default
 (vLLM's CPU setting; `--hf-threads` changes the transformers one). Last line: one JSON object.
@@ -13,12 +15,12 @@ import argparse
 import json
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
+from steerline.backends.compare import compare_runs
 from steerline.chat import render_chat
 
 
@@ -26,20 +28,6 @@ def timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
-
-
-def topk_agreement(a_runs: list, b_runs: list, k: int) -> tuple[float, int]:
-    """(fraction of token-layers with the same top-k expert set, over each pair's common token
-    prefix; number of pairs with identical answers)."""
-    rows, n_equal = [], 0
-    for a, b in zip(a_runs, b_runs, strict=True):
-        x, y = a.token_ids.tolist(), b.token_ids.tolist()
-        n = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
-                 min(len(x), len(y)))
-        n_equal += x == y
-        sa, sb = (np.sort(r.experts[:n].reshape(n, -1, k), -1) for r in (a, b))
-        rows.append((sa == sb).all(-1).ravel())
-    return float(np.concatenate(rows).mean()), n_equal
 
 
 def main() -> None:
@@ -74,8 +62,7 @@ def main() -> None:
     n_vllm = sum(r.n_generated for r in got)
     n_plain = sum(len(g.token_ids) for g in plain)
     hf_tps, vllm_tps, plain_tps = n_hf / t_hf, n_vllm / t_vllm, n_plain / t_plain
-    agree, n_equal = topk_agreement(ref, got, vb.top_k)
-    equal = n_equal == len(chats)
+    c = compare_runs(ref, got, vb.top_k, hf.model)
     print(f"{len(chats)} prompts x {m} new tokens (greedy, with capture)")
     print(f"transformers: {n_hf} tokens in {t_hf:.1f} s = {hf_tps:.1f} tok/s "
           f"(load {hf_load:.1f} s)")
@@ -83,11 +70,13 @@ def main() -> None:
           f"(engine start {vllm_load:.1f} s)")
     print(f"vLLM without hooks: {n_plain} tokens in {t_plain:.1f} s = {plain_tps:.1f} tok/s; "
           f"capture overhead {plain_tps / vllm_tps - 1:+.1%}")
-    print(f"identical answers: {n_equal}/{len(chats)}; top-k agreement {agree:.5f} (token-layers "
-          "of the common prefixes)")
+    print(f"identical answers: {c.identical}/{len(chats)}, {c.tie_splits} split at a float tie "
+          f"of the next-token logits, {c.other_splits} other; top-k agreement "
+          f"{c.topk_agreement:.5f} (token-layers of the common prefixes)")
     print(json.dumps({
-        "bench": "backends", "ratio": round(vllm_tps / hf_tps, 3), "equal": equal,
-        "identical_answers": n_equal, "topk_agreement": round(agree, 5),
+        "bench": "backends", "ratio": round(vllm_tps / hf_tps, 3), "equal": c.agree,
+        "identical_answers": c.identical, "float_tie_splits": c.tie_splits,
+        "other_splits": c.other_splits, "topk_agreement": round(c.topk_agreement, 5),
         "transformers_tok_s": round(hf_tps, 2),
         "vllm_tok_s": round(vllm_tps, 2), "vllm_no_hooks_tok_s": round(plain_tps, 2),
         "capture_overhead": round(plain_tps / vllm_tps - 1, 4), "n_prompts": len(chats),

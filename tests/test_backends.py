@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from steerline.backends import ActivationSteering, Steering, make_backend
+from steerline.backends.compare import compare_runs, split_at
 from steerline.backends.hf import TransformersBackend
 from steerline.backends.steering import per_prompt
 from steerline.backends.vllm_worker import enforce_topk, engine_topk
@@ -21,7 +22,7 @@ from steerline.mat_steer.hooks import steering_hook
 from steerline.mat_steer.module import SteeringModule
 from steerline.moe_arch import DenseModelError, router_topk
 from steerline.params import CaptureRouting
-from steerline.routing import generate_routed_all
+from steerline.routing import Routed, generate_routed_all
 
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better"]
@@ -154,3 +155,25 @@ def test_routing_rule_makes_engine_topk_pick_the_transformers_experts():
     rows = ~(~chosen & (logits >= floor)).any(-1)  # no unchosen expert reaches the chosen ones
     assert 0 < int(rows.sum()) < len(rows)
     assert torch.equal(fixed[rows], logits[rows])  # rows without a tie: bit for bit
+
+
+def _routed(tokens: list[int], experts: np.ndarray) -> Routed:
+    n = len(tokens)
+    return Routed(token_ids=np.asarray(tokens, np.int32), is_generated=np.zeros(n, bool),
+                  is_template=np.zeros(n, bool), experts=experts.astype(np.int16),
+                  weights=np.zeros(experts.shape, np.float16), n_prompt=n, n_generated=0,
+                  finished=False)
+
+
+def test_compare_runs_counts_splits_and_set_agreement():
+    k = 2
+    ex = np.array([[0, 1, 2, 3], [1, 0, 3, 2], [0, 2, 1, 3]])  # [n=3, L=2 * k]
+    a = _routed([5, 6, 7], ex)
+    b = _routed([5, 6, 7], ex[:, [1, 0, 3, 2]])  # same sets, other order: agree
+    c = _routed([5, 6, 9], np.array([[0, 1, 2, 3], [1, 0, 2, 1], [0, 1, 2, 3]]))
+    assert split_at(a, b) is None and split_at(a, c) == 2
+    r = compare_runs([a, a], [b, c], k)
+    # a vs b: 6 token-layers agree; a vs c: common prefix of 2 tokens, 1 of 4 differs
+    assert r.identical == 1 and r.tie_splits == 0 and r.other_splits == 1
+    assert r.topk_agreement == pytest.approx(9 / 10) and not r.agree
+    assert compare_runs([a], [b], k).agree

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from steerline.backends import ActivationSteering, Steering, eos_token_ids, make_backend
+from steerline.backends.compare import compare_runs
 from steerline.backends.hf import TransformersBackend
 from steerline.capture import CaptureConfig, run_capture
 from steerline.chat import render_chat
@@ -35,36 +36,6 @@ TEXTS = [
 MAX_NEW = 20
 
 
-def common_prefix(model, a, b) -> int:
-    """Length of the common token prefix of two runs; where they differ, the two tokens must be
-    a float tie of the reference model's next-token logits (top-2, gap < 0.01; not checked
-    without a model)."""
-    x, y = a.token_ids.tolist(), b.token_ids.tolist()
-    if x == y:
-        return len(x)
-    d = next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
-    if model is None:
-        return d
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([x[:d]])).logits[0, -1]
-    top = torch.topk(logits, 2)
-    assert set(top.indices.tolist()) == {x[d], y[d]}, "answers differ beyond a float tie"
-    assert float(top.values[0] - top.values[1]) < 1e-2
-    return d
-
-
-def agreement(model, a_runs, b_runs, k: int) -> tuple[float, int]:
-    """(fraction of token-layers, over each pair's common prefix, whose top-k expert sets agree;
-    number of pairs with identical answers)."""
-    same, n_equal = [], 0
-    for a, b in zip(a_runs, b_runs, strict=True):
-        n = common_prefix(model, a, b)
-        n_equal += n == len(a.token_ids) == len(b.token_ids)
-        sa, sb = (np.sort(r.experts[:n].reshape(n, -1, k), -1) for r in (a, b))
-        same.append((sa == sb).all(-1).ravel())
-    return float(np.concatenate(same).mean()), n_equal
-
-
 @pytest.fixture(scope="module")
 def setup(real_moe, real_moe_dir):
     _, moe, tok, _ = real_moe
@@ -84,10 +55,10 @@ def test_vllm_greedy_answers_and_routing_match_transformers(setup, plain, real_m
     hf, vb, _, tok = setup
     ref, got = plain
     assert eos_token_ids(real_moe_dir) == [tok.convert_tokens_to_ids("<|im_end|>")]
-    rate, n_equal = agreement(hf.model, ref, got, vb.top_k)
-    print(f"vLLM vs transformers: {n_equal}/{len(ref)} identical answers, top-k agreement "
-          f"{rate:.5f}")
-    assert rate >= 0.995 and n_equal >= len(ref) - 1
+    c = compare_runs(ref, got, vb.top_k, hf.model)
+    print(f"vLLM vs transformers: {c.identical}/{len(ref)} identical answers, {c.tie_splits} "
+          f"split at a float tie, top-k agreement {c.topk_agreement:.5f}")
+    assert c.agree and c.identical >= len(ref) - 1
     for a, b in zip(ref, got, strict=True):
         if a.token_ids.tolist() == b.token_ids.tolist():
             assert b.finished == a.finished and b.is_template.tolist() == a.is_template.tolist()
@@ -126,8 +97,8 @@ def test_expert_steering_per_request_matches_transformers(setup, plain):
         else:  # unsteered requests in the same batch are untouched
             assert b.token_ids.tolist() == plain[1][i].token_ids.tolist()
             assert np.array_equal(b.experts, plain[1][i].experts)
-    rate, n_equal = agreement(None, ref, got, k)
-    assert rate >= 0.995 and n_equal >= len(ref) - 1
+    c = compare_runs(ref, got, k)  # no tie check: the reference would need the same hooks
+    assert c.topk_agreement >= 0.995 and c.identical >= len(ref) - 1
 
 
 def test_mat_steer_activation_steering_matches_transformers(setup):
