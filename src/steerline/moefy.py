@@ -22,6 +22,8 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from steerline.routing import greedy_generate
+
 
 @dataclass(frozen=True)
 class MoeSpec:
@@ -261,22 +263,11 @@ def greedy_answers(
     batch_size: int,
 ) -> list[list[int]]:
     """prompt + greedy answer token ids (answer cut after its end token) for each prompt."""
-    eos = set(model.generation_config.eos_token_id or [])
     out_seqs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="greedy answers", leave=False):
         batch = prompts[start : start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        # Positional mask: the pad id (<|im_end|> here) also occurs inside real prompts.
-        mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in batch])[:, None]
-        gen = model.generate(input_ids=ids, attention_mask=mask.long(),
-                             max_new_tokens=max_new_tokens, do_sample=False)
-        for p, row in zip(batch, gen[:, width:].tolist(), strict=True):
-            answer = []
-            for t in row:
-                answer.append(t)
-                if t in eos:
-                    break
+        for p, (answer, _) in zip(batch, greedy_generate(model, batch, max_new_tokens, pad_id),
+                                  strict=True):
             out_seqs.append(p + answer)
     return out_seqs
 

@@ -112,6 +112,26 @@ def _eos_ids(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    pad_id: int) -> list[tuple[list[int], bool]]:
+    """One batch through `model.generate` (greedy, left padded): per prompt, the answer cut
+    after its first end token, and whether it ended on one. The attention mask is positional:
+    the pad id (<|im_end|> for SmolLM2) also occurs inside real prompts."""
+    eos = _eos_ids(model)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
+    dev = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        answers.append((row[:cut], cut > 0 and row[cut - 1] in eos))
+    return answers
+
+
+@torch.no_grad()
 def generate_routed(
     model: nn.Module,
     prompts: Sequence[ChatPrompt],

@@ -14,8 +14,7 @@ the steering hook, when given, is active for every prompt and generated token.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,15 +68,6 @@ def select_eval_prompts(
     out = pd.concat(parts, ignore_index=True)
     return out[["prompt_id", "text", "label", "source"]].sort_values("prompt_id").reset_index(
         drop=True)
-
-
-@contextlib.contextmanager
-def maybe_steered(model: nn.Module, plan: SteeringPlan | None) -> Iterator[None]:
-    if plan is None:
-        yield
-        return
-    with expert_steering(model, plan):
-        yield
 
 
 @dataclass(frozen=True)
@@ -169,7 +159,7 @@ def evaluate_variant(
     """Metrics and per-prompt answers of one model (steered by `plan` when given). `reference`
     (text, answer) = the benign answers whose perplexity is the capability check; None = this
     variant's own answers to the safe prompts (the base row)."""
-    with maybe_steered(model, plan):
+    with expert_steering(model, plan or SteeringPlan()):  # an empty plan hooks nothing
         answers = greedy_answers(model, tokenizer, prompts["text"].tolist(), max_new_tokens,
                                  batch_size, desc=f"{name} generate")
         verdicts = judge.judge(prompts["text"].tolist(), [a.text for a in answers])

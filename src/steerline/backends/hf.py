@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -24,7 +23,7 @@ from steerline.expert_steering import expert_steering
 from steerline.mat_steer.activations import decoder_layers
 from steerline.mat_steer.hooks import steering_hook
 from steerline.moe_arch import DenseModelError, find_routers, moe_shape
-from steerline.routing import Routed, generate_routed_all
+from steerline.routing import Routed, generate_routed_all, greedy_generate
 
 
 @contextlib.contextmanager
@@ -111,26 +110,7 @@ class TransformersBackend(Backend):
                         out[i] = g
         return out  # type: ignore[return-value]
 
-    @torch.inference_mode()
     def _dense_generate(self, ids: list[list[int]], max_new_tokens: int) -> list[Generated]:
-        eos = self.model.generation_config.eos_token_id
-        eos_set = set(eos if isinstance(eos, list) else [eos]) - {None}
-        width = max(len(x) for x in ids)
-        dev = next(self.model.parameters()).device
-        inp = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(inp)
-        for i, x in enumerate(ids):
-            inp[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-        out = self.model.generate(input_ids=inp.to(dev), attention_mask=mask.to(dev),
-                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self.pad_id)[:, width:].cpu()
-        res = []
-        for row in out.tolist():
-            gen = []
-            for t in row:
-                gen.append(t)
-                if t in eos_set:
-                    break
-            res.append(Generated(np.asarray(gen, dtype=np.int32), bool(gen and gen[-1] in eos_set)))
-        return res
+        return [Generated(np.asarray(answer, dtype=np.int32), finished)
+                for answer, finished in greedy_generate(self.model, ids, max_new_tokens,
+                                                        self.pad_id)]
