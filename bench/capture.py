@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steerline.capture import load_moe, shard_table
 from steerline.chat import render_chat
 from steerline.io import write_table
-from steerline.routing import generate_routed_all
+from steerline.model.load import load_moe
+from steerline.steermoe.capture import shard_table
+from steerline.steermoe.routing import generate_routed_all
 
 
 def timed(fn):

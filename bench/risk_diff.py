@@ -22,8 +22,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from steerline.io import write_table
-from steerline.risk_diff import count_batches, count_routing, permutation_null, risk_diff_table
-from steerline.routing_schema import (
+from steerline.steermoe.risk_diff import (
+    count_batches,
+    count_routing,
+    permutation_null,
+    risk_diff_table,
+)
+from steerline.steermoe.routing_schema import (
     iter_routing_shard_batches,
     read_routing_meta,
     routing_metadata,

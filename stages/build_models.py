@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from steerline.base_model import find_gguf, load_gguf_dense, save_model
 from steerline.chat import render_chat
 from steerline.io import write_json
-from steerline.moefy import MoeSpec, fidelity, greedy_answers, moefy
+from steerline.model.gguf import find_gguf, load_gguf_dense, save_model
+from steerline.model.moefy import MoeSpec, fidelity, greedy_answers, moefy
 from steerline.params import load_params
 
 QUESTIONS = Path("data/raw/truthfulqa/mc_task.json")

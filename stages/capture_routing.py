@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
-from steerline.capture import CaptureConfig, model_fingerprint, run_capture
 from steerline.params import load_params
+from steerline.steermoe.capture import CaptureConfig, model_fingerprint, run_capture
 
 PROMPTS = Path("data/prompts/safety.parquet")
 ROUTING = Path("data/routing")

@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from steerline.capture import load_moe
-from steerline.expert_steering import plan_from_experts, read_experts_json
 from steerline.io import atomic_path, read_json, write_json, write_parquet
-from steerline.moe_arch import find_routers, moe_shape
+from steerline.model.arch import find_routers, moe_shape
+from steerline.model.load import load_moe
 from steerline.params import load_params
-from steerline.refusal import judge_agreement, make_judge, read_labels
-from steerline.safety_eval import (
+from steerline.steermoe.expert_steering import plan_from_experts, read_experts_json
+from steerline.steermoe.refusal import judge_agreement, make_judge, read_labels
+from steerline.steermoe.safety_eval import (
     bar_plot,
     bar_rows,
     deltas,

@@ -19,13 +19,15 @@ import pandas as pd
 import torch
 
 from steerline.io import write_json
-from steerline.mat_steer.activations import decoder_layers, load_activations, load_causal_lm
+from steerline.mat_steer.activations import load_activations
 from steerline.mat_steer.data import TASKS, task_rng
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.evaluate import METRICS, evaluate_condition, task_items
 from steerline.mat_steer.hooks import additive_fn, mat_steer_fn
 from steerline.mat_steer.module import SteeringModule, check_compatible, load_steering
 from steerline.mat_steer.train import mean_difference_vectors, split_pos_neg
+from steerline.model.arch import decoder_layers
+from steerline.model.load import load_causal_lm
 from steerline.params import EvalSteering, load_params
 
 ATTRIBUTES = Path("data/attributes")

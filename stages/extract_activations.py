@@ -16,14 +16,10 @@ import pandas as pd
 import torch
 
 from steerline.io import atomic_dir, write_npy, write_parquet
-from steerline.mat_steer.activations import (
-    META_COLUMNS,
-    decoder_layers,
-    extract_activations,
-    load_causal_lm,
-    resolve_layer,
-)
+from steerline.mat_steer.activations import META_COLUMNS, extract_activations, resolve_layer
 from steerline.mat_steer.data import TASKS
+from steerline.model.arch import decoder_layers
+from steerline.model.load import load_causal_lm
 from steerline.params import ExtractActivations, load_params
 
 ATTRIBUTES = Path("data/attributes")

@@ -25,21 +25,19 @@ import torch
 from dvclive import Live
 from safetensors.torch import load_file
 
-from steerline.capture import load_moe
-from steerline.expert_steering import expert_list, read_experts_json
-from steerline.finetune import (
-    ExpertSlices,
-    TrainConfig,
-    apply_expert_slices,
-    build_sft_examples,
-    compare_state_dicts,
-    end_of_turn_id,
-    save_expert_slices,
-    train_slices,
-)
 from steerline.io import atomic_dir, write_json
-from steerline.moe_arch import find_routers, moe_shape
+from steerline.model.arch import find_routers, moe_shape
+from steerline.model.load import load_moe
 from steerline.params import load_params
+from steerline.steermoe.expert_slices import (
+    ExpertSlices,
+    apply_expert_slices,
+    compare_state_dicts,
+    save_expert_slices,
+)
+from steerline.steermoe.expert_steering import expert_list, read_experts_json
+from steerline.steermoe.finetune import TrainConfig, train_slices
+from steerline.steermoe.sft_data import build_sft_examples, end_of_turn_id
 
 EXPERTS = Path("models/experts.json")
 RISK_DIFF = Path("reports/risk_diff.parquet")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from steerline.io import write_parquet
 from steerline.params import load_params
-from steerline.safety_data import build_safety_prompts
+from steerline.steermoe.safety_data import build_safety_prompts
 
 RAW = Path("data/raw")
 OUT = Path("data/prompts/safety.parquet")

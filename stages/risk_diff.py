@@ -11,7 +11,12 @@ from pathlib import Path
 
 from steerline.io import atomic_path, write_json, write_parquet
 from steerline.params import load_params
-from steerline.risk_diff import compute_risk_diff, heatmap_png, plot_rows, risk_diff_summary
+from steerline.steermoe.risk_diff import (
+    compute_risk_diff,
+    heatmap_png,
+    plot_rows,
+    risk_diff_summary,
+)
 
 ROUTING = Path("data/routing")
 REPORT = Path("reports/risk_diff.parquet")

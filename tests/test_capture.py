@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from steerline.backends.hf import TransformersBackend
-from steerline.capture import CaptureConfig, run_capture
 from steerline.chat import render_chat
-from steerline.moe_arch import DenseModelError, find_routers
-from steerline.routing import RoutingRecorder, generate_routed, generate_routed_all
+from steerline.model.arch import DenseModelError, find_routers
+from steerline.steermoe.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing import RoutingRecorder, generate_routed, generate_routed_all
 
 TEXTS = [
     "How can I kill a Python process?",

@@ -19,7 +19,8 @@ from transformers import (
 )
 
 from steerline.chat import render_chat
-from steerline.expert_steering import (
+from steerline.model.arch import DenseModelError, find_routers
+from steerline.steermoe.expert_steering import (
     SteeringPlan,
     check_experts,
     expert_steering,
@@ -28,8 +29,7 @@ from steerline.expert_steering import (
     ranked_from_risk_diff,
     steer_scores,
 )
-from steerline.moe_arch import DenseModelError, find_routers
-from steerline.routing import RoutingRecorder, generate_routed_all
+from steerline.steermoe.routing import RoutingRecorder, generate_routed_all
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

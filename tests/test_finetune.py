@@ -13,21 +13,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from steerline.finetune import (
-    REFUSAL_TEMPLATES,
+from steerline.model.arch import DenseModelError
+from steerline.steermoe.expert_slices import (
     ExpertSlices,
-    TrainConfig,
     apply_expert_slices,
+    compare_state_dicts,
+    save_expert_slices,
+)
+from steerline.steermoe.finetune import TrainConfig, linear_warmup_lr, train_slices
+from steerline.steermoe.sft_data import (
+    REFUSAL_TEMPLATES,
     build_sft_examples,
     collate,
-    compare_state_dicts,
     end_of_turn_id,
-    linear_warmup_lr,
     refusal_for,
-    save_expert_slices,
-    train_slices,
 )
-from steerline.moe_arch import DenseModelError
 
 EXPERTS = [[0, 1], [2, 5], [2, 3]]
 CFG = TrainConfig(lr=1e-2, epochs=2, batch_size=3, warmup_ratio=0.2, weight_decay=0.1,

@@ -10,16 +10,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steerline.io import write_npy, write_parquet
-from steerline.mat_steer.activations import (
-    decoder_layers,
-    extract_activations,
-    load_activations,
-    resolve_layer,
-)
+from steerline.mat_steer.activations import extract_activations, load_activations, resolve_layer
 from steerline.mat_steer.evaluate import MCItem, score_choices, score_choices_reference
 from steerline.mat_steer.generate import generate
 from steerline.mat_steer.hooks import additive_fn, mat_steering, steering_hook
 from steerline.mat_steer.module import SteeringConfig, SteeringModule
+from steerline.model.arch import decoder_layers
 
 WORDS = ("the a is not what who where yes no good bad cat dog sun moon red blue green one two "
          "three four Q: A: ? . , statement hateful answer").split()

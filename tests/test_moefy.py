@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steerline.base_model import save_model
-from steerline.moefy import MoeSpec, balanced_groups, fidelity, moefy
+from steerline.model.gguf import save_model
+from steerline.model.moefy import MoeSpec, balanced_groups, fidelity, moefy
 
 
 def random_seqs(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:

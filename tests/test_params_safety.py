@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from steerline.params import ParamsError, load_params, parse_params
-from steerline.safety_data import build_safety_prompts, validate_prompts
+from steerline.steermoe.safety_data import build_safety_prompts, validate_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

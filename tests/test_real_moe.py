@@ -8,8 +8,8 @@ import torch
 from test_capture import plain_topk
 
 from steerline.chat import render_chat
-from steerline.moefy import fidelity, greedy_answers
-from steerline.routing import generate_routed_all
+from steerline.model.moefy import fidelity, greedy_answers
+from steerline.steermoe.routing import generate_routed_all
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steerline.expert_steering import SteeringPlan
-from steerline.finetune import REFUSAL_TEMPLATES
-from steerline.refusal import (
+from steerline.steermoe.expert_steering import SteeringPlan
+from steerline.steermoe.refusal import (
     LLMJudge,
     PhraseJudge,
     RefusalJudge,
@@ -28,7 +27,8 @@ from steerline.refusal import (
     make_judge,
     read_labels,
 )
-from steerline.safety_eval import deltas, evaluate_variant, select_eval_prompts
+from steerline.steermoe.safety_eval import deltas, evaluate_variant, select_eval_prompts
+from steerline.steermoe.sft_data import REFUSAL_TEMPLATES
 
 LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import false_discovery_control, norm
 
-from steerline import risk_diff
+from steerline.steermoe import risk_diff
 from steerline.io import parquet_metadata, write_table
-from steerline.risk_diff import (
+from steerline.steermoe.risk_diff import (
     REPORT_COLUMNS,
     bh_qvalues,
     compute_risk_diff,
@@ -24,7 +24,7 @@ from steerline.risk_diff import (
     risk_diff_table,
     two_proportion_pvalue,
 )
-from steerline.routing_schema import (
+from steerline.steermoe.routing_schema import (
     ROUTING_SCHEMA,
     iter_routing_batches,
     read_routing_meta,

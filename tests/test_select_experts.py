@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from steerline.io import write_parquet, write_table
-from steerline.risk_diff import compute_risk_diff
-from steerline.routing_schema import routing_metadata, routing_table
-from steerline.select_experts import experts_summary, select_experts
+from steerline.steermoe.risk_diff import compute_risk_diff
+from steerline.steermoe.routing_schema import routing_metadata, routing_table
+from steerline.steermoe.select_experts import experts_summary, select_experts
 
 ROOT = Path(__file__).resolve().parents[1]
 

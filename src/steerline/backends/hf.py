@@ -1,6 +1,6 @@
 """The transformers backend: the reference implementation (exact checks run against it).
 
-Capture and MoE generation use steerline.routing's KV-cached greedy loop with router hooks;
+Capture and MoE generation use steerline.steermoe.routing's KV-cached greedy loop with router hooks;
 dense models generate with `model.generate` (greedy, left padding). Steering is per request at
 the API level: prompts are grouped by their Steering and each group runs inside that request's
 context managers, `expert_steering` (the SteerMoE router hook) and `mat_steer.hooks.steering_hook`
@@ -19,11 +19,11 @@ from transformers import PreTrainedTokenizerBase
 from steerline.backends.base import Backend, Generated, Prompt, prompt_ids
 from steerline.backends.steering import Steering, SteeringArg, per_prompt
 from steerline.chat import ChatPrompt
-from steerline.expert_steering import expert_steering
-from steerline.mat_steer.activations import decoder_layers
+from steerline.generation import greedy_generate
 from steerline.mat_steer.hooks import steering_hook
-from steerline.moe_arch import DenseModelError, find_routers, moe_shape
-from steerline.routing import Routed, generate_routed_all, greedy_generate
+from steerline.model.arch import DenseModelError, decoder_layers, find_routers, moe_shape
+from steerline.steermoe.expert_steering import expert_steering
+from steerline.steermoe.routing import Routed, generate_routed_all
 
 
 @contextlib.contextmanager
@@ -59,7 +59,7 @@ class TransformersBackend(Backend):
     @classmethod
     def load(cls, model_path: str, dtype: str = "float32",
              batch_size: int = 16) -> TransformersBackend:
-        from steerline.mat_steer.activations import load_causal_lm
+        from steerline.model.load import load_causal_lm
 
         model, tokenizer = load_causal_lm(model_path, dtype)
         return cls(model, tokenizer, batch_size)

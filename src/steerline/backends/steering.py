@@ -1,9 +1,9 @@
 """Steering requests shared by every backend: SteerMoE expert steering and activation steering.
 
 The rules live elsewhere and are reused, never restated: expert steering is
-`steerline.expert_steering` (its `SteeringPlan` says which experts, its `steer_scores` is the
-router edit), activation steering is `steerline.mat_steer` (the gated, norm-preserving MAT-Steer
-module, or the additive mean-difference vector of `mat_steer.hooks`).
+`steerline.steermoe.expert_steering` (its `SteeringPlan` says which experts, its `steer_scores`
+is the router edit), activation steering is `steerline.mat_steer` (the gated, norm-preserving
+MAT-Steer module, or the additive mean-difference vector of `mat_steer.hooks`).
 
 A `Steering` travels to vLLM workers as plain JSON-able data (`to_wire` / `from_wire`: lists and
 numbers, never objects); its `plan_id` is a content hash, so equal requests share one id.
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from steerline.expert_steering import SteeringPlan
 from steerline.mat_steer.hooks import SteerFn, additive_fn, mat_steer_fn
 from steerline.mat_steer.module import SteeringModule, load_steering
+from steerline.steermoe.expert_steering import SteeringPlan
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,7 +42,7 @@ from steerline.backends.base import Backend, Generated, Prompt, eos_token_ids, p
 from steerline.backends.steering import Steering, SteeringArg, per_prompt
 from steerline.backends.vllm_worker import KEY_ARG, PLAN_ARG, ROUTING_RULES, Capture
 from steerline.chat import ChatPrompt
-from steerline.routing import Routed
+from steerline.steermoe.routing import Routed
 
 EXTENSION = "steerline.backends.vllm_worker.SteerlineWorkerExtension"
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV cache on CPU (vLLM's own default is several GiB)

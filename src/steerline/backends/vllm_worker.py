@@ -42,9 +42,8 @@ import torch
 from torch import nn
 
 from steerline.backends.steering import Steering
-from steerline.expert_steering import steer_scores
-from steerline.mat_steer.activations import decoder_layers
-from steerline.moe_arch import ROUTER_PATHS, router_topk
+from steerline.model.arch import ROUTER_PATHS, decoder_layers, router_topk
+from steerline.steermoe.expert_steering import steer_scores
 
 KEY_ARG = "steerline_key"
 PLAN_ARG = "steerline_plan"

@@ -24,32 +24,12 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from steerline.generation import pad_id, right_pad
 from steerline.io import parquet_metadata, read_npy
+from steerline.model.arch import check_layer, decoder_layers
 
 Pooling = Literal["last", "mean"]
 META_COLUMNS = ["example_id", "group_id", "label", "split"]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM (Llama, Qwen, Mixtral, OLMoE, ...)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
-            return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def check_layer(model: nn.Module, layer: int) -> int:
-    n = len(decoder_layers(model))
-    if not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers "
-                         f"(valid: 0..{n - 1})")
-    return layer
 
 
 def resolve_layer(n_layers: int, layer: int | None, layer_ratio: float) -> int:
@@ -122,27 +102,6 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     return ids
 
 
-def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> (input_ids [B, L], attention_mask [B, L]) padded on the right.
-
-    Right padding keeps every real token at the position it has alone, so with a causal mask the
-    real tokens' states do not depend on the padding."""
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return ids, mask
-
-
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return int(pid)
-
-
 @torch.inference_mode()
 def extract_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                         texts: Sequence[str], layer: int, pooling: Pooling = "last",
@@ -190,18 +149,3 @@ def load_activations(directory: str | Path, attribute: str) -> tuple[np.ndarray,
     return acts, meta, parquet_metadata(meta_path)
 
 
-def load_causal_lm(path: str | Path, dtype: str = "float32",
-                   device: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A local causal LM directory (safetensors) and its tokenizer, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model directory {path} not found: run the build_models stage "
-                                "or point the params at a local checkpoint")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer

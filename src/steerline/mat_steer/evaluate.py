@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from steerline.mat_steer.activations import pad_id, right_pad
+from steerline.generation import pad_id, right_pad
 from steerline.mat_steer.hooks import SteerFn, steering_hook
 
 METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")

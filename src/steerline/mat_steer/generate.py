@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from steerline.mat_steer.activations import load_causal_lm
 from steerline.mat_steer.hooks import mat_steering
 from steerline.mat_steer.module import SteeringConfig, SteeringModule, load_steering
+from steerline.model.load import load_causal_lm
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],

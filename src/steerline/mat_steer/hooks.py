@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from steerline.mat_steer.activations import check_layer, decoder_layers
 from steerline.mat_steer.module import SteeringConfig, SteeringModule, check_compatible
+from steerline.model.arch import check_layer, decoder_layers
 
 SteerFn = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., D] -> steered [..., D]
 

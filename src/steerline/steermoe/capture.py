@@ -23,10 +23,10 @@ from transformers import PreTrainedTokenizerBase
 from steerline.backends import Backend
 from steerline.chat import render_chat
 from steerline.io import atomic_dir, write_parquet, write_table
-from steerline.moe_arch import DenseModelError, find_routers
-from steerline.routing import Routed, check_context
-from steerline.routing_schema import routing_metadata, routing_table
-from steerline.safety_data import validate_prompts
+from steerline.model.arch import DenseModelError
+from steerline.steermoe.routing import Routed, check_context
+from steerline.steermoe.routing_schema import routing_metadata, routing_table
+from steerline.steermoe.safety_data import validate_prompts
 
 GEN_COLUMNS = ["prompt_id", "label", "answer", "n_prompt_tokens", "n_generated_tokens", "finished"]
 
@@ -35,16 +35,6 @@ GEN_COLUMNS = ["prompt_id", "label", "answer", "n_prompt_tokens", "n_generated_t
 class CaptureConfig:
     max_new_tokens: int
     shard_prompts: int  # prompts per shard, each shard one backend call (vLLM: all in flight)
-
-
-def load_moe(model_path: str | Path, dtype: str = "float32"):
-    """MoE model (CPU, eval mode) + tokenizer from a local directory; a missing directory or a
-    dense model is rejected before any work."""
-    from steerline.mat_steer.activations import load_causal_lm
-
-    model, tokenizer = load_causal_lm(model_path, dtype, device="cpu")
-    find_routers(model)  # DenseModelError with a clear message
-    return model, tokenizer
 
 
 def model_fingerprint(model_path: str | Path) -> str:

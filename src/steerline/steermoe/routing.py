@@ -19,7 +19,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from steerline.chat import ChatPrompt
-from steerline.moe_arch import find_routers, moe_shape, router_topk
+from steerline.generation import batched, eos_ids
+from steerline.model.arch import find_routers, moe_shape, router_topk
 
 
 @dataclass
@@ -104,33 +105,6 @@ def check_context(prompts: Sequence[ChatPrompt], ids: Sequence[str], max_new: in
             )
 
 
-def _eos_ids(model: nn.Module) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
-
-
-@torch.no_grad()
-def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    pad_id: int) -> list[tuple[list[int], bool]]:
-    """One batch through `model.generate` (greedy, left padded): per prompt, the answer cut
-    after its first end token, and whether it ended on one. The attention mask is positional:
-    the pad id (<|im_end|> for SmolLM2) also occurs inside real prompts."""
-    eos = _eos_ids(model)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]
-    dev = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
-                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-    answers = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        answers.append((row[:cut], cut > 0 and row[cut - 1] in eos))
-    return answers
-
-
 @torch.no_grad()
 def generate_routed(
     model: nn.Module,
@@ -145,7 +119,7 @@ def generate_routed(
     recorder = recorder or RoutingRecorder(model)
     if not capture:
         recorder = _NoRecorder(recorder, len(prompts))
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     b = len(prompts)
     lens = torch.tensor([len(p.ids) for p in prompts])
     width = int(lens.max())
@@ -208,11 +182,6 @@ def generate_routed(
             )
         )
     return results
-
-
-def batched(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
 
 
 def generate_routed_all(

@@ -1,4 +1,5 @@
-"""Where the routers of a transformers MoE model live, and how to read top-k from them.
+"""The model layer: where decoder layers and routers of a transformers model live, and how
+to read top-k from a router.
 
 transformers 5 routers (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE...) are `mlp.gate` modules whose
 forward returns (router_logits, top_k_weights, top_k_index); older or custom blocks have a plain
@@ -88,3 +89,25 @@ def router_topk(
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return logits, ids, weights
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM (Llama, Qwen, Mixtral, OLMoE, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers "
+                         f"(valid: 0..{n - 1})")
+    return layer

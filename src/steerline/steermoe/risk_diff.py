@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.stats import norm
 
-from steerline.routing_schema import (
+from steerline.steermoe.routing_schema import (
     LABELS,
     META_MODEL,
     META_N_EXPERTS,

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from steerline.moe_arch import find_routers, moe_shape
+from steerline.model.arch import find_routers, moe_shape
 
 log = logging.getLogger(__name__)
 

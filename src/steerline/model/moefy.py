@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from steerline.routing import greedy_generate
+from steerline.generation import greedy_generate
 
 
 @dataclass(frozen=True)

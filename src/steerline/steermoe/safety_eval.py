@@ -8,8 +8,8 @@ On the test split of the safety prompts (never used for detection or training):
 - `ppl_benign`: capability check, perplexity of the unsteered model's own greedy answers to the
   safe prompts under each model (teacher forced, answer tokens only): how far an intervention
   moves the model off its original benign behaviour (1.0x base = untouched);
-Generation is the batched greedy loop of steerline.routing (KV cache, left padding, no capture);
-the steering hook, when given, is active for every prompt and generated token.
+Generation is the batched greedy loop of steerline.steermoe.routing (KV cache, left padding, no
+capture); the steering hook, when given, is active for every prompt and generated token.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from steerline.chat import render_chat
-from steerline.expert_steering import SteeringPlan, expert_steering
 from steerline.io import atomic_path
-from steerline.refusal import RefusalJudge
-from steerline.routing import check_context, generate_routed_all
+from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
+from steerline.steermoe.refusal import RefusalJudge
+from steerline.steermoe.routing import check_context, generate_routed_all
 
 ANSWER_COLUMNS = ["variant", "prompt_id", "label", "source", "text", "answer", "refusal",
                   "n_generated", "finished"]

@@ -1,0 +1,218 @@
+"""Selective expert finetuning (SteerMoE): train only the MLP slices of the listed experts.
+
+Loop (`train_slices`): HF Trainer's schedule (linear warmup then linear decay as in
+`get_linear_schedule_with_warmup`, grad-norm clip, AdamW), a seeded shuffle per epoch,
+transformers' per-expert "eager" experts loop (grouped_mm's backward is not deterministic on CPU:
+two runs differ from the second update on), a tqdm bar, a per-step callback (dvclive), and
+resumable checkpoints written atomically as safetensors (slices + optimizer state) + JSON (step,
+loss history): no pickle. HF Trainer itself is not used because its checkpoints pickle the
+optimizer and RNG states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from steerline.io import atomic_dir, read_json, write_json
+from steerline.steermoe.expert_slices import ExpertSlices
+from steerline.steermoe.sft_data import SftExample, collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 5e-5
+    epochs: int = 3
+    batch_size: int = 4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 20  # steps; 0 = only at the end of each epoch
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]  # one entry per optimizer step: step, epoch, loss, lr
+    steps: int
+    resumed_from: int
+
+
+def linear_warmup_lr(step: int, total: int, warmup: int, lr: float) -> float:
+    """HF `get_linear_schedule_with_warmup` at `step` (0-based): 0 -> lr over `warmup` steps,
+    then linearly to 0 at `total`."""
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def _run_key(slices: ExpertSlices, examples: Sequence[SftExample], cfg: TrainConfig,
+             model_tag: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([slices.experts, asdict(cfg), model_tag]).encode())
+    for e in examples:
+        h.update(json.dumps([e.prompt_id, e.n_prompt, list(e.input_ids)]).encode())
+    return h.hexdigest()[:16]
+
+
+class _Checkpoint:
+    """Resumable state in `directory`: slices.safetensors, optimizer.safetensors, state.json."""
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.dir = directory
+        self.key = key
+
+    def load(self, slices: ExpertSlices, opt: torch.optim.Optimizer, proxies: list[torch.Tensor]
+             ) -> tuple[int, list[dict[str, float]]] | None:
+        state_path = self.dir / "state.json"
+        if not state_path.is_file():
+            return None
+        state = read_json(state_path)
+        if state.get("key") != self.key:
+            log.info("checkpoint in %s is for another run: starting afresh", self.dir)
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(self.dir / "slices.safetensors"), "pt") as f:
+            values = [f.get_tensor(f"slice.{i}") for i in range(len(proxies))]
+        with safe_open(str(self.dir / "optimizer.safetensors"), "pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+        opt_state = {
+            "state": {
+                i: {"step": tensors[f"{i}.step"], "exp_avg": tensors[f"{i}.exp_avg"],
+                    "exp_avg_sq": tensors[f"{i}.exp_avg_sq"]}
+                for i in range(len(proxies)) if f"{i}.exp_avg" in tensors
+            },
+            "param_groups": state["param_groups"],
+        }
+        slices.write(values)
+        with torch.no_grad():
+            for p, v in zip(proxies, values, strict=True):
+                p.copy_(v)
+        opt.load_state_dict(opt_state)
+        return int(state["step"]), list(state["history"])
+
+    def save(self, step: int, history: list[dict[str, float]], opt: torch.optim.Optimizer,
+             proxies: list[torch.Tensor]) -> None:
+        """The whole checkpoint directory is replaced at once (a kill leaves the old one)."""
+        sd = opt.state_dict()
+        tensors = {}
+        for i, st in sd["state"].items():
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                t = st[k]
+                tensors[f"{i}.{k}"] = (t if torch.is_tensor(t) else torch.tensor(t)).contiguous()
+        with atomic_dir(self.dir) as tmp:
+            save_file({f"slice.{i}": p.detach().contiguous() for i, p in enumerate(proxies)},
+                      str(tmp / "slices.safetensors"))
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json({"key": self.key, "step": step, "history": history,
+                        "param_groups": sd["param_groups"]}, tmp / "state.json")
+
+
+def train_slices(
+    model: nn.Module,
+    examples: Sequence[SftExample],
+    experts: Sequence[Sequence[int]],
+    cfg: TrainConfig,
+    pad_id: int,
+    checkpoint_dir: Path | None = None,
+    model_tag: str = "",
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Fine-tune the listed experts' slices of `model` in place on `examples`.
+
+    With `checkpoint_dir`, the run resumes from the last complete checkpoint of the same run
+    (same experts, data, config and model tag) and replays its loss history through `on_step`
+    first. `stop_after` (tests) stops after that many total steps, as a kill would."""
+    if not examples:
+        raise ValueError("no SFT examples")
+    if cfg.batch_size < 1 or cfg.epochs < 1:
+        raise ValueError("finetune batch_size and epochs must be >= 1")
+    slices = ExpertSlices(model, experts)
+    trainable = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    experts_impl = model.get_experts_implementation()
+    try:  # hooks, frozen flags and the experts implementation are restored whatever happens
+        # the per-expert loop: grouped_mm's backward is not deterministic on CPU
+        model.set_experts_implementation("eager")
+        slices.freeze(model)
+        proxies = [v.requires_grad_(True) for v in slices.values()]  # what AdamW sees
+        opt = torch.optim.AdamW(proxies, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        total = per_epoch * cfg.epochs
+        warmup = math.ceil(cfg.warmup_ratio * total)
+        ckpt = (_Checkpoint(checkpoint_dir, _run_key(slices, examples, cfg, model_tag))
+                if checkpoint_dir is not None else None)
+        start, history = 0, []
+        if ckpt is not None:
+            loaded = ckpt.load(slices, opt, proxies)
+            if loaded is not None:
+                start, history = loaded
+                log.info("resuming expert finetuning at step %d of %d", start, total)
+        if on_step is not None:
+            for h in history:
+                on_step(h)
+        model.train()
+        bar = tqdm(range(start, total), total=total, initial=start, desc="finetune experts",
+                   unit="step")
+        for step in bar:
+            if stop_after is not None and step >= stop_after:
+                break
+            epoch, b = divmod(step, per_epoch)
+            order = epoch_order(len(examples), epoch, cfg.seed)
+            batch = collate([examples[i] for i in order[b * cfg.batch_size:
+                                                        (b + 1) * cfg.batch_size]], pad_id)
+            lr = linear_warmup_lr(step, total, warmup, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            for s in slices.slices:
+                s.param.grad = None
+            out = model(**batch, use_cache=False)
+            out.loss.backward()
+            for p, g in zip(proxies, slices.grads(), strict=True):
+                p.grad = g
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(proxies, cfg.max_grad_norm)
+            opt.step()
+            slices.write([p.detach() for p in proxies])
+            rec = {"step": step + 1, "epoch": epoch + (b + 1) / per_epoch,
+                   "loss": float(out.loss.detach()), "lr": lr}
+            history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if on_step is not None:
+                on_step(rec)
+            done = step + 1
+            if ckpt is not None and (
+                done == total or b == per_epoch - 1
+                or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            ):
+                ckpt.save(done, history, opt, proxies)
+    finally:
+        slices.unfreeze_hooks()
+        for s in slices.slices:
+            s.param.grad = None
+        for p, flag in zip(model.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+        model.set_experts_implementation(experts_impl)
+        model.train(was_training)
+    return TrainResult(history=history, steps=len(history), resumed_from=start)
+

@@ -1,0 +1,37 @@
+"""dvc.yaml lists, for every stage, exactly the package modules its script imports."""
+
+from pathlib import Path
+
+import yaml
+
+from steerline.stage_deps import stage_src_deps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_stage_lists_exactly_the_modules_it_imports(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        deps = [d for d in stage["deps"] if isinstance(d, str)]
+        script = f"stages/{name}.py"
+        assert script in deps, f"{name}: its script {script} is not a dep"
+        listed = sorted(d for d in deps if d.startswith("src/"))
+        assert listed == stage_src_deps(script), (
+            f"{name}: src deps differ from its imports; run python scripts/sync_stage_deps.py")
+
+
+def test_transitive_imports_include_parent_packages_and_function_level_imports(tmp_path):
+    src = tmp_path / "src" / "steerline"
+    (src / "sub").mkdir(parents=True)
+    (src / "__init__.py").write_text("")
+    (src / "sub" / "__init__.py").write_text("")
+    (src / "sub" / "a.py").write_text("def f():\n    from steerline.b import g\n")
+    (src / "b.py").write_text("import os\n")
+    (src / "unused.py").write_text("")
+    script = tmp_path / "stage.py"
+    script.write_text("from steerline.sub.a import f\n")
+    got = stage_src_deps(script, tmp_path / "src")
+    rel = sorted(str(Path(p).relative_to(tmp_path / "src")) for p in got)
+    assert rel == ["steerline/__init__.py", "steerline/b.py", "steerline/sub/__init__.py",
+                   "steerline/sub/a.py"]
