@@ -4,6 +4,8 @@ rule that aligns vLLM with transformers on float ties, and bad inputs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,7 +21,7 @@ from steerline.chat import render_chat
 from steerline.mat_steer.hooks import steering_hook
 from steerline.mat_steer.module import SteeringModule
 from steerline.model.arch import DenseModelError, router_topk
-from steerline.params import CaptureRouting
+from steerline.params import CaptureRouting, load_params
 from steerline.steermoe.capture import CaptureConfig, run_capture
 from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
 from steerline.steermoe.routing import Routed, generate_routed_all
@@ -136,7 +138,8 @@ def test_bad_steering_inputs(setup, tiny_moe):
     with pytest.raises(FileNotFoundError, match="no/such/model not found"):
         make_backend("vllm", "no/such/model")
     with pytest.raises(ValidationError):
-        CaptureRouting(backend="tgi")
+        repo = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+        CaptureRouting.model_validate({**repo.capture_routing.model_dump(), "backend": "tgi"})
 
 
 def test_routing_rule_makes_engine_topk_pick_the_transformers_experts():

@@ -20,9 +20,10 @@ from steerline.mat_steer.data import (
     split_prompt_line,
     task_rng,
 )
-from steerline.params import PrepareAttributes
+from steerline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+REPO_PARAMS = load_params(ROOT / "params.yaml").prepare_attributes
 RAW = ROOT / "data" / "raw"
 
 
@@ -38,7 +39,7 @@ def _prepare():
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pd.DataFrame]:
-    return _prepare()(RAW, PrepareAttributes(), seed=0)
+    return _prepare()(RAW, REPO_PARAMS, seed=0)
 
 
 def test_grouped_split_keeps_groups_and_fractions() -> None:
@@ -67,8 +68,8 @@ def test_no_group_item_or_text_crosses_splits(tables: dict[str, pd.DataFrame]) -
 
 
 def test_prepare_is_deterministic(tables: dict[str, pd.DataFrame]) -> None:
-    again = _prepare()(RAW, PrepareAttributes(), seed=0)
-    other = _prepare()(RAW, PrepareAttributes(), seed=1)
+    again = _prepare()(RAW, REPO_PARAMS, seed=0)
+    other = _prepare()(RAW, REPO_PARAMS, seed=1)
     for task in tables:
         pd.testing.assert_frame_equal(tables[task], again[task])
     assert not tables["truthfulqa"]["split"].equals(other["truthfulqa"]["split"])
