@@ -21,6 +21,7 @@ from steerline.chat import render_chat
 from steerline.mat_steer.hooks import steering_hook
 from steerline.mat_steer.module import SteeringModule
 from steerline.model.arch import DenseModelError, router_topk
+from steerline.model.families import RouterRule
 from steerline.params import CaptureRouting, load_params
 from steerline.steermoe.capture import CaptureConfig, run_capture
 from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
@@ -147,7 +148,7 @@ def test_routing_rule_makes_engine_topk_pick_the_transformers_experts():
     gen = torch.Generator().manual_seed(0)
     logits = 1e-3 * torch.randn(512, 16, generator=gen)
     logits[:, 5] = logits[:, 9] = logits[:, 2] + 1e-9 * torch.rand(512, generator=gen)
-    _, ids, w = router_topk(logits, 8, True)
+    _, ids, w = router_topk(logits, RouterRule("softmax_topk", top_k=8, norm=True))
     fixed = enforce_topk(logits, ids)
     e_ids, e_w = engine_topk(fixed, 8, True)
     assert torch.equal(e_ids.sort(-1).values, ids.sort(-1).values)

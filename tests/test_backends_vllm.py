@@ -119,7 +119,7 @@ def test_capture_stage_writes_contract_with_backend(setup, tmp_path):
     df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(4)], "text": TEXTS[:4],
                        "label": ["safe", "unsafe", "safe", "unsafe"]})
     gens = run_capture(vb, tok, df, CaptureConfig(6, 3), tmp_path / "r", tmp_path / "g.parquet",
-                       tmp_path / "c", {"model": "real"})
+                       tmp_path / "c", {"model": "real", "model_fingerprint": "real-0"})
     shards = sorted((tmp_path / "r").glob("*.parquet"))
     assert len(shards) == 2 and len(gens) == 4
     schema = pq.read_schema(shards[0])

@@ -20,6 +20,7 @@ from transformers import (
 
 from steerline.chat import render_chat
 from steerline.model.arch import DenseModelError, find_routers
+from steerline.model.families import RouterRule, steer_scores
 from steerline.steermoe.expert_steering import (
     SteeringPlan,
     check_experts,
@@ -27,7 +28,6 @@ from steerline.steermoe.expert_steering import (
     make_router_hook,
     plan_from_experts,
     ranked_from_risk_diff,
-    steer_scores,
 )
 from steerline.steermoe.routing import RoutingRecorder, generate_routed_all
 
@@ -177,7 +177,8 @@ def test_plain_linear_gate_returns_modified_logits():
     torch.manual_seed(0)
     gate = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
     x = torch.randn(40, 16, dtype=torch.bfloat16)
-    gate.register_forward_hook(make_router_hook([4], [0, 1], 0.01, top_k=2, norm=False))
+    gate.register_forward_hook(
+        make_router_hook([4], [0, 1], 0.01, RouterRule("softmax_topk", top_k=2)))
     out = gate(x)
     assert out.dtype == torch.float32  # bf16 would round a 0.01 margin away
     top = torch.softmax(out, -1).topk(2, -1).indices

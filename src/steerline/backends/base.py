@@ -42,6 +42,7 @@ class Backend(ABC):
 
     name: str = "?"
     n_layers: int = 0  # MoE layers (0 for a dense model)
+    moe_layers: tuple[int, ...] = ()  # the decoder-layer index of each MoE layer
     top_k: int = 0
     n_experts: int = 0
     max_context: int = 1 << 30

@@ -51,7 +51,8 @@ class TransformersBackend(Backend):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         try:
             self.n_experts, self.top_k = moe_shape(model)
-            self.n_layers = len(find_routers(model))
+            self.moe_layers = tuple(s.layer for s in find_routers(model))
+            self.n_layers = len(self.moe_layers)
         except DenseModelError:
             self.n_experts = self.top_k = self.n_layers = 0
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))

@@ -33,6 +33,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from steerline.backends.base import Backend, Generated, Prompt, eos_token_ids, p
 from steerline.backends.steering import Steering, SteeringArg, per_prompt
 from steerline.backends.vllm_worker import KEY_ARG, PLAN_ARG, ROUTING_RULES, Capture
 from steerline.chat import ChatPrompt
+from steerline.model.families import check_vllm_family
 from steerline.steermoe.routing import Routed
 
 EXTENSION = "steerline.backends.vllm_worker.SteerlineWorkerExtension"
@@ -79,6 +81,10 @@ class VLLMBackend(Backend):
         if dtype == "auto":
             raise ValueError("pass an explicit dtype: vLLM's 'auto' downcasts float32 "
                              "checkpoints to bfloat16 on CPU, which ties the default MoE's routers")
+        if Path(model_path, "config.json").is_file():  # before any weights are read
+            from transformers import AutoConfig
+
+            check_vllm_family(AutoConfig.from_pretrained(model_path))
         self.llm = None
         self._threads: tuple[Any, int] | None = None
         gpu = torch.cuda.is_available()
@@ -124,6 +130,7 @@ class VLLMBackend(Backend):
             raise
         info = self._rpc("steerline_info")
         self.n_layers, self.top_k = int(info["n_layers"]), int(info["top_k"])
+        self.moe_layers = tuple(int(x) for x in info["moe_layers"])
         self.n_experts = int(info["n_experts"])
         self.max_context = int(self.llm.llm_engine.model_config.max_model_len)
         self.eos = eos_token_ids(model_path)

@@ -42,8 +42,14 @@ import torch
 from torch import nn
 
 from steerline.backends.steering import Steering
-from steerline.model.arch import ROUTER_PATHS, decoder_layers, router_topk
-from steerline.steermoe.expert_steering import steer_scores
+from steerline.model.arch import decoder_layers, router_topk
+from steerline.model.families import (
+    ROUTER_PATHS,
+    RouterRule,
+    check_vllm_family,
+    family_of,
+    steer_scores,
+)
 
 KEY_ARG = "steerline_key"
 PLAN_ARG = "steerline_plan"
@@ -114,20 +120,25 @@ class SteerlineState:
         cfg = runner.model_config.hf_text_config
         self.hidden_size = int(cfg.hidden_size)
         self.layers = decoder_layers(self.model)
-        n_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+        n_experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+                     or getattr(cfg, "n_routed_experts", None))
         self.n_experts = int(n_experts or 0)
         self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if self.n_experts else 0
-        self.norm_topk = bool(getattr(cfg, "norm_topk_prob", True))
         self.routers: list[nn.Module] = []
+        self.moe_layers: list[int] = []  # the decoder-layer index of each router
         if self.n_experts:
+            check_vllm_family(cfg)
             for i, layer in enumerate(self.layers):
                 mod = _router(layer)
-                if mod is None:
-                    raise ValueError(
-                        f"decoder layer {i} of {type(self.model).__name__} has no router "
-                        f"({' or '.join(ROUTER_PATHS)}); dense layers in between, or pipeline "
-                        "parallelism, are not supported by routing capture")
-                self.routers.append(mod)
+                if mod is not None:  # dense layers (first_k_dense_replace...) have none
+                    self.routers.append(mod)
+                    self.moe_layers.append(i)
+            if not self.routers:
+                raise ValueError(f"no router ({' or '.join(ROUTER_PATHS)}) found in "
+                                 f"{type(self.model).__name__}")
+        norm = family_of(cfg).name == "Mixtral" or bool(getattr(cfg, "norm_topk_prob", True))
+        self.rule_of = RouterRule(rule="softmax_topk", top_k=self.top_k, norm=norm)
+        self.norm_topk = self.rule_of.norm
         self.device = next(self.model.parameters()).device
         self.capture = False
         self.rule = "transformers"
@@ -140,7 +151,8 @@ class SteerlineState:
 
     # ---- control (called through collective_rpc) ------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"n_layers": len(self.routers), "n_experts": self.n_experts, "top_k": self.top_k,
+        return {"n_layers": len(self.routers), "moe_layers": list(self.moe_layers),
+                "n_experts": self.n_experts, "top_k": self.top_k,
                 "hooks": len(self.handles) + len(self.act_handles)}
 
     def configure(self, capture: bool, plans: dict[str, dict[str, Any]], rule: str) -> None:
@@ -176,9 +188,10 @@ class SteerlineState:
         if plan is not None and not plan.empty:
             if not self.routers:
                 raise ValueError("expert steering needs a Mixture-of-Experts model")
-            plan.validate(len(self.routers), self.n_experts, self.top_k)
-            experts = {layer: (torch.tensor(a, dtype=torch.long, device=self.device),
-                               torch.tensor(d, dtype=torch.long, device=self.device))
+            plan.validate(self.moe_layers, self.n_experts, self.top_k)
+            slot = {layer: i for i, layer in enumerate(self.moe_layers)}  # router hook index
+            experts = {slot[layer]: (torch.tensor(a, dtype=torch.long, device=self.device),
+                                     torch.tensor(d, dtype=torch.long, device=self.device))
                        for layer, (a, d) in plan.per_layer().items()}
         act_layer, act_fn = None, None
         if steering.activation is not None:
@@ -255,7 +268,7 @@ class SteerlineState:
             src = logits if edited is None else edited
             capture = cur is not None and self.capture
             if self.rule == "transformers":
-                _, ids, w = router_topk(src, self.top_k, self.norm_topk)
+                _, ids, w = router_topk(src, self.rule_of)
                 edited = src = enforce_topk(src, ids)
             elif capture:
                 ids, w = engine_topk(src, self.top_k, self.norm_topk)

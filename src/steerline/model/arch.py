@@ -1,9 +1,10 @@
-"""The model layer: where decoder layers and routers of a transformers model live, and how
-to read top-k from a router.
+"""The model layer: where decoder layers, routers and experts of a transformers model live.
 
-transformers 5 routers (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE...) are `mlp.gate` modules whose
-forward returns (router_logits, top_k_weights, top_k_index); older or custom blocks have a plain
-Linear gate returning logits only, for which top-k is recomputed with the config's rule.
+A family's knowledge (router site, routing rule, SteerMoE rule) is one entry of
+`steerline.model.families.FAMILIES`; this module finds the sites in a loaded model. MoE layers
+keep the model's own layer numbers: models with dense layers (DeepSeek's
+`first_k_dense_replace`, Qwen2-MoE's `mlp_only_layers`) have routers only on some layers, and
+every (layer, expert) pair names the real decoder layer.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Attribute paths of the router inside a decoder layer, by architecture family.
-ROUTER_PATHS = ("mlp.gate", "block_sparse_moe.gate")
+from steerline.model.families import ROUTER_PATHS, RouterRule, family_of, select
 
 
 @dataclass(frozen=True)
 class RouterSite:
-    layer: int
+    layer: int  # the decoder layer's own index
     name: str  # hook-site name, e.g. "model.layers.3.mlp.gate"
     module: nn.Module
+    rule: RouterRule
 
 
 class DenseModelError(ValueError):
@@ -39,7 +40,8 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 def moe_shape(model: nn.Module) -> tuple[int, int]:
     """(n_experts, top_k) from the config, under its several spellings."""
     cfg = model.config
-    n_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    n_experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+                 or getattr(cfg, "n_routed_experts", None))
     top_k = getattr(cfg, "num_experts_per_tok", None)
     if not n_experts or not top_k:
         raise DenseModelError(
@@ -50,44 +52,62 @@ def moe_shape(model: nn.Module) -> tuple[int, int]:
     return int(n_experts), int(top_k)
 
 
+def _router_at(layer: nn.Module, n_experts: int) -> tuple[str, nn.Module] | None:
+    for path in ROUTER_PATHS:
+        mod = _get(layer, path)
+        weight = getattr(mod, "weight", None)
+        if mod is not None and weight is not None and weight.shape[0] == n_experts:
+            return path, mod
+    return None
+
+
 def find_routers(model: nn.Module) -> list[RouterSite]:
-    """One RouterSite per MoE decoder layer, in layer order."""
-    moe_shape(model)
-    layers = model.model.layers
+    """One RouterSite per MoE decoder layer, in layer order (dense layers have none)."""
+    n_experts, _ = moe_shape(model)
     sites = []
-    for i, layer in enumerate(layers):
-        for path in ROUTER_PATHS:
-            mod = _get(layer, path)
-            if mod is not None:
-                sites.append(RouterSite(i, f"model.layers.{i}.{path}", mod))
-                break
+    for i, layer in enumerate(decoder_layers(model)):
+        found = _router_at(layer, n_experts)
+        if found is not None:
+            path, mod = found
+            rule = RouterRule.of(mod, model.config)
+            rule.check(n_experts)
+            sites.append(RouterSite(i, f"model.layers.{i}.{path}", mod, rule))
     if not sites:
         raise DenseModelError(
             f"no router modules ({' or '.join(ROUTER_PATHS)}) found in {type(model).__name__}: "
             "this stage needs a Mixture-of-Experts model"
         )
-    if len(sites) != len(layers):
-        # Mixed dense/MoE stacks (mlp_only_layers) would misalign the layer-major routing rows.
-        raise DenseModelError(
-            f"only {len(sites)} of {len(layers)} layers have a router; models with dense layers "
-            "in between are not supported by the routing contract"
-        )
     return sites
 
 
+def moe_layers(model: nn.Module) -> list[int]:
+    """The decoder-layer indices that have a router, ascending."""
+    return [s.layer for s in find_routers(model)]
+
+
+def experts_module(model: nn.Module, layer: int) -> nn.Module:
+    """The experts module of MoE layer `layer` (fused [E, ...] parameters in transformers 5)."""
+    fam = family_of(model.config)
+    block = _get(decoder_layers(model)[layer], fam.moe_block)
+    for path in ("experts",):
+        mod = _get(block, path) if block is not None else None
+        if mod is not None:
+            return mod
+    raise ValueError(f"layer {layer} has no experts module ({fam.moe_block}.experts)")
+
+
 def router_topk(
-    output: object, top_k: int, norm_topk_prob: bool
+    output: object, rule: RouterRule
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits [N, E], top-k ids [N, k], top-k weights [N, k]) from a router's forward output."""
+    """(logits [N, E], top-k ids [N, k], top-k weights [N, k]) from a router's forward output:
+    transformers 5 routers return that triple; a plain Linear gate returns logits only, whose
+    choice is the family's rule."""
     if isinstance(output, tuple) and len(output) == 3:
         logits, weights, ids = output
         return logits, ids, weights
     logits = output[0] if isinstance(output, tuple) else output
     logits = logits.reshape(-1, logits.shape[-1])
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    ids, weights = select(logits, rule)
     return logits, ids, weights
 
 

@@ -1,20 +1,21 @@
 """Inference-time expert steering (SteerMoE), no training: a forward hook on every router.
 
-The SteerMoE rule on one MoE layer, per token: take s = log_softmax(router logits) [N, E];
-every expert to activate gets max(s) + delta, every expert to deactivate gets min(s) - delta
-(max / min over the token's unmodified scores, delta = 0.01 by default); the top-k selection and
-the routing weights then come from the modified scores (softmax, top-k, renormalised when the
-model's `norm_topk_prob` says so). At most top_k experts are activated and at most E - top_k
-deactivated per layer, so an activated expert is in every token's top-k and a deactivated one in
-none.
+The rule per MoE family is `steerline.model.families.steer`: for softmax routers the paper's rule
+(s = log_softmax(router logits); every expert to activate gets max(s) + delta, every expert to
+deactivate min(s) - delta; top-k and weights from the modified scores as the family computes
+them), and its documented equivalent for top-k-then-softmax (GPT-OSS, Granite), sparsemixer
+(Phi-MoE) and sigmoid group-limited (DeepSeek-V3) routers. At most top_k experts are activated
+and at most E - top_k deactivated per layer, so an activated expert is in every token's top-k
+and a deactivated one in none. Layers are the model's own decoder-layer numbers (dense layers
+have no router and cannot be steered).
 
 The hook lives only inside the `expert_steering()` context manager (removed on exit, also on
 errors) and acts on every row the router sees: a whole batch of prompts, each generated token,
 teacher-forced scoring alike. transformers 5 routers return (logits, top-k weights, top-k ids):
-the hook returns that tuple recomputed from the modified scores; a plain Linear gate returning
-logits (older OLMoE-/Mixtral-style blocks) gets the modified scores back as float32 logits, from
-which its block takes softmax and top-k itself. It is prepended to the router's hooks, so a
-routing recorder on the same router sees the steered routing.
+the hook returns that tuple recomputed by the family's rule; a plain Linear gate returning
+logits (older Mixtral-style blocks) gets the steered scores back as float32 logits, from which
+its block takes softmax and top-k itself. It is prepended to the router's hooks, so a routing
+recorder on the same router sees the steered routing.
 
 Which experts: models/experts.json (select_experts) ranks unsafe experts by risk_diff (highest
 first) and safe experts (lowest first); `plan_from_experts` takes the first n of the list(s) the
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from steerline.model.arch import find_routers, moe_shape
+from steerline.model.families import RouterRule, check_plan_layer, steer
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,11 @@ MODES: tuple[str, ...] = ("deactivate_unsafe", "activate_safe", "both")
 
 
 def check_experts(
-    experts: Sequence[Sequence[int]], n_layers: int, n_experts: int, where: str
+    experts: Sequence[Sequence[int]], layers: int | Sequence[int], n_experts: int, where: str
 ) -> list[Expert]:
     """[[layer, expert], ...] as a list of int pairs; one clear error for a malformed or
-    out-of-range entry, or a duplicate."""
+    out-of-range entry, or a duplicate. `layers`: the MoE layer indices (an int n = 0..n-1)."""
+    valid = list(range(layers)) if isinstance(layers, int) else sorted(int(x) for x in layers)
     out: list[Expert] = []
     for item in experts:
         if (
@@ -64,10 +67,12 @@ def check_experts(
                 f"{where}: every entry must be [layer, expert] (two ints), got {item!r}"
             )
         layer, expert = int(item[0]), int(item[1])
-        if not 0 <= layer < n_layers:
+        if layer not in valid:
+            span = (f"0..{valid[-1]}" if valid == list(range(len(valid))) else
+                    ", ".join(map(str, valid)))
             raise ValueError(
-                f"{where}: expert {[layer, expert]} names layer {layer}, but the model has "
-                f"{n_layers} MoE layers (0..{n_layers - 1})"
+                f"{where}: expert {[layer, expert]} names layer {layer}, but the model's "
+                f"{len(valid)} MoE layers are {span}"
             )
         if not 0 <= expert < n_experts:
             raise ValueError(
@@ -114,7 +119,7 @@ def expert_list(
     side: Literal["unsafe", "safe"],
     n: int,
     fallback: pd.DataFrame | None,
-    n_layers: int,
+    n_layers: int | Sequence[int],  # MoE layer indices (an int n = 0..n-1)
     n_experts: int,
 ) -> tuple[list[Expert], str]:
     """The first n experts of experts.json's `side` list, or of the risk_diff ranking when that
@@ -162,7 +167,7 @@ class SteeringPlan:
                 out.setdefault(layer, ([], []))[which].append(expert)
         return {k: (sorted(a), sorted(d)) for k, (a, d) in sorted(out.items())}
 
-    def validate(self, n_layers: int, n_experts: int, top_k: int) -> None:
+    def validate(self, n_layers: int | Sequence[int], n_experts: int, top_k: int) -> None:
         """One clear error for an expert out of range, listed twice, both activated and
         deactivated, or more per layer than the top-k can honour."""
         if not (self.delta > 0 and torch.isfinite(torch.tensor(self.delta))):
@@ -193,6 +198,10 @@ class SteeringPlan:
         }
 
 
+def _n_pairs(layers: int | Sequence[int], n_experts: int) -> int:
+    return (layers if isinstance(layers, int) else len(layers)) * n_experts
+
+
 def capped(
     experts: Sequence[Expert], cap: int, taken: Mapping[int, int] | None = None
 ) -> list[Expert]:
@@ -211,7 +220,7 @@ def plan_from_experts(
     mode: Mode,
     n: int,
     delta: float,
-    n_layers: int,
+    n_layers: int | Sequence[int],  # MoE layer indices (an int n = 0..n-1)
     n_experts: int,
     top_k: int,
     fallback: pd.DataFrame | None = None,
@@ -227,12 +236,12 @@ def plan_from_experts(
     source: dict[str, str] = {}
     if mode in ("deactivate_unsafe", "both"):
         ranked, source["deactivate"] = expert_list(
-            selection, "unsafe", n_layers * n_experts, fallback, n_layers, n_experts
+            selection, "unsafe", _n_pairs(n_layers, n_experts), fallback, n_layers, n_experts
         )
         deactivate = capped(ranked, n_experts - top_k)[:n]
     if mode in ("activate_safe", "both"):
         ranked, source["activate"] = expert_list(
-            selection, "safe", n_layers * n_experts, fallback, n_layers, n_experts
+            selection, "safe", _n_pairs(n_layers, n_experts), fallback, n_layers, n_experts
         )
         ranked = [p for p in ranked if p not in deactivate]
         activate = capped(ranked, top_k)[:n]
@@ -244,35 +253,9 @@ def plan_from_experts(
 # ---------------------------------------------------------------------------- the hook
 
 
-def steer_scores(
-    logits: torch.Tensor, activate: torch.Tensor, deactivate: torch.Tensor, delta: float
-) -> torch.Tensor:
-    """SteerMoE scores [N, E] (float32) from router logits [N, E]: log-softmax, then
-    activated experts = max + delta, deactivated = min - delta (per row)."""
-    scores = torch.log_softmax(logits.float(), dim=-1)  # [N, E]
-    hi = scores.max(dim=-1, keepdim=True).values + delta  # [N, 1]
-    lo = scores.min(dim=-1, keepdim=True).values - delta
-    if activate.numel():
-        scores[:, activate] = hi.expand(-1, activate.numel())
-    if deactivate.numel():
-        scores[:, deactivate] = lo.expand(-1, deactivate.numel())
-    return scores
-
-
-def _router_rule(module: nn.Module, config: Any) -> tuple[int, bool]:
-    """(top_k, norm_topk_prob) of one router: the module's own, else the config's (Mixtral
-    routers always renormalise and carry no flag)."""
-    top_k = int(getattr(module, "top_k", None) or config.num_experts_per_tok)
-    norm = getattr(module, "norm_topk_prob", None)
-    if norm is None:
-        norm = getattr(config, "norm_topk_prob", True)
-    return top_k, bool(norm)
-
-
-def make_router_hook(
-    activate: Sequence[int], deactivate: Sequence[int], delta: float, top_k: int, norm: bool
-):
-    """A forward hook for one router module applying the SteerMoE rule."""
+def make_router_hook(activate: Sequence[int], deactivate: Sequence[int], delta: float,
+                     rule: RouterRule):
+    """A forward hook for one router module applying the family's SteerMoE rule."""
     act = torch.as_tensor(list(activate), dtype=torch.long)
     deact = torch.as_tensor(list(deactivate), dtype=torch.long)
 
@@ -280,11 +263,8 @@ def make_router_hook(
         if isinstance(output, tuple) and len(output) == 3:
             logits, weights, ids = output  # [N, E], [N, k], [N, k]
             flat = logits.reshape(-1, logits.shape[-1])
-            scores = steer_scores(flat, act.to(flat.device), deact.to(flat.device), delta)
-            probs = torch.softmax(scores, dim=-1)  # [N, E] float32
-            top_w, top_i = torch.topk(probs, top_k, dim=-1)  # [N, k]
-            if norm:
-                top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            scores, top_i, top_w = steer(flat, rule, act.to(flat.device), deact.to(flat.device),
+                                         delta)
             return (
                 scores.to(logits.dtype).reshape(logits.shape),
                 top_w.to(weights.dtype),
@@ -293,7 +273,7 @@ def make_router_hook(
         if isinstance(output, torch.Tensor):
             flat = output.reshape(-1, output.shape[-1])
             # float32: at bf16 resolution (~0.016 near log(1/E)) a 0.01 margin would round away
-            scores = steer_scores(flat, act.to(flat.device), deact.to(flat.device), delta)
+            scores, _, _ = steer(flat, rule, act.to(flat.device), deact.to(flat.device), delta)
             return scores.reshape(output.shape)
         raise TypeError(
             f"router returned {type(output).__name__}; expected logits or (logits, weights, ids)"
@@ -308,16 +288,17 @@ def expert_steering(model: nn.Module, plan: SteeringPlan) -> Iterator[SteeringPl
 
     Raises DenseModelError for a dense model and ValueError for a plan the model cannot honour,
     before any hook is registered."""
-    sites = find_routers(model)
+    sites = {s.layer: s for s in find_routers(model)}
     n_experts, top_k = moe_shape(model)
-    plan.validate(len(sites), n_experts, top_k)
+    plan.validate(sorted(sites), n_experts, top_k)
+    per_layer = plan.per_layer()
+    for layer, (act, deact) in per_layer.items():
+        check_plan_layer(sites[layer].rule, n_experts, act, deact, layer)
     handles = []
     try:
-        for layer, (act, deact) in plan.per_layer().items():
-            module = sites[layer].module
-            k, norm = _router_rule(module, model.config)
-            hook = make_router_hook(act, deact, plan.delta, k, norm)
-            handles.append(module.register_forward_hook(hook, prepend=True))
+        for layer, (act, deact) in per_layer.items():
+            hook = make_router_hook(act, deact, plan.delta, sites[layer].rule)
+            handles.append(sites[layer].module.register_forward_hook(hook, prepend=True))
         yield plan
     finally:
         for h in handles:

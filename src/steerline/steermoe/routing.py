@@ -43,13 +43,14 @@ class RoutingRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.sites = find_routers(model)
         self.n_experts, self.top_k = moe_shape(model)
-        self.norm_topk = bool(getattr(model.config, "norm_topk_prob", True))
         self._ids: list[torch.Tensor | None] = []
         self._weights: list[torch.Tensor | None] = []
 
     def _hook(self, layer: int):
+        rule = self.sites[layer].rule
+
         def hook(module, args, output):
-            _, ids, weights = router_topk(output, self.top_k, self.norm_topk)
+            _, ids, weights = router_topk(output, rule)
             self._ids[layer] = ids.detach()
             self._weights[layer] = weights.detach()
 

