@@ -1,6 +1,11 @@
 """Stage capture_routing: models/moe + detect-split safety prompts -> data/routing/ +
-data/generations.parquet, through the backend the params name (vLLM by default)."""
+data/generations.parquet, through the backend the params name (vLLM by default).
 
+The options point the same capture at another model and outputs (stage
+capture_routing_finetuned: models/moe_finetuned -> data/routing_finetuned/); their defaults are
+the paths above and `capture_routing.model`."""
+
+import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -8,8 +13,12 @@ import torch
 from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
+from steerline.model.fingerprint import model_fingerprint
+from steerline.model.load import moe_config
 from steerline.params import load_params
-from steerline.steermoe.capture import CaptureConfig, model_fingerprint, run_capture
+from steerline.stage_main import run_stage
+from steerline.steermoe.capture import CaptureConfig, run_capture
+from steerline.steermoe.safety_data import check_prompt_texts
 
 PROMPTS = Path("data/prompts/safety.parquet")
 ROUTING = Path("data/routing")
@@ -17,28 +26,42 @@ GENERATIONS = Path("data/generations.parquet")
 CACHE = Path("data/.capture_cache")
 
 
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None, help="model folder (default: capture_routing.model)")
+    ap.add_argument("--routing", type=Path, default=ROUTING, help="routing shards folder")
+    ap.add_argument("--generations", type=Path, default=GENERATIONS, help="answers Parquet file")
+    ap.add_argument("--cache", type=Path, default=CACHE, help="resumable shard cache folder")
+    return ap.parse_args()
+
+
 def main() -> None:
+    args = parse_args()
     params = load_params()
     p = params.capture_routing
+    model = args.model or p.model
     torch.manual_seed(params.seed)
     prompts = pd.read_parquet(PROMPTS)
     if "split" in prompts.columns:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
+    check_prompt_texts(prompts, str(PROMPTS))
+    moe_config(model)  # a missing or dense model is rejected before any weight is loaded
+    fingerprint = model_fingerprint(model)
     vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
                         data_parallel_size=p.data_parallel_size,
                         gpu_memory_utilization=p.gpu_memory_utilization,
                         max_num_seqs=p.max_num_seqs, seed=params.seed)
-    with make_backend(p.backend, p.model, p.dtype, batch_size=p.batch_size,
+    with make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,
                       **(vllm_options if p.backend == "vllm" else {})) as backend:
         gens = run_capture(
             backend,
-            AutoTokenizer.from_pretrained(p.model),
+            AutoTokenizer.from_pretrained(model),
             prompts,
             CaptureConfig(p.max_new_tokens, p.shard_prompts),
-            ROUTING,
-            GENERATIONS,
-            CACHE,
-            meta={"model": p.model, "model_fingerprint": model_fingerprint(p.model),
+            args.routing,
+            args.generations,
+            args.cache,
+            meta={"model": model, "model_fingerprint": fingerprint,
                   "dtype": p.dtype},
         )
     print(
@@ -49,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

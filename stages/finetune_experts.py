@@ -5,8 +5,9 @@ which loads every *.safetensors file of a model folder, does not read it as weig
 loss curve in reports/finetune_experts/.
 
 Only the MLP slices of the unsafe experts in models/experts.json are trained (the first
-`max_experts`); when that list is empty, the top `fallback_top_n` experts by risk_diff
-(regardless of q-value) are trained instead, and trained_experts.json says so. The run resumes
+`max_experts`); an empty list is an error unless `on_empty_selection: risk_diff_ranking`, which
+trains the top `fallback_top_n` experts by risk_diff (regardless of q-value) instead, and
+trained_experts.json says so. The run resumes
 from tmp/finetune_experts/ (safetensors + JSON checkpoints) after a kill. Before anything is
 published, the saved model is checked: every tensor outside the trained slices is bit-identical
 to the base model, and applying the slices file to the base model reproduces the fine-tuned
@@ -25,10 +26,13 @@ import torch
 from dvclive import Live
 from safetensors.torch import load_file
 
-from steerline.io import atomic_dir, write_json
-from steerline.model.arch import find_routers, moe_shape
+from steerline.faults import kill_point
+from steerline.io import atomic_dir, write_json, write_timings
+from steerline.model.arch import moe_layers, moe_shape
+from steerline.model.fingerprint import model_fingerprint
 from steerline.model.load import load_moe
 from steerline.params import load_params
+from steerline.stage_main import run_stage
 from steerline.steermoe.expert_slices import (
     ExpertSlices,
     apply_expert_slices,
@@ -37,12 +41,14 @@ from steerline.steermoe.expert_slices import (
 )
 from steerline.steermoe.expert_steering import expert_list, read_experts_json
 from steerline.steermoe.finetune import TrainConfig, train_slices
+from steerline.steermoe.routing_schema import read_generations
 from steerline.steermoe.sft_data import build_sft_examples, end_of_turn_id
 
 EXPERTS = Path("models/experts.json")
 RISK_DIFF = Path("reports/risk_diff.parquet")
 PROMPTS = Path("data/prompts/safety.parquet")
 GENERATIONS = Path("data/generations.parquet")
+ROUTING = Path("data/routing")  # its manifest vouches for GENERATIONS (same capture)
 OUT = Path("models/moe_finetuned")
 SLICES = Path("expert_slices/trained_experts.safetensors")  # inside OUT
 LIVE = Path("reports/finetune_experts")
@@ -66,19 +72,25 @@ def main() -> None:
     p = params.finetune_experts
     torch.manual_seed(params.seed)
     model, tokenizer = load_moe(p.model)
-    n_layers, (n_experts, _) = len(find_routers(model)), moe_shape(model)
+    fingerprint = model_fingerprint(p.model)  # keys the checkpoints: a changed model restarts
+    layers, (n_experts, _) = moe_layers(model), moe_shape(model)
 
     selection = read_experts_json(EXPERTS)
     picked_on = (selection.get("criteria") or {}).get("model")
     if picked_on and Path(picked_on).resolve() != Path(p.model).resolve():
         raise ValueError(f"{EXPERTS} was selected on {picked_on!r} but finetune_experts.model is "
                          f"{p.model!r}: rerun the detection stages on that model or fix the param")
-    fallback = pd.read_parquet(RISK_DIFF) if RISK_DIFF.is_file() else None
-    n = (p.max_experts or n_layers * n_experts) if selection["unsafe"] else p.fallback_top_n
-    experts, source = expert_list(selection, "unsafe", n, fallback, n_layers, n_experts)
+    if not selection["unsafe"] and p.on_empty_selection == "error":
+        raise ValueError(f"{EXPERTS} lists no unsafe experts (select_experts kept none): relax "
+                         "select_experts' thresholds, or set finetune_experts.on_empty_selection: "
+                         "risk_diff_ranking to train the top fallback_top_n of the raw risk_diff "
+                         "ranking regardless of q-value")
+    fallback = None if selection["unsafe"] else pd.read_parquet(RISK_DIFF)
+    n = (p.max_experts or len(layers) * n_experts) if selection["unsafe"] else p.fallback_top_n
+    experts, source = expert_list(selection, "unsafe", n, fallback, layers, n_experts)
 
     examples = build_sft_examples(
-        tokenizer, pd.read_parquet(PROMPTS), pd.read_parquet(GENERATIONS),
+        tokenizer, pd.read_parquet(PROMPTS), read_generations(GENERATIONS, ROUTING),
         end_of_turn_id(model), params.seed, p.max_unsafe, p.max_safe, p.max_length,
     )
     n_kind = {k: sum(e.kind == k for e in examples) for k in ("refusal", "own_answer")}
@@ -98,7 +110,7 @@ def main() -> None:
 
         t_train = time.perf_counter()
         result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
-                              checkpoint_dir=CHECKPOINTS, model_tag=p.model, on_step=on_step)
+                              checkpoint_dir=CHECKPOINTS, model_tag=fingerprint, on_step=on_step)
         train_seconds = time.perf_counter() - t_train
         losses = [h["loss"] for h in result.history]
         per_epoch = len(losses) // cfg.epochs
@@ -116,12 +128,12 @@ def main() -> None:
         "source": source,  # "experts.json" or "risk_diff_fallback"
         "slices_file": str(SLICES),
         "base_model": p.model,
+        "base_model_fingerprint": fingerprint,
         "n_examples": n_kind,
         "training": {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                      "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
                      "max_grad_norm": cfg.max_grad_norm, "steps": result.steps,
-                     "resumed_from_step": result.resumed_from, "seed": params.seed,
-                     "seconds": round(train_seconds, 1)},
+                     "seed": params.seed},
         "loss": {"first_epoch": round(sum(losses[:per_epoch]) / per_epoch, 4),
                  "last_epoch": round(sum(losses[-per_epoch:]) / per_epoch, 4)},
     }
@@ -146,14 +158,16 @@ def main() -> None:
                           "expert_tensors_changed_on_disk": frozen["changed_slices"],
                           "slices_reproduce_model": True}
         write_json(info, tmp / "trained_experts.json")
+        kill_point("finetune:publish")
     shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    # wall-clock figures and the resume point differ between runs: outside every DVC output
+    write_timings("finetune_experts", {"train_seconds": train_seconds,
+                                       "total_seconds": time.perf_counter() - t0,
+                                       "resumed_from_step": result.resumed_from})
     log.info("trained %d experts in %d steps (loss %.3f -> %.3f); checks passed; %.1f s total",
              len(experts), result.steps, info["loss"]["first_epoch"], info["loss"]["last_epoch"],
              time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        raise SystemExit(f"finetune_experts: {err}") from None
+    run_stage(main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from steerline.backends.hf import TransformersBackend
 from steerline.chat import render_chat
+from steerline.io import sha256_file
 from steerline.model.arch import DenseModelError, find_routers
 from steerline.steermoe.capture import CaptureConfig, run_capture
 from steerline.steermoe.routing import RoutingRecorder, generate_routed, generate_routed_all
@@ -20,6 +23,9 @@ TEXTS = [
     "Explain how vaccines train the immune system, briefly.",
     "Give me three tips for sleeping better",
 ]
+
+
+TINY_META = {"model": "tiny", "model_fingerprint": "tiny-0"}
 
 
 def prompts_frame(texts=TEXTS):
@@ -96,13 +102,20 @@ def test_dense_model_is_rejected(tiny_dense):
 
 def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, monkeypatch):
     cfg = CaptureConfig(max_new_tokens=6, shard_prompts=2)
-    meta = {"model": "tiny"}
+    meta = {"model": "tiny", "model_fingerprint": "tiny-0"}
     df = prompts_frame()
     backend = TransformersBackend(tiny_moe, tokenizer, batch_size=2)
     full = run_capture(backend, tokenizer, df, cfg, tmp_path / "a", tmp_path / "a.parquet",
                        tmp_path / "cache", meta)
     shards = sorted((tmp_path / "a").glob("*.parquet"))
     assert len(shards) == 3 and not any((tmp_path / "cache").iterdir())
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["shards"]] == [s.name for s in shards]
+    assert manifest["model_config"] == {"n_layers": 3, "top_k": 2, "n_experts": 8}
+    assert manifest["metadata"]["model_fingerprint"] == "tiny-0"
+    assert manifest["n_prompts"] == len(df) and manifest["n_rows"] == sum(
+        pq.read_metadata(s).num_rows for s in shards)
+    assert manifest["generations"]["sha256"] == sha256_file(tmp_path / "a.parquet")
     md = pq.read_schema(shards[0]).metadata
     assert md[b"n_layers"] == b"3" and md[b"top_k"] == b"2" and md[b"n_experts"] == b"8"
     assert md[b"backend"] == b"transformers"
@@ -145,13 +158,17 @@ def test_run_capture_writes_contract_and_resumes(tiny_moe, tokenizer, tmp_path, 
         (prompts_frame().assign(label=["safe", "harmful", "safe", "unsafe", "safe"]), "harmful"),
         (prompts_frame().assign(label="safe"), "no 'unsafe' prompts"),
         (prompts_frame().drop(columns="label"), "missing column"),
+        (prompts_frame().assign(text=["a", None, "b", "c", "d"]), "prompt 'p1' has no text"),
+        (prompts_frame().assign(text=["a", "b", 3, "c", "d"]), "'p2' has text 3 of type int"),
+        (prompts_frame().assign(text=["a", "b", "c", " \n ", "d"]), "prompt 'p3' has blank text"),
+        (prompts_frame().assign(prompt_id=["p0", None, "p2", "p3", "p4"]), "prompt_id nan .text"),
     ],
 )
 def test_bad_prompt_tables(tiny_moe, tokenizer, tmp_path, frame, match):
     cfg = CaptureConfig(4, 2)
     with pytest.raises(ValueError, match=match):
         run_capture(TransformersBackend(tiny_moe, tokenizer), tokenizer, frame, cfg,
-                    tmp_path / "r", tmp_path / "g.parquet", tmp_path / "c", {"model": "tiny"})
+                    tmp_path / "r", tmp_path / "g.parquet", tmp_path / "c", TINY_META)
     assert not (tmp_path / "r").exists() and not (tmp_path / "g.parquet").exists()
 
 
@@ -160,5 +177,5 @@ def test_prompt_longer_than_context(tiny_moe, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         run_capture(TransformersBackend(tiny_moe, tokenizer), tokenizer, df, CaptureConfig(4, 2),
                     tmp_path / "r",
-                    tmp_path / "g.parquet", tmp_path / "c", {"model": "tiny"})
+                    tmp_path / "g.parquet", tmp_path / "c", TINY_META)
     assert not (tmp_path / "r").exists()

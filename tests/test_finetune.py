@@ -31,7 +31,7 @@ from steerline.steermoe.sft_data import (
 
 EXPERTS = [[0, 1], [2, 5], [2, 3]]
 CFG = TrainConfig(lr=1e-2, epochs=2, batch_size=3, warmup_ratio=0.2, weight_decay=0.1,
-                  checkpoint_every=2)
+                  max_grad_norm=1.0, checkpoint_every=2, seed=0)
 
 
 def prompts_frame() -> pd.DataFrame:
@@ -164,6 +164,12 @@ def test_resume_after_kill_is_exact(tokenizer, examples, tmp_path):
     opt = load_file(ckpt / "optimizer.safetensors")
     assert sorted(t.shape[0] for k, t in opt.items() if k.endswith("exp_avg")) == [1, 1, 2, 2]
     replayed = []
+    # checkpoints of another model (another fingerprint as the model tag) are never resumed
+    other = train_slices(fresh(), examples, EXPERTS, CFG, pad, checkpoint_dir=tmp_path / "c2",
+                         model_tag="fingerprint-b", stop_after=3)
+    assert other.resumed_from == 0
+    assert train_slices(fresh(), examples, EXPERTS, CFG, pad, checkpoint_dir=tmp_path / "c2",
+                        model_tag="fingerprint-a", stop_after=0).resumed_from == 0
     resumed_model = fresh()
     resumed = train_slices(resumed_model, examples, EXPERTS, CFG, pad, checkpoint_dir=ckpt,
                            on_step=replayed.append)

@@ -7,6 +7,7 @@ leaves a half-written file that a later stage (or DVC) could mistake for a resul
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,23 +20,80 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
-_DIR_MODE = 0o777 & ~_UMASK
+# Published artifacts are world-readable whatever the process umask or the writing library
+# (mkstemp and some writers create 0600 files): files 0644, directories 0755.
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+_TMP_SUFFIX = ".tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries a killed writer left beside `path` (`.<name>.<pid>.*.tmp` whose
+    process is gone, and names without a pid from older versions); returns what was removed.
+    Temporaries of live processes are kept (a concurrent writer is not disturbed)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = f".{path.name}."
+    for cand in path.parent.iterdir():
+        name = cand.name
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        # .<name>.<pid>.<random>.tmp, or .<name>.<random>.tmp (older); mkstemp's random part
+        # has no dot, so a temporary of another file ("<name>.<more>") never matches
+        parts = name[len(prefix):-len(_TMP_SUFFIX)].split(".")
+        if len(parts) == 2 and parts[0].isdigit():
+            if _pid_alive(int(parts[0])):
+                continue
+        elif len(parts) != 1:
+            continue
+        if cand.is_dir() and not cand.is_symlink():
+            shutil.rmtree(cand, ignore_errors=True)
+        else:
+            cand.unlink(missing_ok=True)
+        removed.append(cand)
+    return removed
+
+
+def publish_modes(root: str | Path) -> None:
+    """chmod a file, or a directory tree, to the published modes (files 0644, dirs 0755)."""
+    root = Path(root)
+    if not root.is_dir():
+        os.chmod(root, FILE_MODE)
+        return
+    os.chmod(root, DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), DIR_MODE)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), FILE_MODE)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    Temporaries left beside `path` by a killed earlier run are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX,
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; artifacts are ordinary files
+        publish_modes(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -44,13 +102,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary directory beside `path`; it replaces `path` only if the block succeeds.
+    Temporaries left beside `path` by a killed earlier run are removed first; every file of the
+    published tree gets the published modes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX,
+                                dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, _DIR_MODE)
+        publish_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -97,3 +159,44 @@ def write_npy(array: np.ndarray, path: str | Path) -> None:
 
 def read_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
     return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """torch tensors -> a safetensors file, atomically, with a byte-reproducible header.
+
+    safetensors serializes its metadata map in hash order (a different file on every run for
+    more than one key); the header is rewritten here with every key sorted. Offsets are
+    relative to the data section, so the tensor bytes stay as they are."""
+    from safetensors.torch import save
+
+    blob = save({k: tensors[k] for k in sorted(tensors)}, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format's 8-byte alignment of the data section
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            f.write(memoryview(blob)[8 + n:])
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+TIMINGS_DIR = Path("reports/timings")  # git-ignored, not a DVC output: wall-clock figures only
+
+
+def write_timings(stage: str, seconds: dict[str, float], directory: str | Path = TIMINGS_DIR
+                  ) -> None:
+    """Wall-clock figures of a stage run, kept out of every DVC output and metrics file (they
+    differ on every run)."""
+    write_json({k: round(float(v), 2) for k, v in seconds.items()},
+               Path(directory) / f"{stage}.json")

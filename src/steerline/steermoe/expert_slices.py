@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from steerline.io import atomic_path
-from steerline.model.arch import find_routers, moe_shape
+from steerline.io import save_safetensors
+from steerline.model.arch import experts_module, find_routers, moe_shape
 from steerline.steermoe.expert_steering import Expert, check_experts
 
 SLICES_FORMAT = "steerline.expert_slices.v1"
@@ -44,24 +43,14 @@ class FusedSlice:
     layer: int
 
 
-def experts_module(model: nn.Module, layer: int) -> nn.Module:
-    mlp = model.model.layers[layer]
-    for path in ("mlp.experts", "block_sparse_moe.experts"):
-        mod: Any = mlp
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-        if mod is not None:
-            return mod
-    raise ValueError(f"layer {layer} has no experts module (mlp.experts)")
-
-
 class ExpertSlices:
     """The trainable expert slices of a model: freezing, gradient masks, read/write."""
 
     def __init__(self, model: nn.Module, experts: Sequence[Sequence[int]]) -> None:
         sites = find_routers(model)  # DenseModelError for a dense model
         n_experts, _ = moe_shape(model)
-        self.experts = sorted(check_experts(experts, len(sites), n_experts, "trained experts"))
+        self.experts = sorted(check_experts(experts, [s.layer for s in sites], n_experts,
+                                                   "trained experts"))
         if not self.experts:
             raise ValueError("no experts to train: the list is empty")
         self.n_experts = n_experts
@@ -132,8 +121,7 @@ def save_expert_slices(
     meta = {"format": SLICES_FORMAT, "experts": json.dumps([list(p) for p in slices.experts])}
     if extra:
         meta["info"] = json.dumps(dict(extra))
-    with atomic_path(path) as tmp:
-        save_file(slices.state_tensors(), str(tmp), metadata=meta)
+    save_safetensors(slices.state_tensors(), path, meta)  # sorted header: same bytes every run
 
 
 def read_slices_experts(path: str | Path) -> list[Expert]:

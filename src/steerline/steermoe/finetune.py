@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from steerline.faults import kill_point
 from steerline.io import atomic_dir, read_json, write_json
 from steerline.steermoe.expert_slices import ExpertSlices
 from steerline.steermoe.sft_data import SftExample, collate
@@ -34,14 +35,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 5e-5
-    epochs: int = 3
-    batch_size: int = 4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 20  # steps; 0 = only at the end of each epoch
-    seed: int = 0
+    """finetune_experts' values come from params.yaml; no defaults here to drift from them."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float  # 0 = no clipping
+    checkpoint_every: int  # steps; 0 = only at the end of each epoch
+    seed: int
 
 
 @dataclass
@@ -206,6 +209,7 @@ def train_slices(
                 or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             ):
                 ckpt.save(done, history, opt, proxies)
+                kill_point(f"finetune:checkpoint:{done}")
     finally:
         slices.unfreeze_hooks()
         for s in slices.slices:
