@@ -1,4 +1,5 @@
-"""Stage prepare_safety: data/raw AdvBench + XSTest -> data/prompts/safety.parquet."""
+"""Stage prepare_safety: data/raw AdvBench + XSTest -> data/prompts/safety.parquet (detect / dev /
+test splits, XSTest look-alike pairs kept within one split)."""
 
 from pathlib import Path
 
@@ -17,13 +18,17 @@ def main() -> None:
         RAW / "advbench/harmful_behaviors.csv",
         RAW / "xstest/xstest_prompts.csv",
         detect_fraction=p.detect_fraction,
+        dev_fraction=p.dev_fraction,
         advbench_max=p.advbench_max,
         seed=params.seed,
     )
-    write_parquet(df, OUT, {"seed": str(params.seed), "detect_fraction": str(p.detect_fraction)})
+    write_parquet(df, OUT, {"seed": str(params.seed), "detect_fraction": str(p.detect_fraction),
+                            "dev_fraction": str(p.dev_fraction)})
     counts = df.groupby(["split", "source", "label"]).size()
     print(f"wrote {OUT}: {len(df)} prompts\n{counts.to_string()}")
 
 
 if __name__ == "__main__":
-    main()
+    from steerline.stage_main import run_stage
+
+    run_stage(main)

@@ -84,8 +84,9 @@ def planted_routing(tokenizer, tmp_path_factory):
     plant(model, single_token_ids(tokenizer, UNSAFE_WORDS), single_token_ids(tokenizer, SAFE_WORDS))
     tmp = tmp_path_factory.mktemp("planted")
     backend = TransformersBackend(model, tokenizer, batch_size=8)
+    meta = {"model": "tiny-planted", "model_fingerprint": "tiny-planted-0"}
     run_capture(backend, tokenizer, make_prompts(24), CaptureConfig(4, 16), tmp / "routing",
-                tmp / "gen.parquet", tmp / "cache", {"model": "tiny-planted"})
+                tmp / "gen.parquet", tmp / "cache", meta)
     return tmp / "routing"
 
 
@@ -104,11 +105,12 @@ def test_risk_diff_equals_per_token_loop(planted_routing, scope):
 
 def test_planted_experts_recovered(planted_routing):
     df, meta = compute_risk_diff(planted_routing, token_scope="user", n_permutations=200, seed=0)
-    sel = select_experts(df, threshold=0.1, top_k=50, alpha=0.05, meta=meta)
+    sel = select_experts(df, threshold=0.1, top_k=50, alpha=0.05, require="pooled", meta=meta)
     assert sorted(map(tuple, sel["unsafe"])) == [(layer, 0) for layer in range(3)]
     assert sorted(map(tuple, sel["safe"])) == [(layer, 1) for layer in range(3)]
     planted = df[df["expert"] == 0]
-    assert (planted["q_value"] < 0.05).all()
+    # every prompt carries the signal: significant at token and at prompt level alike
+    assert (planted["q_token_z"] < 0.05).all() and (planted["q_perm"] < 0.05).all()
     assert float(meta["null_threshold"]) < planted["risk_diff"].min()
     # The ~30 chat-template tokens every prompt shares dilute the same signal under scope "all".
     df_all, _ = compute_risk_diff(planted_routing, token_scope="all", n_permutations=0)

@@ -3,13 +3,16 @@
 For every (layer, expert): a[label] = in-scope tokens of that label whose top-k at that layer
 holds the expert, n[label] = in-scope tokens; risk_diff = a_unsafe/n_unsafe - a_safe/n_safe.
 
-Token-level p-values treat tokens as independent, but tokens of one prompt are not, so they are
-anti-conservative; the prompt-level label-permutation null (max |risk_diff| over all pairs under
-shuffled prompt labels) is the honest yardstick and is reported beside them.
+Inference is at the level of prompts (tokens of one prompt are not independent): per pair a
+label-permutation p-value (`p_perm`, BH `q_perm`) and a bootstrap CI over prompts (`ci_low`,
+`ci_high`), see prompt_inference. The two-proportion z-test over tokens is kept beside them as
+`p_token_z` / `q_token_z` (anti-conservative: it counts every token as an independent draw).
+The same columns, prefixed, hold the style-matched contrast (`matched_*`) and the pure style
+contrast (`style_risk_diff`), see contrasts.
 
 Everything is streamed over the routing shards in record batches and vectorized: one bincount
-per batch into a per-prompt count matrix [n_prompts, n_layers * n_experts], from which both the
-pooled counts and every permutation (one matmul) follow.
+per batch into a per-prompt count matrix [n_prompts, n_layers * n_experts], from which the
+pooled counts, every permutation and every bootstrap draw (one matmul per chunk) follow.
 """
 
 from __future__ import annotations
@@ -28,6 +31,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.stats import norm
 
+from steerline.steermoe.contrasts import (
+    AGREEMENT_PAIRS,
+    CONTRASTS,
+    MATCHED,
+    POOLED,
+    Contrast,
+    agreement,
+    contrast_sides,
+    needs_sources,
+    prompt_sources,
+)
+from steerline.steermoe.prompt_inference import bootstrap_ci, permutation_test
 from steerline.steermoe.routing_schema import (
     LABELS,
     META_MODEL,
@@ -36,10 +51,12 @@ from steerline.steermoe.routing_schema import (
     META_TOP_K,
     PER_SHARD_PREFIX,
     iter_routing_shard_batches,
+    moe_layers_of,
     read_routing_meta,
 )
 
 TOKEN_SCOPES = ("user", "generated", "all")
+CONTRAST_BY_NAME = {c.name: c for c in CONTRASTS}
 REPORT_COLUMNS = (
     "layer",
     "expert",
@@ -50,9 +67,15 @@ REPORT_COLUMNS = (
     "a_safe_n",
     "a_unsafe_n",
     "risk_diff",
-    "p_value",
-    "q_value",
+    "ci_low",
+    "ci_high",
+    "p_perm",
+    "q_perm",
+    "p_token_z",
+    "q_token_z",
 )
+# Per contrast with inference (columns prefixed by Contrast.prefix; pooled's prefix is "").
+INFERENCE_COLUMNS = ("risk_diff", "ci_low", "ci_high", "p_perm", "q_perm", "p_token_z", "q_token_z")
 # Quantiles of the null's max |risk_diff| always reported (if the permutations resolve them).
 REPORTED_QUANTILES = (0.95, 0.99, 0.999)
 _READ_COLUMNS = ("prompt_id", "label", "is_generated", "is_template", "experts")
@@ -346,14 +369,17 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
 
 
 def risk_diff_table(counts: PromptCounts) -> pd.DataFrame:
-    """One row per (layer, expert) with REPORT_COLUMNS, sorted by layer, expert."""
+    """One row per (layer, expert) with REPORT_COLUMNS, sorted by layer, expert; the
+    prompt-level columns (ci_low, ci_high, p_perm, q_perm) are NaN (compute_risk_diff fills
+    them)."""
     (a_safe, a_unsafe), (n_safe, n_unsafe) = counts.pooled()
     rate_safe, rate_unsafe = a_safe / n_safe, a_unsafe / n_unsafe
     p = two_proportion_pvalue(a_safe, n_safe, a_unsafe, n_unsafe)
     size = a_safe.size
     return pd.DataFrame(
         {
-            "layer": np.repeat(np.arange(counts.n_layers, dtype=np.int32), counts.n_experts),
+            "layer": np.repeat(np.asarray(moe_layers_of(counts.routing_meta), dtype=np.int32),
+                               counts.n_experts),
             "expert": np.tile(np.arange(counts.n_experts, dtype=np.int32), counts.n_layers),
             "a_safe": a_safe,
             "a_unsafe": a_unsafe,
@@ -362,8 +388,12 @@ def risk_diff_table(counts: PromptCounts) -> pd.DataFrame:
             "a_safe_n": rate_safe,
             "a_unsafe_n": rate_unsafe,
             "risk_diff": rate_unsafe - rate_safe,
-            "p_value": p,
-            "q_value": bh_qvalues(p),
+            "ci_low": np.full(size, np.nan),
+            "ci_high": np.full(size, np.nan),
+            "p_perm": np.full(size, np.nan),
+            "q_perm": np.full(size, np.nan),
+            "p_token_z": p,
+            "q_token_z": bh_qvalues(p),
         },
         columns=list(REPORT_COLUMNS),
     )
@@ -378,24 +408,10 @@ def permutation_null(
     then follow the prompts). Each chunk of permutations is one matmul
     [chunk, P] @ [P, L*E]. Deterministic given `seed`, whatever `chunk`.
     """
-    if n_permutations <= 0:
-        return np.zeros(0)
     rng = np.random.default_rng(seed)
-    total_tokens = int(counts.tokens.sum())
-    # float32 sums integers exactly below 2**24, and halves memory and time versus float64
-    dtype = np.float32 if total_tokens < 2**24 else np.float64
-    mat = counts.counts.astype(dtype)  # [P, L*E]
-    tok = counts.tokens.astype(dtype)  # [P]
-    col_total = counts.counts.sum(0, dtype=np.int64).astype(np.float64)  # [L*E]
-    out = np.empty(n_permutations)
-    for start in range(0, n_permutations, chunk):
-        m = min(chunk, n_permutations - start)
-        perm = np.stack([rng.permutation(counts.unsafe) for _ in range(m)]).astype(dtype)  # [m, P]
-        a_unsafe = (perm @ mat).astype(np.float64)  # [m, L*E]
-        n_unsafe = (perm @ tok).astype(np.float64)[:, None]  # [m, 1]
-        rd = a_unsafe / n_unsafe - (col_total - a_unsafe) / (total_tokens - n_unsafe)
-        out[start : start + m] = np.abs(rd).max(axis=1)
-    return out
+    return permutation_test(
+        counts.counts, counts.tokens, counts.unsafe, n_permutations, rng, chunk
+    ).null_max
 
 
 def check_null_quantile(n_permutations: int, null_quantile: float) -> None:
@@ -415,6 +431,72 @@ def _qkey(q: float) -> str:
     return f"{q:g}"
 
 
+def _null_quantiles(null: np.ndarray, null_quantile: float) -> dict[str, float]:
+    """{quantile: max |risk_diff|} for the reported quantiles the permutations resolve."""
+    if not null.size:
+        return {}
+    wanted = sorted(
+        {*(q for q in REPORTED_QUANTILES if null.size * (1 - q) >= 1 - 1e-9), float(null_quantile)}
+    )
+    out = {_qkey(q): float(np.quantile(null, q)) for q in wanted}
+    out["max"] = float(null.max())
+    return out
+
+
+def contrast_columns(
+    counts: PromptCounts,
+    contrast: Contrast,
+    sides: np.ndarray,
+    n_permutations: int,
+    n_bootstrap: int,
+    ci_level: float,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int]]:
+    """The report columns of one contrast (named with its prefix), its permutation null
+    [n_permutations] (max |risk_diff|) and its prompt/token counts per side.
+
+    sides [P]: 1 case, 0 reference, -1 left out (contrasts.contrast_sides). Random streams are
+    seeded by (seed, contrast index, purpose), so adding a contrast changes no other one.
+    """
+    keep = sides >= 0
+    if keep.all():  # no copy of the [P, C] matrix when every prompt takes part
+        mat, tok, case = counts.counts, counts.tokens, sides == 1
+    else:
+        mat, tok, case = counts.counts[keep], counts.tokens[keep], sides[keep] == 1
+    a_case = mat[case].sum(0, dtype=np.int64)  # [C]
+    a_ref = mat[~case].sum(0, dtype=np.int64)
+    n_case, n_ref = int(tok[case].sum()), int(tok[~case].sum())
+    rd = a_case / n_case - a_ref / n_ref
+    sizes = {
+        "prompts_case": int(case.sum()),
+        "prompts_reference": int((~case).sum()),
+        "tokens_case": n_case,
+        "tokens_reference": n_ref,
+    }
+    cols: dict[str, np.ndarray] = {f"{contrast.prefix}risk_diff": rd}
+    null = np.zeros(0)
+    if contrast.inferred:
+        index = CONTRASTS.index(contrast)
+        perm = permutation_test(
+            mat, tok, case, n_permutations, np.random.default_rng([seed, index, 0])
+        )
+        low, high = bootstrap_ci(
+            mat, tok, case, n_bootstrap, np.random.default_rng([seed, index, 1]), ci_level
+        )
+        p_z = two_proportion_pvalue(a_ref, n_ref, a_case, n_case)
+        values = {
+            "ci_low": low,
+            "ci_high": high,
+            "p_perm": perm.p_value,
+            "q_perm": bh_qvalues(perm.p_value) if n_permutations > 0 else perm.p_value,
+            "p_token_z": p_z,
+            "q_token_z": bh_qvalues(p_z),
+        }
+        cols.update({f"{contrast.prefix}{k}": v for k, v in values.items()})
+        null = perm.null_max
+    return cols, null, sizes
+
+
 def compute_risk_diff(
     routing_dir: str | Path,
     token_scope: str = "user",
@@ -423,18 +505,52 @@ def compute_risk_diff(
     seed: int = 0,
     batch_rows: int = 16384,
     progress: bool = False,
+    prompts: pd.DataFrame | None = None,
+    n_bootstrap: int = 0,
+    ci_level: float = 0.95,
 ) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The risk_diff report (REPORT_COLUMNS) and its Parquet metadata (all values strings).
+    """The risk_diff report and its Parquet metadata (all values strings).
+
+    Columns: REPORT_COLUMNS (the pooled contrast); with `prompts` (the prompt table: prompt_id,
+    label, source) also every other contrast of contrasts.CONTRASTS, prefixed (matched_*:
+    INFERENCE_COLUMNS, style_risk_diff). n_permutations == 0 / n_bootstrap == 0 leave p_perm /
+    q_perm / CI columns NaN.
 
     Metadata: token_scope, n_layers, top_k, n_experts, model (plus the routing's other shared
-    keys), prompt/token counts per label, n_permutations, seed, null_quantile, null_quantiles
-    (JSON {quantile: max |risk_diff|}), and, with permutations, null_threshold (the quantile
-    `null_quantile` of the null) and n_beyond_null (pairs with |risk_diff| above it).
+    keys), prompt/token counts per label, n_permutations, n_bootstrap, ci_level, seed,
+    null_quantile, null_quantiles (JSON {quantile: max |risk_diff|}), contrasts (JSON: per
+    contrast its groups, prompt/token counts and null threshold), and, with permutations,
+    null_threshold (the quantile `null_quantile` of the pooled null) and n_beyond_null.
     """
     check_null_quantile(n_permutations, null_quantile)
     counts = count_routing(routing_dir, token_scope, batch_rows, progress)
+    source = None
+    if prompts is not None:
+        source = prompt_sources(counts.prompt_ids, counts.unsafe, prompts, "the prompt table")
     df = risk_diff_table(counts)
-    null = permutation_null(counts, n_permutations, seed)
+    contrasts: dict[str, Any] = {}
+    null = np.zeros(0)
+    for contrast in CONTRASTS:
+        if source is None and needs_sources(contrast):
+            continue
+        sides = contrast_sides(contrast, source, counts.unsafe)
+        cols, c_null, sizes = contrast_columns(
+            counts, contrast, sides, n_permutations, n_bootstrap, ci_level, seed
+        )
+        if contrast is POOLED:
+            # same values as risk_diff_table's (the same integer sums), checked, not assumed
+            assert np.array_equal(cols["risk_diff"], df["risk_diff"].to_numpy())
+            null = c_null
+        for name, values in cols.items():
+            df[name] = values
+        info: dict[str, Any] = {
+            "case": [list(g) for g in contrast.case],
+            "reference": [list(g) for g in contrast.reference],
+            **sizes,
+        }
+        if c_null.size:
+            info["null_threshold"] = float(np.quantile(c_null, null_quantile))
+        contrasts[contrast.name] = info
 
     meta: dict[str, str] = {
         k: str(v) for k, v in counts.routing_meta.items() if not k.startswith(PER_SHARD_PREFIX)
@@ -447,20 +563,15 @@ def compute_risk_diff(
             "n_tokens_safe": str(int(df["n_safe"].iloc[0])),
             "n_tokens_unsafe": str(int(df["n_unsafe"].iloc[0])),
             "n_permutations": str(n_permutations),
+            "n_bootstrap": str(n_bootstrap),
+            "ci_level": repr(float(ci_level)),
             "seed": str(seed),
             "null_quantile": repr(float(null_quantile)),
+            "contrasts": json.dumps(contrasts),
         }
     )
-    quantiles = {}
+    quantiles = _null_quantiles(null, null_quantile)
     if null.size:
-        wanted = sorted(
-            {
-                *(q for q in REPORTED_QUANTILES if null.size * (1 - q) >= 1 - 1e-9),
-                float(null_quantile),
-            }
-        )
-        quantiles = {_qkey(q): float(np.quantile(null, q)) for q in wanted}
-        quantiles["max"] = float(null.max())
         threshold = float(np.quantile(null, null_quantile))
         meta["null_threshold"] = repr(threshold)
         meta["n_beyond_null"] = str(int((df["risk_diff"].abs() > threshold).sum()))
@@ -475,10 +586,34 @@ def _top_rows(df: pd.DataFrame, n: int) -> list[dict[str, Any]]:
             "layer": int(r.layer),
             "expert": int(r.expert),
             "risk_diff": float(r.risk_diff),
-            "q_value": float(r.q_value),
+            "ci_low": float(r.ci_low),
+            "ci_high": float(r.ci_high),
+            "q_perm": float(r.q_perm),
+            "q_token_z": float(r.q_token_z),
         }
         for r in top.head(n).itertuples()
     ]
+
+
+def _significant(df: pd.DataFrame, prefix: str, alpha: float) -> dict[str, int]:
+    """Pairs with q <= alpha at prompt level (permutations) and at token level (z-test)."""
+    perm = (df[f"{prefix}q_perm"] <= alpha).to_numpy()
+    token = (df[f"{prefix}q_token_z"] <= alpha).to_numpy()
+    return {
+        "q_perm": int(perm.sum()),
+        "q_token_z": int(token.sum()),
+        "token_only": int((token & ~perm).sum()),
+    }
+
+
+def contrast_agreement(df: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Spearman and top-n overlap of the risk differences of each pair of contrasts present."""
+    out = {}
+    for first, second in AGREEMENT_PAIRS:
+        cols = [f"{CONTRAST_BY_NAME[name].prefix}risk_diff" for name in (first, second)]
+        if all(c in df.columns for c in cols):
+            out[f"{first}_{second}"] = agreement(df[cols[0]].to_numpy(), df[cols[1]].to_numpy())
+    return out
 
 
 def risk_diff_summary(df: pd.DataFrame, meta: Mapping[str, str], alpha: float = 0.05) -> dict:
@@ -490,8 +625,19 @@ def risk_diff_summary(df: pd.DataFrame, meta: Mapping[str, str], alpha: float = 
         "tokens": {"safe": int(meta["n_tokens_safe"]), "unsafe": int(meta["n_tokens_unsafe"])},
         "prompts": {"safe": int(meta["n_prompts_safe"]), "unsafe": int(meta["n_prompts_unsafe"])},
         "max_abs_risk_diff": float(df["risk_diff"].abs().max()),
-        "n_q_le_alpha": int((df["q_value"] <= alpha).sum()),
         "alpha": alpha,
+        # pairs with q <= alpha, per contrast: prompt level (q_perm) vs token level (q_token_z)
+        "significant": {
+            c.name: _significant(df, c.prefix, alpha)
+            for c in CONTRASTS
+            if c.inferred and f"{c.prefix}q_perm" in df.columns
+        },
+        # prompts / tokens per side and the null's threshold (the groups are in the metadata)
+        "contrasts": {
+            name: {k: v for k, v in info.items() if k not in ("case", "reference")}
+            for name, info in json.loads(meta.get("contrasts", "{}")).items()
+        },
+        "agreement": contrast_agreement(df),
         "top": _top_rows(df, 5),
         "null": {
             "n_permutations": int(meta["n_permutations"]),
@@ -509,50 +655,71 @@ def risk_diff_summary(df: pd.DataFrame, meta: Mapping[str, str], alpha: float = 
 
 
 def plot_rows(df: pd.DataFrame, n_each: int = 10) -> pd.DataFrame:
-    """The n_each highest and n_each lowest risk differences, for a DVC bar plot."""
+    """The n_each highest and n_each lowest (pooled) risk differences, for a DVC bar plot, with
+    the matched contrast's value beside when the report has it."""
     order = df.sort_values(["risk_diff", "layer", "expert"], kind="stable")
     picked = pd.concat([order.tail(n_each), order.head(n_each)])
     picked = picked.drop_duplicates(["layer", "expert"])
     picked = picked.sort_values("risk_diff", ascending=False, kind="stable")
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "pair": [f"L{r.layer:02d} E{r.expert:03d}" for r in picked.itertuples()],
             "layer": picked["layer"].to_numpy(),
             "expert": picked["expert"].to_numpy(),
             "risk_diff": picked["risk_diff"].to_numpy(),
-            "q_value": picked["q_value"].to_numpy(),
+            "q_perm": picked["q_perm"].to_numpy(),
         }
     )
+    matched = f"{MATCHED.prefix}risk_diff"
+    if matched in picked.columns:
+        out[matched] = picked[matched].to_numpy()
+    return out
 
 
-def heatmap_png(df: pd.DataFrame, meta: Mapping[str, str], dpi: int = 100) -> bytes:
-    """PNG bytes of a layer x expert heatmap of risk_diff, diverging and centred at 0.
-
-    Pairs beyond the permutation null's threshold are circled. Rendered in memory (no pyplot
+def heatmap_png(
+    df: pd.DataFrame, meta: Mapping[str, str], alpha: float = 0.05, dpi: int = 100
+) -> bytes:
+    """PNG bytes of layer x expert heatmaps of risk_diff, diverging and centred at 0: one panel
+    per contrast with inference in the report (pooled, and matched when present), on one colour
+    scale. Pairs with prompt-level q_perm <= alpha are circled. Rendered in memory (no pyplot
     global state) so the stage writes nothing until everything is computed.
     """
     from matplotlib.figure import Figure
 
-    n_layers, n_experts = int(meta[META_N_LAYERS]), int(meta[META_N_EXPERTS])
-    grid = np.zeros((n_layers, n_experts))
-    grid[df["layer"].to_numpy(), df["expert"].to_numpy()] = df["risk_diff"].to_numpy()
-    lim = max(float(np.abs(grid).max()), 1e-6)
+    n_layers, n_experts = max(moe_layers_of(meta)) + 1, int(meta[META_N_EXPERTS])
+    panels = [c for c in CONTRASTS if c.inferred and f"{c.prefix}risk_diff" in df.columns]
+    layer, expert = df["layer"].to_numpy(), df["expert"].to_numpy()
+    grids = []
+    for c in panels:
+        grid = np.full((n_layers, n_experts), np.nan)  # [L, E]; dense layers stay blank
+        grid[layer, expert] = df[f"{c.prefix}risk_diff"].to_numpy()
+        grids.append(grid)
+    lim = max(max(float(np.nanmax(np.abs(g))) for g in grids), 1e-6)
+    width = min(3.0 + 0.16 * n_experts, 24.0)
     fig = Figure(
-        figsize=(min(3.0 + 0.16 * n_experts, 24.0), min(2.0 + 0.2 * n_layers, 16.0)),
+        figsize=(min(width * len(panels), 36.0), min(2.0 + 0.2 * n_layers, 16.0)),
         layout="constrained",
     )
-    ax = fig.add_subplot()
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="risk diff (unsafe - safe activation rate)")
-    title = f"{meta.get(META_MODEL, '')}  scope={meta['token_scope']}"
-    if "null_threshold" in meta:
-        thr = float(meta["null_threshold"])
-        ys, xs = np.nonzero(np.abs(grid) > thr)
-        ax.scatter(xs, ys, s=30, facecolors="none", edgecolors="black", linewidths=0.8)
-        title += f"\n{len(xs)} circled beyond null q{float(meta['null_quantile']):g} = {thr:.3f}"
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    info = json.loads(meta.get("contrasts", "{}"))
+    for ax, c, grid in zip(axes, panels, grids, strict=True):
+        im = ax.imshow(
+            grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+        )
+        title = c.name
+        if c.name in info:
+            title += f" ({info[c.name]['prompts_case']} vs {info[c.name]['prompts_reference']})"
+        q = df[f"{c.prefix}q_perm"].to_numpy()
+        if not np.isnan(q).all():
+            hit = q <= alpha
+            ax.scatter(expert[hit], layer[hit], s=30, facecolors="none", edgecolors="black",
+                       linewidths=0.8)  # fmt: skip
+            title += f"\n{int(hit.sum())} circled: q_perm <= {alpha:g}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    fig.colorbar(im, ax=list(axes), label="risk diff (case - reference)")
+    fig.suptitle(f"{meta.get(META_MODEL, '')}  scope={meta['token_scope']}", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()

@@ -1,7 +1,13 @@
 """Pick the experts to steer from the risk_diff report (SteerMoE's selection rule).
 
-unsafe: risk_diff > threshold and q_value <= alpha, highest risk_diff first, at most top_k.
-safe: the mirror, risk_diff < -threshold and q_value <= alpha, lowest first, at most top_k.
+A contrast passes for the unsafe list when its risk_diff > threshold and its prompt-level
+q-value (q_perm, label permutations over prompts) <= alpha; for the safe list the mirror
+(risk_diff < -threshold). `require` names the contrasts that must pass (contrasts.py):
+- pooled: all unsafe vs all safe prompts (SteerMoE's contrast; mixes safety with style);
+- matched: XSTest unsafe vs XSTest safe (look-alike pairs: safety without style);
+- both: pooled and matched.
+Order: strongest first by the required contrast's risk_diff (with `both`, by the weaker of the
+two, so a pair ranks high only if both contrasts say so), at most top_k per list.
 An empty selection is a valid outcome (the model does not route by safety): logged, not raised.
 """
 
@@ -11,21 +17,39 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from steerline.steermoe.contrasts import MATCHED, POOLED, REQUIRE_CHOICES
 
 log = logging.getLogger(__name__)
 
-_NEEDED = ("layer", "expert", "risk_diff", "q_value")
+_BY_REQUIRE = {"pooled": (POOLED,), "matched": (MATCHED,), "both": (POOLED, MATCHED)}
 
 
-def _check(df: pd.DataFrame, threshold: float, top_k: int, alpha: float) -> None:
-    for col in _NEEDED:
+def _needed(require: str) -> list[str]:
+    cols = ["layer", "expert"]
+    for c in _BY_REQUIRE[require]:
+        cols += [f"{c.prefix}risk_diff", f"{c.prefix}q_perm"]
+    return cols
+
+
+def _check(df: pd.DataFrame, threshold: float, top_k: int, alpha: float, require: str) -> None:
+    if require not in REQUIRE_CHOICES:
+        raise ValueError(
+            f"select_experts.require must be one of {REQUIRE_CHOICES}, got {require!r}"
+        )
+    needed = _needed(require)
+    for col in needed:
         if col not in df.columns:
             raise ValueError(
-                f"risk_diff report has no column {col!r} (has {list(df.columns)}): rerun risk_diff"
+                f"risk_diff report has no column {col!r} (needed by require={require!r}; has "
+                f"{list(df.columns)}): rerun risk_diff"
             )
-    if df[list(_NEEDED)].isna().any().any():
-        raise ValueError("risk_diff report has missing values in layer/expert/risk_diff/q_value")
+    bad = [c for c in needed if df[c].isna().any()]
+    if bad:
+        hint = " (risk_diff.n_permutations is 0?)" if bad[0].endswith("q_perm") else ""
+        raise ValueError(f"risk_diff report has missing values in column {bad[0]!r}{hint}")
     if threshold < 0:
         raise ValueError(f"select_experts.threshold must be >= 0, got {threshold}")
     if top_k < 1:
@@ -34,30 +58,40 @@ def _check(df: pd.DataFrame, threshold: float, top_k: int, alpha: float) -> None
         raise ValueError(f"select_experts.alpha must be in (0, 1], got {alpha}")
 
 
-def _pick(df: pd.DataFrame, mask: pd.Series, ascending: bool, top_k: int) -> pd.DataFrame:
-    # ties broken by q-value, then (layer, expert), so the choice is deterministic
-    picked = df[mask].sort_values(
-        ["risk_diff", "q_value", "layer", "expert"],
-        ascending=[ascending, True, True, True],
-        kind="stable",
+def _side(
+    df: pd.DataFrame, require: str, threshold: float, alpha: float, unsafe: bool, top_k: int
+) -> pd.DataFrame:
+    sign = 1.0 if unsafe else -1.0
+    passes = np.ones(len(df), bool)
+    strength = np.full(len(df), np.inf)  # sign * risk_diff of the weakest required contrast
+    q = np.zeros(len(df))  # the largest required q, for ties
+    for c in _BY_REQUIRE[require]:
+        s = sign * df[f"{c.prefix}risk_diff"].to_numpy()
+        qc = df[f"{c.prefix}q_perm"].to_numpy()
+        passes &= (s > threshold) & (qc <= alpha)
+        strength, q = np.minimum(strength, s), np.maximum(q, qc)
+    ranked = df.assign(_strength=strength, _q=q)[passes]
+    # ties broken by q, then (layer, expert), so the choice is deterministic
+    ranked = ranked.sort_values(
+        ["_strength", "_q", "layer", "expert"], ascending=[False, True, True, True], kind="stable"
     )
-    return picked.head(top_k)
+    return ranked.head(top_k)
 
 
 def select_experts(
     df: pd.DataFrame,
-    threshold: float = 0.05,
-    top_k: int = 50,
-    alpha: float = 0.05,
+    threshold: float,
+    top_k: int,
+    alpha: float,
+    require: str,
     meta: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The models/experts.json object: {"unsafe": [[layer, expert], ...], "safe": [...],
-    "criteria": {threshold, top_k, alpha, token_scope, model}} (the last two from `meta`, the
-    risk_diff report's metadata, when given)."""
-    _check(df, threshold, top_k, alpha)
-    significant = df["q_value"] <= alpha
-    unsafe = _pick(df, significant & (df["risk_diff"] > threshold), False, top_k)
-    safe = _pick(df, significant & (df["risk_diff"] < -threshold), True, top_k)
+    "criteria": {threshold, top_k, alpha, require, q_column, token_scope, model}} (the last two
+    from `meta`, the risk_diff report's metadata, when given)."""
+    _check(df, threshold, top_k, alpha, require)
+    unsafe = _side(df, require, threshold, alpha, True, top_k)
+    safe = _side(df, require, threshold, alpha, False, top_k)
     meta = meta or {}
     out = {
         "unsafe": [[int(r.layer), int(r.expert)] for r in unsafe.itertuples()],
@@ -66,6 +100,8 @@ def select_experts(
             "threshold": float(threshold),
             "top_k": int(top_k),
             "alpha": float(alpha),
+            "require": require,
+            "q_column": "q_perm",
             "token_scope": meta.get("token_scope"),
             "model": meta.get("model"),
         },
@@ -73,10 +109,12 @@ def select_experts(
     for side in ("unsafe", "safe"):
         if not out[side]:
             log.warning(
-                "no %s experts pass |risk_diff| > %g with q <= %g: the %s list is empty",
+                "no %s experts pass |risk_diff| > %g with prompt-level q <= %g (require %s): the "
+                "%s list is empty",
                 side,
                 threshold,
                 alpha,
+                require,
                 side,
             )
     return out
@@ -91,20 +129,30 @@ def experts_summary(
     """Metrics for reports/experts_summary.json: counts and the top selected entries.
 
     With the risk_diff report's metadata, also how many selected experts beat the prompt-level
-    permutation null (token-level q-values alone are anti-conservative).
+    max-|risk_diff| permutation null; with matched columns in the report, how many selected
+    experts have a matched risk_diff on their side of zero (unsafe: > 0, safe: < 0).
     """
     meta = meta or {}
-    rd = df.set_index(["layer", "expert"])["risk_diff"]
+    rows = df.set_index(["layer", "expert"])
     thr = float(meta["null_threshold"]) if "null_threshold" in meta else None
+    matched = f"{MATCHED.prefix}risk_diff"
     out: dict[str, Any] = {"criteria": dict(selection["criteria"])}
     for side in ("unsafe", "safe"):
         pairs = [tuple(p) for p in selection[side]]
-        vals = [float(rd.loc[p]) for p in pairs]
+        vals = [float(rows.loc[p, "risk_diff"]) for p in pairs]
         out[f"n_{side}"] = len(pairs)
         if thr is not None:
             out[f"n_{side}_beyond_null"] = sum(abs(v) > thr for v in vals)
-        out[f"top_{side}"] = [
-            {"layer": int(layer), "expert": int(expert), "risk_diff": v}
-            for (layer, expert), v in list(zip(pairs, vals, strict=True))[:n_top]
-        ]
+        if matched in rows.columns:
+            sign = 1.0 if side == "unsafe" else -1.0
+            out[f"n_{side}_matched_agrees"] = sum(
+                sign * float(rows.loc[p, matched]) > 0 for p in pairs
+            )
+        top = []
+        for p, v in list(zip(pairs, vals, strict=True))[:n_top]:
+            entry = {"layer": int(p[0]), "expert": int(p[1]), "risk_diff": v}
+            if matched in rows.columns:
+                entry["matched_risk_diff"] = float(rows.loc[p, matched])
+            top.append(entry)
+        out[f"top_{side}"] = top
     return out

@@ -1,0 +1,112 @@
+"""Which prompts each risk-difference contrast compares, and how far two contrasts agree.
+
+All safe prompts are XSTest; the unsafe ones are AdvBench plus XSTest's unsafe contrast prompts.
+A pooled difference therefore mixes safety with dataset style (AdvBench's imperative
+instructions vs XSTest's short questions). The contrasts:
+- pooled: every unsafe prompt vs every safe prompt (SteerMoE's definition);
+- matched: XSTest unsafe vs XSTest safe: the unsafe ones were written as look-alikes of the safe
+  ones (same words and form), so what differs is safety, not style;
+- style: AdvBench unsafe vs XSTest unsafe: both unsafe, so what differs is style (a diagnostic:
+  a safety signal should agree with matched, not with style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+# (source, label) of a group of prompts; source None = any source
+Group = tuple[str | None, str]
+
+
+@dataclass(frozen=True)
+class Contrast:
+    name: str
+    prefix: str  # of its report columns ("" for pooled: the historical column names)
+    case: tuple[Group, ...]  # the first group (risk_diff > 0: more often routed here)
+    reference: tuple[Group, ...]
+    inferred: bool  # permutation p-values and bootstrap CIs (else the risk difference only)
+
+
+POOLED = Contrast("pooled", "", ((None, "unsafe"),), ((None, "safe"),), True)
+MATCHED = Contrast("matched", "matched_", (("xstest", "unsafe"),), (("xstest", "safe"),), True)
+STYLE = Contrast("style", "style_", (("advbench", "unsafe"),), (("xstest", "unsafe"),), False)
+CONTRASTS = (POOLED, MATCHED, STYLE)
+REQUIRE_CHOICES = ("pooled", "matched", "both")  # select_experts.require
+# Pairs compared by the agreement report (first, second).
+AGREEMENT_PAIRS = (("pooled", "matched"), ("pooled", "style"), ("matched", "style"))
+AGREEMENT_TOP_N = 50  # size of the highest-risk_diff lists whose overlap is reported
+
+
+def needs_sources(contrast: Contrast) -> bool:
+    return any(src is not None for src, _ in (*contrast.case, *contrast.reference))
+
+
+def _in(groups: Sequence[Group], source: np.ndarray | None, label: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(label), bool)
+    for src, lab in groups:
+        hit = label == lab
+        if src is not None:
+            hit &= source == src
+        out |= hit
+    return out
+
+
+def contrast_sides(contrast: Contrast, source: np.ndarray | None, unsafe: np.ndarray) -> np.ndarray:
+    """[P] int8: 1 case, 0 reference, -1 not in the contrast. Raises if a side is empty."""
+    if needs_sources(contrast) and source is None:
+        raise ValueError(f"contrast {contrast.name!r} needs each prompt's source")
+    label = np.where(unsafe, "unsafe", "safe")
+    case = _in(contrast.case, source, label)
+    ref = _in(contrast.reference, source, label)
+    named = (("case", case, contrast.case), ("reference", ref, contrast.reference))
+    for name, side, groups in named:
+        if not side.any():
+            raise ValueError(
+                f"contrast {contrast.name!r} has no in-scope prompts on its {name} side "
+                f"(source, label) in {list(groups)}: check prepare_safety's sources and split"
+            )
+    return np.where(case, 1, np.where(ref, 0, -1)).astype(np.int8)
+
+
+def prompt_sources(
+    prompt_ids: Sequence[str], unsafe: np.ndarray, prompts: pd.DataFrame, where: str
+) -> np.ndarray:
+    """[P] source of each routed prompt, joined on prompt_id with the prompt table `prompts`
+    (columns prompt_id, label, source). Raises on a routed prompt missing from the table or a
+    label that disagrees with it."""
+    missing = [c for c in ("prompt_id", "label", "source") if c not in prompts.columns]
+    if missing:
+        raise ValueError(f"{where} has no column {missing[0]!r}: rerun prepare_safety")
+    table = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    ids = pd.Index(list(prompt_ids))
+    absent = ids[~ids.isin(table.index)]
+    if len(absent):
+        raise ValueError(
+            f"routed prompt {absent[0]!r} is not in {where} ({len(absent)} missing): the routing "
+            "and the prompts come from different runs; rerun capture_routing"
+        )
+    rows = table.loc[ids]
+    label = np.where(unsafe, "unsafe", "safe")
+    clash = np.flatnonzero(rows["label"].to_numpy() != label)
+    if clash.size:
+        i = int(clash[0])
+        raise ValueError(
+            f"prompt {ids[i]!r} is {str(label[i])!r} in the routing but "
+            f"{str(rows['label'].iloc[i])!r} in "
+            f"{where}: rerun capture_routing"
+        )
+    return rows["source"].astype(str).to_numpy()
+
+
+def agreement(first: np.ndarray, second: np.ndarray, top_n: int = AGREEMENT_TOP_N) -> dict:
+    """Spearman correlation over all pairs and the overlap of the top_n highest of each."""
+    rho = float(spearmanr(first, second).statistic)
+    n = min(top_n, len(first))
+    top_a = set(np.argsort(-first, kind="stable")[:n].tolist())
+    top_b = set(np.argsort(-second, kind="stable")[:n].tolist())
+    return {"spearman": rho, f"top{top_n}_overlap": len(top_a & top_b)}
