@@ -1,11 +1,21 @@
-"""Stage eval_steering: base vs mean-difference baseline vs MAT-Steer on each task's test split.
+"""Stage eval_steering: base vs mean-difference baselines vs MAT-Steer on each task's test split.
 
-Metrics (reports/mat_steer_eval.json, DVC metrics): TruthfulQA MC1/MC2, BBQ accuracy, ToxiGen
-accuracy for the unsteered model, the mean-difference baseline (sum over attributes of
-mean(pos) - mean(neg) of the train activations, times a scale chosen on dev) and MAT-Steer, each
-applied by a hook at the checkpoint's layer to every token; plus per-attribute gate diagnostics on
-the test activations. Details (scale sweep, item counts, timings) go to
-reports/mat_steer_eval_details.json.
+Conditions, each applied by a hook at the checkpoint's layer to every token:
+- base: the unsteered model;
+- mean_diff: the sum over attributes of mean(pos) - mean(neg) of the train activations, times a
+  scale chosen on dev (`mean_diff_scales`);
+- single_attribute: each task steered only by its own attribute's mean-difference vector (scale
+  chosen on dev), the interference reference: mean_diff - single_attribute is what steering the
+  other attributes costs;
+- mat_steer: the gated MAT-Steer module (steering vectors times a scale chosen on dev from
+  `mat_scales`; 1.0 = as trained).
+Metrics (reports/mat_steer_eval.json, DVC metrics): TruthfulQA MC1/MC2, BBQ and ToxiGen accuracy
+and their average per condition; paired bootstrap 95% CIs over items of the differences; per
+attribute the gate's test AUROC beside an L2 logistic probe's (the linear ceiling), gate medians
+on pos / neg, MMD(steered neg, pos) before / after. Also: per-item values
+(reports/mat_steer_eval_items.parquet), the gate histograms (reports/mat_steer_gate_hist.csv,
+`dvc plots`) and details (dev sweeps, item counts, interference verdicts) in
+reports/mat_steer_eval_details.json; wall-clock seconds in reports/timings/ (not a DVC output).
 """
 
 from __future__ import annotations
@@ -18,13 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steerline.io import write_json
+from steerline.io import atomic_path, write_json, write_parquet, write_timings
 from steerline.mat_steer.activations import load_activations
 from steerline.mat_steer.data import TASKS, task_rng
-from steerline.mat_steer.diagnostics import attribute_diagnostics
-from steerline.mat_steer.evaluate import METRICS, evaluate_condition, task_items
+from steerline.mat_steer.evaluate import evaluate_items, task_items
 from steerline.mat_steer.hooks import additive_fn, mat_steer_fn
-from steerline.mat_steer.module import SteeringModule, check_compatible, load_steering
+from steerline.mat_steer.module import (
+    SteeringModule,
+    check_compatible,
+    load_steering,
+    with_vector_scale,
+)
+from steerline.mat_steer.report import compare, gate_histograms, gate_report, means, verdict
 from steerline.mat_steer.train import mean_difference_vectors, split_pos_neg
 from steerline.model.arch import decoder_layers
 from steerline.model.load import load_causal_lm
@@ -35,57 +50,101 @@ ACTIVATIONS = Path("data/activations")
 CHECKPOINT = Path("models/mat_steer")
 METRICS_OUT = Path("reports/mat_steer_eval.json")
 DETAILS_OUT = Path("reports/mat_steer_eval_details.json")
+ITEMS_OUT = Path("reports/mat_steer_eval_items.parquet")
+HIST_OUT = Path("reports/mat_steer_gate_hist.csv")
+TASK_ATTRIBUTE = {"truthfulqa": "truthfulqa", "toxigen": "toxigen", "bbq": "bbq"}
 log = logging.getLogger("eval_steering")
-
-
-def gate_report(module: SteeringModule, attributes: list[str], test: dict, bandwidth: float
-                ) -> dict[str, dict[str, float]]:
-    return {name: attribute_diagnostics(module, t, test[name].pos, test[name].neg, bandwidth)
-            for t, name in enumerate(attributes)}
 
 
 def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFrame],
                  acts: dict, labels: dict, splits: dict, module: SteeringModule, layer: int,
-                 attributes: list[str], bandwidth: float, p: EvalSteering, seed: int
-                 ) -> tuple[dict, dict]:
-    """Pure given the model: (metrics, details)."""
+                 attributes: list[str], training: dict, p: EvalSteering, seed: int
+                 ) -> tuple[dict, dict, pd.DataFrame, list[dict], dict[str, float]]:
+    """Pure given the model: (metrics, details, per-item values, gate histogram rows, seconds per
+    condition)."""
     timings: dict[str, float] = {}
-    test_items = {t: task_items(tables[t], "test") for t in TASKS}
+    test_items = {t: task_items(tables[t], "test", p.max_test_items[t],
+                                task_rng(seed, t + ":test")) for t in TASKS}
     dev_items = {t: task_items(tables[t], "dev", p.max_dev_items, task_rng(seed, t + ":dev"))
                  for t in TASKS}
 
-    def run(name: str, items: dict, fn) -> dict[str, float]:
+    def run(name: str, items: dict, fn) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        out = evaluate_condition(model, tokenizer, items, layer, fn, p.max_rows, name)
+        out = evaluate_items(model, tokenizer, items, layer, fn, p.max_rows, name)
         timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("%s: %s (%.0f s)", name, {k: round(v, 4) for k, v in out.items()},
+        log.info("%s: %s (%.0f s)", name, {k: round(float(v.mean()), 4) for k, v in out.items()},
                  timings[name])
         return out
 
-    base = run("base", test_items, None)
+    def pick(name: str, scales: list[float], make_fn) -> tuple[float, dict]:
+        """The scale with the best dev average over the metrics (no dev run for one scale)."""
+        if len(scales) == 1:
+            return scales[0], {}
+        sweep = {f"{s:g}": means(run(f"{name} dev x{s:g}", dev_items, make_fn(s)))
+                 for s in scales}
+        return max(scales, key=lambda s: sweep[f"{s:g}"]["average"]), sweep
+
     train = split_pos_neg(acts, labels, splits, "train")
-    direction = mean_difference_vectors({a: train[a] for a in attributes}).sum(0)  # [D]
-    sweep = {}
-    for scale in p.mean_diff_scales:
-        dev = run(f"mean_diff dev x{scale:g}", dev_items, additive_fn(scale * direction))
-        sweep[f"{scale:g}"] = {**dev, "mean": float(np.mean([dev[k] for k in METRICS]))}
-    best_scale = max(p.mean_diff_scales, key=lambda s: sweep[f"{s:g}"]["mean"])
-    mean_diff = run("mean_diff", test_items, additive_fn(best_scale * direction))
-    mat = run("mat_steer", test_items, mat_steer_fn(module))
+    vectors = mean_difference_vectors({a: train[a] for a in attributes})  # [T, D]
+    direction = vectors.sum(0)  # [D]
+    own = {t: vectors[attributes.index(TASK_ATTRIBUTE[t])] for t in TASKS}  # task -> [D]
+
+    def all_fn(s: float):
+        return additive_fn(s * direction)
+
+    def single_fn(s: float):
+        return {t: additive_fn(s * v) for t, v in own.items()}
+
+    def mat_fn(s: float):
+        return mat_steer_fn(with_vector_scale(module, s))
+
+    md_scale, md_sweep = pick("mean_diff", p.mean_diff_scales, all_fn)
+    single_scale, single_sweep = pick("single_attribute", p.mean_diff_scales, single_fn)
+    mat_scale, mat_sweep = pick("mat_steer", p.mat_scales, mat_fn)
+    values = {"base": run("base", test_items, None),
+              "mean_diff": run("mean_diff", test_items, all_fn(md_scale)),
+              "single_attribute": run("single_attribute", test_items, single_fn(single_scale)),
+              "mat_steer": run("mat_steer", test_items, mat_fn(mat_scale))}
+
+    dev = split_pos_neg(acts, labels, splits, "dev")
     test = split_pos_neg(acts, labels, splits, "test")
-    gates = gate_report(module, attributes, test, bandwidth)
-    metrics = {"base": base, "mean_diff": mean_diff, "mat_steer": mat, "gates": gates}
+    bandwidths = [float(b) for b in training["bandwidths"]]
+    gates = gate_report(module, attributes, train, dev, test, bandwidths,
+                        [float(c) for c in training["probe_cs"]], float(training["scale"]))
+    pairs = {"mat_steer_minus_base": ("mat_steer", "base"),
+             "mat_steer_minus_mean_diff": ("mat_steer", "mean_diff"),
+             "mean_diff_minus_base": ("mean_diff", "base"),
+             # interference: the other attributes' vectors on top of the task's own
+             "mean_diff_minus_single_attribute": ("mean_diff", "single_attribute"),
+             "mat_steer_minus_single_attribute": ("mat_steer", "single_attribute")}
+    paired = {name: compare(values[a], values[b], p.n_bootstrap, seed)
+              for name, (a, b) in pairs.items()}
+    interference = {name: {m: verdict(ci) for m, ci in paired[name].items()}
+                    for name in ("mean_diff_minus_single_attribute",
+                                 "mat_steer_minus_single_attribute")}
+    metrics = {**{c: means(v) for c, v in values.items()}, "paired": paired, "gates": gates}
     details = {
-        "layer": layer, "mean_diff_scale": best_scale, "mean_diff_dev_sweep": sweep,
+        "layer": layer, "scales": {"mean_diff": md_scale, "single_attribute": single_scale,
+                                   "mat_steer": mat_scale},
+        "dev_sweeps": {"mean_diff": md_sweep, "single_attribute": single_sweep,
+                       "mat_steer": mat_sweep},
+        "interference": interference,
         "mean_diff_direction_norm": float(direction.norm()),
         "steering_vector_norms": dict(zip(attributes,
                                           module.steering_vectors.norm(dim=1).tolist(),
                                           strict=True)),
         "n_test_items": {t: len(v) for t, v in test_items.items()},
         "n_dev_items": {t: len(v) for t, v in dev_items.items()},
-        "seconds": timings,
+        "n_test_activations": {a: [len(test[a].pos), len(test[a].neg)] for a in attributes},
     }
-    return metrics, details
+    rows = []
+    for cond, vals in values.items():
+        for metric, v in vals.items():
+            ids = test_items[next(t for t in TASKS if metric.startswith(t))]["item_id"]
+            rows.append(pd.DataFrame({"condition": cond, "metric": metric,
+                                      "item_id": ids.to_numpy(), "value": v}))
+    items = pd.concat(rows, ignore_index=True)
+    return metrics, details, items, gate_histograms(module, attributes, test), timings
 
 
 def main() -> None:
@@ -95,6 +154,10 @@ def main() -> None:
     p = params.eval_steering
     torch.manual_seed(params.seed)
     module, config = load_steering(CHECKPOINT)
+    missing = {"bandwidths", "scale", "probe_cs"} - set(config.training)
+    if missing:
+        raise ValueError(f"{CHECKPOINT}/config.json lacks training {sorted(missing)} (written by "
+                         "an older train_steering): re-run train_steering")
     tables, acts, labels, splits = {}, {}, {}, {}
     for task in TASKS:
         tables[task] = pd.read_parquet(ATTRIBUTES / f"{task}.parquet")
@@ -106,19 +169,25 @@ def main() -> None:
         splits[task] = meta["split"].to_numpy()
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))
-    metrics, details = evaluate_all(model, tokenizer, tables, acts, labels, splits, module,
-                                    config.layer, config.attributes,
-                                    float(config.training["bandwidth"]), p, params.seed)
-    details["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    metrics, details, items, hist, seconds = evaluate_all(
+        model, tokenizer, tables, acts, labels, splits, module, config.layer, config.attributes,
+        config.training, p, params.seed)
+    seconds["total"] = time.perf_counter() - t0
+    write_timings("eval_steering", seconds)
+    write_parquet(items, ITEMS_OUT)
+    with atomic_path(HIST_OUT) as tmp:
+        pd.DataFrame(hist).to_csv(tmp, index=False)
     write_json(metrics, METRICS_OUT)
     write_json(details, DETAILS_OUT)
-    log.info("gate AUROC %s; done in %.0f s",
+    log.info("gate AUROC %s (probe %s); average %s; done in %.0f s",
              {k: round(v["gate_auroc"], 3) for k, v in metrics["gates"].items()},
-             details["seconds"]["total"])
+             {k: round(v["probe_auroc"], 3) for k, v in metrics["gates"].items()},
+             {c: round(metrics[c]["average"], 4) for c in
+              ("base", "mean_diff", "single_attribute", "mat_steer")},
+             seconds["total"])
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        raise SystemExit(f"eval_steering: {err}") from None
+    from steerline.stage_main import run_stage
+
+    run_stage(main)

@@ -63,7 +63,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        raise SystemExit(f"extract_activations: {err}") from None
+    from steerline.stage_main import run_stage
+
+    run_stage(main)

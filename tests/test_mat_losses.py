@@ -76,7 +76,7 @@ def test_gate_losses_and_orthogonality_match_references() -> None:
 
 
 def test_total_loss_matches_seed_style_reference() -> None:
-    """The batched losses equal the seed's per-attribute loops on the same samples."""
+    """The batched losses equal the reference code's per-attribute loops on the same samples."""
     torch.manual_seed(2)
     module, w = _module(), LossWeights(1.0, 0.9, 0.1, 0.9)
     pos, neg, ref = torch.randn(T, N, D), torch.randn(T, N, D) + 1.0, torch.randn(T, N, D)
@@ -98,6 +98,40 @@ def test_total_loss_matches_seed_style_reference() -> None:
     torch.set_grad_enabled(True)
     for k, v in ref.items():
         assert abs(float(got[k].detach()) - v) < 1e-5, k
+
+
+def test_targeted_losses_match_literal_references() -> None:
+    """Targeted sparsity: only gates t' != t of attribute t's negatives; gate term: the
+    cross-entropy of each attribute's own gate (0 on its positives, 1 on its negatives)."""
+    torch.manual_seed(3)
+    module, w = _module(), LossWeights(1.0, 0.9, 0.1, 0.9, gate=0.7)
+    pos, neg, ref = torch.randn(T, N, D), torch.randn(T, N, D) + 1.0, torch.randn(T, N, D)
+    torch.set_grad_enabled(False)
+    got = mat_steer_losses(module, pos, neg, ref, w, bandwidth=(1.0, 3.0), objective="targeted")
+    seed = mat_steer_losses(module, pos, neg, ref, w, bandwidth=(1.0, 3.0), objective="seed")
+    off, bce_pos, bce_neg = [], [], []
+    for t in range(T):
+        for i in range(N):
+            g_neg = torch.sigmoid(module.gate_weight @ neg[t, i] + module.gate_bias)  # [T]
+            g_pos = torch.sigmoid(module.gate_weight @ pos[t, i] + module.gate_bias)
+            off += [float(g_neg[u]) for u in range(T) if u != t]
+            bce_pos.append(-math.log(1 - float(g_pos[t])))
+            bce_neg.append(-math.log(float(g_neg[t])))
+    sparse = sum(off) / len(off)
+    gate = 0.5 * (sum(bce_pos) / len(bce_pos) + sum(bce_neg) / len(bce_neg))
+    steered, _ = module(neg.reshape(-1, D))
+    mmd = sum(_ref_mmd(steered.reshape(T, N, D)[t], ref[t], 1.0)
+              + _ref_mmd(steered.reshape(T, N, D)[t], ref[t], 3.0) for t in range(T)) / T
+    torch.set_grad_enabled(True)
+    assert abs(float(got["sparse"]) - sparse) < 1e-6
+    assert abs(float(got["gate"]) - gate) < 1e-5
+    assert abs(float(got["mmd"]) - mmd) < 1e-5
+    for k in ("pos", "ortho", "mmd"):  # shared terms are the reference code's
+        assert float(got[k]) == float(seed[k])
+    expect = float(seed["total"]) + 0.9 * (sparse - float(seed["sparse"])) + 0.7 * gate
+    assert abs(float(got["total"]) - expect) < 1e-5 and "gate" not in seed
+    with pytest.raises(ValueError, match="objective must be one of"):
+        mat_steer_losses(module, pos, neg, ref, w, bandwidth=1.0, objective="other")
 
 
 def test_module_forward_equals_formula() -> None:

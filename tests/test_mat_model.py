@@ -11,7 +11,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steerline.io import write_npy, write_parquet
 from steerline.mat_steer.activations import extract_activations, load_activations, resolve_layer
-from steerline.mat_steer.evaluate import MCItem, score_choices, score_choices_reference
+from steerline.mat_steer.evaluate import (
+    MCItem,
+    evaluate_items,
+    score_choices,
+    score_choices_reference,
+)
 from steerline.mat_steer.generate import generate
 from steerline.mat_steer.hooks import additive_fn, mat_steering, steering_hook
 from steerline.mat_steer.module import SteeringConfig, SteeringModule
@@ -164,3 +169,23 @@ def test_generate_with_steering_and_cleanup(model, tok) -> None:
     steered = generate(model, tok, prompts, module, cfg, max_new_tokens=5, chat=False)
     assert steered != plain
     assert _hooks(model, 1) == before
+
+
+def test_per_task_steering_equals_separate_runs(model, tok) -> None:
+    """evaluate_items with a task -> function mapping steers each task by its own function only:
+    the per-item values equal one run per task with that function alone."""
+    def table(prompts, choices, correct):
+        return pd.DataFrame({"item_id": [f"i{k}" for k in range(len(prompts))], "prompt": prompts,
+                             "choices": choices, "correct_idx": correct})
+
+    items = {"bbq": table(["the cat is", "Q: who is the dog ? A:"],
+                          [["good", "bad", "no"], ["the sun", "a cat", "no"]], [0, 1]),
+             "toxigen": table(["statement hateful ? A:", "what is"], [["no", "yes"]] * 2, [0, 1])}
+    fns = {"bbq": additive_fn(torch.randn(HIDDEN) * 3), "toxigen": additive_fn(torch.randn(HIDDEN))}
+    mixed = evaluate_items(model, tok, items, 0, fns, max_rows=2)
+    for task, fn in fns.items():
+        alone = evaluate_items(model, tok, {task: items[task]}, 0, fn, max_rows=2)
+        for metric, values in alone.items():
+            np.testing.assert_array_equal(mixed[metric], values)
+    unsteered = evaluate_items(model, tok, items, 0, None, max_rows=2)
+    assert set(unsteered) == {"bbq_acc", "toxigen_acc"} and len(unsteered["bbq_acc"]) == 2

@@ -33,7 +33,7 @@ META_COLUMNS = ["example_id", "group_id", "label", "split"]
 
 
 def resolve_layer(n_layers: int, layer: int | None, layer_ratio: float) -> int:
-    """An explicit `layer`, or round(layer_ratio * n_layers) (the seed's 14 of 32 -> 13 of 30)."""
+    """An explicit `layer`, or round(layer_ratio * n_layers) (MAT-Steer: 14 of 32 -> 13 of 30)."""
     if layer is None:
         layer = int(round(layer_ratio * n_layers))
     if not 0 <= layer < n_layers:

@@ -1,7 +1,7 @@
 """Gate and distribution diagnostics on held-out activations (dev during training, test after).
 
 Gates are trained to open on NEGATIVE (violating) inputs and stay closed on positives, so the gate
-is scored as a detector of negatives: AUROC with neg = the positive class (the seed's evaluate()
+is scored as a detector of negatives: AUROC with neg = the positive class (the reference evaluate()
 had this inverted).
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from steerline.mat_steer.losses import mmd_rbf
+from steerline.mat_steer.losses import Bandwidth, mmd_rbf
 from steerline.mat_steer.module import SteeringModule
 
 
@@ -28,17 +28,22 @@ def auroc(scores: np.ndarray, is_positive: np.ndarray) -> float:
 
 @torch.no_grad()
 def attribute_diagnostics(module: SteeringModule, index: int, pos: torch.Tensor,
-                          neg: torch.Tensor, bandwidth: float) -> dict[str, float]:
+                          neg: torch.Tensor, bandwidth: Bandwidth) -> dict[str, float]:
     """Attribute `index`'s gate on its own pos [P, D] / neg [Q, D] activations, and
-    MMD(neg, pos) before and after steering the negatives."""
+    MMD(neg, pos) before and after steering the negatives (with every gate of the module)."""
     g_pos = module.gates(pos)[:, index]  # [P]
     steered_neg, gates_neg = module(neg)  # [Q, D], [Q, T]
     g_neg = gates_neg[:, index]  # [Q]
     scores = torch.cat([g_pos, g_neg]).numpy()
     labels = np.r_[np.zeros(len(g_pos), bool), np.ones(len(g_neg), bool)]
+    others = [t for t in range(module.n_attributes) if t != index]
     return {
         "gate_mean_pos": float(g_pos.mean()),
         "gate_mean_neg": float(g_neg.mean()),
+        "gate_median_pos": float(g_pos.median()),
+        "gate_median_neg": float(g_neg.median()),
+        # the other attributes' gates on this attribute's negatives (what sparsity acts on)
+        "other_gates_mean_neg": float(gates_neg[:, others].mean()) if others else 0.0,
         "gate_auroc": auroc(scores, labels),
         "gate_open_frac_neg": float((g_neg > 0.5).float().mean()),
         "gate_open_frac_pos": float((g_pos > 0.5).float().mean()),

@@ -175,25 +175,43 @@ def mc_items(task: str, items: pd.DataFrame) -> tuple[list[MCItem], list[dict]]:
     return out, info
 
 
+def task_item_values(task: str, scores: Sequence[np.ndarray], info: Sequence[dict]
+                     ) -> dict[str, np.ndarray]:
+    """Per-item metric values [n_items] (0/1 correctness, MC2 probability mass)."""
+    pairs = list(zip(scores, info, strict=True))
+    if task == "truthfulqa":
+        mc1 = [float(np.argmax(s[i["mc1"]]) == i["correct"]) for s, i in pairs]
+        mc2 = [mc2_score(s[i["mc2"]], i["mc2_labels"]) for s, i in pairs]
+        return {"truthfulqa_mc1": np.array(mc1), "truthfulqa_mc2": np.array(mc2)}
+    return {f"{task}_acc": np.array([float(np.argmax(s) == i["correct"]) for s, i in pairs])}
+
+
 def task_metrics(task: str, scores: Sequence[np.ndarray], info: Sequence[dict]
                  ) -> dict[str, float]:
-    if task == "truthfulqa":
-        mc1 = [int(np.argmax(s[i["mc1"]]) == i["correct"]) for s, i in zip(scores, info,
-                                                                            strict=True)]
-        mc2 = [mc2_score(s[i["mc2"]], i["mc2_labels"]) for s, i in zip(scores, info, strict=True)]
-        return {"truthfulqa_mc1": float(np.mean(mc1)), "truthfulqa_mc2": float(np.mean(mc2))}
-    acc = [int(np.argmax(s) == i["correct"]) for s, i in zip(scores, info, strict=True)]
-    return {f"{task}_acc": float(np.mean(acc))}
+    return {k: float(v.mean()) for k, v in task_item_values(task, scores, info).items()}
+
+
+def evaluate_items(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   items_by_task: Mapping[str, pd.DataFrame], layer: int,
+                   fn: SteerFn | Mapping[str, SteerFn | None] | None, max_rows: int = 64,
+                   name: str = "") -> dict[str, np.ndarray]:
+    """Per-item values of every task metric with a steering function hooked at `layer`: one `fn`
+    for all tasks, a mapping task -> fn (each task steered by its own function), or None (the
+    unsteered model)."""
+    values: dict[str, np.ndarray] = {}
+    for task, items in items_by_task.items():
+        task_fn = fn.get(task) if isinstance(fn, Mapping) else fn
+        with steering_hook(model, layer, task_fn):
+            mc, info = mc_items(task, items)
+            scores = score_choices(model, tokenizer, mc, max_rows, desc=f"{name} {task}")
+            values.update(task_item_values(task, scores, info))
+    return {k: values[k] for k in METRICS if k in values}
 
 
 def evaluate_condition(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                        items_by_task: Mapping[str, pd.DataFrame], layer: int,
-                       fn: SteerFn | None, max_rows: int = 64, name: str = "") -> dict[str, float]:
-    """All task metrics with `fn` hooked at `layer` (None = the unsteered model)."""
-    metrics: dict[str, float] = {}
-    with steering_hook(model, layer, fn):
-        for task, items in items_by_task.items():
-            mc, info = mc_items(task, items)
-            scores = score_choices(model, tokenizer, mc, max_rows, desc=f"{name} {task}")
-            metrics.update(task_metrics(task, scores, info))
-    return {k: metrics[k] for k in METRICS if k in metrics}
+                       fn: SteerFn | Mapping[str, SteerFn | None] | None, max_rows: int = 64,
+                       name: str = "") -> dict[str, float]:
+    """All task metrics (means over items) with `fn` hooked at `layer` (see evaluate_items)."""
+    values = evaluate_items(model, tokenizer, items_by_task, layer, fn, max_rows, name)
+    return {k: float(v.mean()) for k, v in values.items()}

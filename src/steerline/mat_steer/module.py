@@ -47,11 +47,15 @@ class SteeringModule(nn.Module):
     def n_attributes(self) -> int:
         return self.steering_vectors.shape[0]
 
+    def gate_logits(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts [..., D] -> gate logits w_t . a + b_t [..., T]."""
+        if acts.dim() == 2:
+            return torch.addmm(self.gate_bias, acts, self.gate_weight.T)
+        return acts @ self.gate_weight.T + self.gate_bias
+
     def gates(self, acts: torch.Tensor) -> torch.Tensor:
         """acts [..., D] -> gates [..., T] in (0, 1)."""
-        if acts.dim() == 2:
-            return torch.sigmoid(torch.addmm(self.gate_bias, acts, self.gate_weight.T))
-        return torch.sigmoid(acts @ self.gate_weight.T + self.gate_bias)
+        return torch.sigmoid(self.gate_logits(acts))
 
     def forward(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """acts [..., D] -> (steered [..., D], gates [..., T]), norm-preserving."""
@@ -72,6 +76,15 @@ class SteeringModule(nn.Module):
         acts = hidden.float()
         steered, _ = self(acts)
         return steered.to(hidden.dtype)
+
+
+@torch.no_grad()
+def with_vector_scale(module: SteeringModule, scale: float) -> SteeringModule:
+    """A copy of `module` whose steering vectors are multiplied by `scale` (gates unchanged)."""
+    out = SteeringModule(module.hidden_size, module.n_attributes)
+    out.load_state_dict(module.state_dict())
+    out.steering_vectors.mul_(scale)
+    return out.eval()
 
 
 def renormalize(original: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
