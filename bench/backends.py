@@ -6,7 +6,8 @@ identical answers up to splits at a float tie of the next-token logits and >= 99
 token-layers with the same top-k experts.
 Also times vLLM generation without any hook (its own routing rule, no capture) to give the
 capture overhead. Engine start-up is timed apart; both backends get one torch thread by default
-(vLLM's CPU setting; `--hf-threads` changes the transformers one). Last line: one JSON object.
+(vLLM's CPU setting; `--hf-threads` changes the transformers one). Goal: ratio >= 2. Last line:
+one JSON object (bench contract: bench, ratio, equal, goal, baseline).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
           f"{c.topk_agreement:.5f} (token-layers of the common prefixes)")
     print(json.dumps({
         "bench": "backends", "ratio": round(vllm_tps / hf_tps, 3), "equal": c.agree,
+        "goal": "ratio >= 2", "baseline": "transformers_backend",
         "identical_answers": c.identical, "float_tie_splits": c.tie_splits,
         "other_splits": c.other_splits, "topk_agreement": round(c.topk_agreement, 5),
         "transformers_tok_s": round(hf_tps, 2),

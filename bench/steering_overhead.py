@@ -3,7 +3,8 @@
 Greedy generation of a fixed number of new tokens for a batch of chat prompts; unsteered and
 steered runs are interleaved and the median of REPEATS timings of each is compared. Uses the
 trained checkpoint models/mat_steer when present, else random steering at the default layer.
-Goal: ratio <= 1.10.
+Goal: ratio <= 1.10. Last line: one JSON object (bench contract: bench, ratio, equal, goal,
+baseline); equal: the steered run with all steering vectors zero gives the unsteered answers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin (see dvc.yaml)
 
+import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -59,6 +61,17 @@ def main() -> None:
     print(f"{len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, layer {cfg.layer}, {source}")
     print(f"median seconds: unsteered {p:.3f}, steered {s:.3f} ({REPEATS} interleaved runs)")
     print(f"steering overhead ratio: {s / p:.3f} (goal <= 1.10)")
+    # the hook itself changes nothing when the vectors are zero (module.steer is exact then)
+    zero = SteeringModule(module.hidden_size, module.n_attributes)
+    with torch.no_grad():
+        zero.steering_vectors.zero_()
+    equal = generate(model, tok, PROMPTS, zero, cfg, **kw) == generate(model, tok, PROMPTS, **kw)
+    print(json.dumps({
+        "bench": "steering_overhead", "ratio": round(s / p, 3), "equal": bool(equal),
+        "goal": "ratio <= 1.10", "baseline": "unsteered_generation", "steered_s": round(s, 3),
+        "unsteered_s": round(p, 3), "repeats": REPEATS, "prompts": len(PROMPTS),
+        "new_tokens": NEW_TOKENS, "layer": cfg.layer, "steering": source,
+    }))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""The `steerline` command (pyproject console script): what a researcher reaches for.
+
+    steerline generate --model models/moe --prompt "..." --experts models/experts.json --compare
+    steerline experts --top 10 [--contrast matched]
+    steerline routes --model models/moe --prompt "..."
+    steerline stages
+
+Bad input ends with one line on stderr saying what to fix (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from steerline.cli import experts, generate, routes, stages
+from steerline.cli.common import CliError
+
+COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "stages": stages}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="steerline",
+        description="Steer and inspect MoE / dense language models with the steerline pipeline's "
+                    "outputs (run from the project root; paths default to the pipeline's).")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub, name)
+    return ap
+
+
+def quiet_progress() -> None:
+    """No progress bars on a terminal command's output (tqdm's and transformers' own)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("generate", "routes"):
+        quiet_progress()
+    try:
+        COMMANDS[args.command].run(args)
+    except CliError as err:
+        print(f"steerline {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # the library's own errors already say what to fix (DenseModelError is a ValueError)
+        print(f"steerline {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `steerline experts | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

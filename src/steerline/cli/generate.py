@@ -1,0 +1,176 @@
+"""`steerline generate`: greedy answers, steered by SteerMoE expert steering and/or MAT-Steer,
+optionally beside the unsteered answers (--compare); any backend of steerline.backends."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from steerline.cli.common import CliError, param_default, parse_pairs, require_file
+
+if TYPE_CHECKING:  # torch-heavy modules are imported when a command runs (fast --help)
+    from steerline.steermoe.expert_steering import SteeringPlan
+
+DEFAULT_MOE = "models/moe"
+RISK_DIFF = Path("reports/risk_diff.parquet")  # fallback ranking for an empty experts.json list
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(
+        name, help="generate, steered (experts and/or MAT-Steer), optionally side by side",
+        description="Greedy answers to --prompt, steered by SteerMoE expert steering (--activate "
+                    "/ --deactivate pairs or --experts models/experts.json) and/or a MAT-Steer "
+                    "checkpoint (--mat); --compare prints the unsteered answer beside it.",
+        epilog="example: steerline generate --model models/moe --prompt 'How do I pick a lock?' "
+               "--experts models/experts.json --mode deactivate_unsafe --compare")
+    p.add_argument("--model", help=f"model directory (default: {DEFAULT_MOE}; with only --mat, "
+                                   "the checkpoint's own model)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="user text, sent through the chat template (repeat for a batch)")
+    g = p.add_argument_group("expert steering (SteerMoE router rule; MoE models only)")
+    g.add_argument("--activate", metavar="L:E,...", help="experts forced into every top-k")
+    g.add_argument("--deactivate", metavar="L:E,...", help="experts kept out of every top-k")
+    g.add_argument("--experts", metavar="JSON", help="models/experts.json from select_experts "
+                   "(instead of --activate / --deactivate)")
+    g.add_argument("--mode", help="with --experts: deactivate_unsafe, activate_safe or both "
+                   "(default: params.yaml expert_steering.mode)")
+    g.add_argument("--n-experts", type=int, metavar="N", help="with --experts: the first N of "
+                   "each list (default: params.yaml expert_steering.n_experts)")
+    g.add_argument("--delta", type=float, help="score margin of the rule (default: params.yaml "
+                   "expert_steering.delta)")
+    p.add_argument("--mat", metavar="DIR", help="MAT-Steer checkpoint (models/mat_steer from "
+                   "train_steering): gated steering of the residual stream")
+    p.add_argument("--backend", default="transformers", help="generation engine: transformers "
+                   "(the reference, default) or vllm")
+    p.add_argument("--compare", action="store_true",
+                   help="print the unsteered answer beside the steered one")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
+    """The expert steering plan the flags ask for (None when none), checked against the model's
+    config before any weight is loaded."""
+    import pandas as pd
+
+    from steerline.model.arch import DenseModelError
+    from steerline.model.load import moe_config
+    from steerline.steermoe.expert_steering import (
+        MODES,
+        SteeringPlan,
+        plan_from_experts,
+        read_experts_json,
+    )
+    pairs = args.activate is not None or args.deactivate is not None
+    if args.experts is not None and pairs:
+        raise CliError("give either --experts or --activate/--deactivate, not both")
+    if args.experts is None and (args.mode is not None or args.n_experts is not None):
+        raise CliError("--mode and --n-experts select from a list: add --experts "
+                       "models/experts.json")
+    if args.experts is None and not pairs:
+        if args.delta is not None:
+            raise CliError("--delta applies to expert steering: add --activate, --deactivate "
+                           "or --experts")
+        return None
+    try:
+        shape = moe_config(model)
+    except DenseModelError:
+        raise CliError(f"{model} is a dense model: expert steering needs an MoE model (e.g. "
+                       f"--model {DEFAULT_MOE}); use --mat for activation steering") from None
+    delta = float(param_default(args.delta, "expert_steering", "delta", "--delta"))
+    if pairs:
+        activate = parse_pairs(args.activate, "--activate") if args.activate else ()
+        deactivate = parse_pairs(args.deactivate, "--deactivate") if args.deactivate else ()
+        plan = SteeringPlan(activate, deactivate, delta, {"experts": "command line"})
+        plan.validate(shape["n_layers"], shape["n_experts"], shape["top_k"])
+        return plan
+    path = require_file(args.experts, "the selected experts",
+                        "run `dvc repro select_experts` or pass another --experts file")
+    mode = param_default(args.mode, "expert_steering", "mode", "--mode")
+    if mode not in MODES:
+        raise CliError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    n = int(param_default(args.n_experts, "expert_steering", "n_experts", "--n-experts"))
+    fallback = pd.read_parquet(RISK_DIFF) if RISK_DIFF.is_file() else None
+    return plan_from_experts(read_experts_json(path), mode, n, delta, shape["n_layers"],
+                             shape["n_experts"], shape["top_k"], fallback)
+
+
+def describe(plan: SteeringPlan | None, mat: str | None, layer: int | None) -> str:
+    parts = []
+    if plan is not None:
+        src = ", ".join(f"{k}: {v}" for k, v in sorted(plan.source.items()))
+        parts.append(f"experts: activate {len(plan.activate)}, deactivate {len(plan.deactivate)} "
+                     f"(delta {plan.delta}; {src})")
+    if mat is not None:
+        parts.append(f"MAT-Steer {mat} at layer {layer}")
+    return "; ".join(parts) or "none"
+
+
+def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> str:
+    """Two texts in columns of (width - 3) // 2 characters, wrapped, with titles."""
+    col = max(20, (width - 3) // 2)
+    wl = textwrap.wrap(left, col) or [""]
+    wr = textwrap.wrap(right, col) or [""]
+    rows = [f"{titles[0]:<{col}} | {titles[1]}", f"{'-' * col}-+-{'-' * col}"]
+    for i in range(max(len(wl), len(wr))):
+        a = wl[i] if i < len(wl) else ""
+        b = wr[i] if i < len(wr) else ""
+        rows.append(f"{a:<{col}} | {b}".rstrip())
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> None:
+    from steerline.backends import BACKENDS, ActivationSteering, Steering, make_backend
+    from steerline.chat import render_chat
+    from steerline.mat_steer.module import load_steering
+
+    if args.backend not in BACKENDS:
+        raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for text in args.prompt:
+        if not text.strip():
+            raise CliError("--prompt is empty: give the user text to answer")
+    mat_layer, activation = None, None
+    if args.mat is not None:
+        require_file(args.mat, "the MAT-Steer checkpoint",
+                     "run `dvc repro train_steering` or pass another --mat directory")
+        module, config = load_steering(args.mat)
+        activation = ActivationSteering(config.layer, module=module)
+        mat_layer = config.layer
+        model = args.model or (config.model if args.experts is None and args.activate is None
+                               and args.deactivate is None else DEFAULT_MOE)
+    else:
+        model = args.model or DEFAULT_MOE
+    require_file(model, "the model directory",
+                 "run `dvc repro build_models` or pass --model DIR")
+    plan = expert_plan(args, model)
+    steering = None if plan is None and activation is None else Steering(plan, activation)
+    if args.compare and steering is None:
+        raise CliError("--compare needs something to compare: add --activate / --deactivate, "
+                       "--experts or --mat")
+
+    options = {"progress": False} if args.backend == "vllm" else {}
+    with make_backend(args.backend, str(model), dtype=args.dtype,
+                      batch_size=max(1, 2 * len(args.prompt)), **options) as backend:
+        tok = getattr(backend, "tokenizer", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model))
+        chats = [render_chat(tok, p) for p in args.prompt]
+        plans = ([None] * len(chats) if args.compare else []) + [steering] * len(chats)
+        outs = backend.generate(chats * (2 if args.compare else 1), args.max_new_tokens, plans)
+    texts = [tok.decode(o.token_ids.tolist(), skip_special_tokens=True).strip() for o in outs]
+    width = shutil.get_terminal_size((100, 24)).columns
+    print(f"model: {model} ({args.backend}); steering: {describe(plan, args.mat, mat_layer)}")
+    n = len(chats)
+    for i, prompt in enumerate(args.prompt):
+        print(f"\n[{i + 1}] {prompt}")
+        if args.compare:
+            print(side_by_side(texts[i], texts[n + i], ("unsteered", "steered"), width))
+        else:
+            print(texts[i])

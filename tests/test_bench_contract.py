@@ -1,0 +1,64 @@
+"""The bench contract (steerline.bench_contract): the checker, and every bench/*.py declares it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from steerline.bench_contract import check, meets_goal, parse_last_line
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def line(**kw) -> str:
+    obj = {"bench": "x", "ratio": 3.5, "equal": True, "goal": "ratio >= 3",
+           "baseline": "seed_style_loop"}
+    obj.update(kw)
+    return "some log\n" + json.dumps(obj) + "\n\n"
+
+
+def test_parse_takes_the_last_json_line():
+    assert parse_last_line(line(ratio=4.0))["ratio"] == 4.0
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("", "no output"),
+    ("ratio 3\n", "not JSON"),
+    ("[1, 2]\n", "JSON object"),
+    (json.dumps({"bench": "x", "ratio": 1.0, "equal": True, "goal": "ratio >= 1"}), "'baseline'"),
+    (line(ratio="3"), "'ratio' has the wrong type"),
+    (line(ratio=True), "'ratio' has the wrong type"),
+    (line(goal="fast"), "must read 'ratio >= X'"),
+])
+def test_parse_rejects_broken_output(text, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse_last_line(text, "bench/x.py")
+
+
+@pytest.mark.parametrize(("ratio", "goal", "ok"), [
+    (3.0, "ratio >= 3", True), (2.99, "ratio >= 3", False),
+    (1.10, "ratio <= 1.10", True), (1.2, "ratio <= 1.10", False),
+    (float("nan"), "ratio >= 3", False),
+])
+def test_meets_goal(ratio, goal, ok):
+    assert meets_goal({"ratio": ratio, "goal": goal}) is ok
+
+
+def test_check_fails_on_a_missed_goal_or_unequal_results():
+    lines, ok = check({"a": line(), "b": line(ratio=2.0)})
+    assert not ok and lines[0].startswith("PASS x") and lines[1].startswith("FAIL x")
+    assert check({"a": line(equal=False)})[1] is False
+    assert check({"a": line()}) == (
+        ["PASS x: ratio 3.5 vs seed_style_loop (goal ratio >= 3), equal true"], True)
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_every_bench_prints_the_contract_keys(path):
+    src = path.read_text()
+    assert "json.dumps" in src
+    for key in ("bench", "ratio", "equal", "goal", "baseline"):
+        assert f'"{key}":' in src, f"{path.name} never writes {key!r}"
+    assert re.search(r'"goal": "ratio (>=|<=) [0-9.]+"', src), path.name
