@@ -37,8 +37,18 @@ class BuildModels(Strict):
 
 
 class PrepareSafety(Strict):
+    # detect (routing, detection, finetuning data) / dev (params choices) / test (read once);
+    # XSTest look-alike pairs stay in one split. detect + dev < 1, the rest is test.
     detect_fraction: float = Field(gt=0.0, lt=1.0)
+    dev_fraction: float = Field(gt=0.0, lt=1.0)
     advbench_max: int = Field(ge=1)  # AdvBench is all unsafe: cap it near XSTest's 250 safe
+
+    @model_validator(mode="after")
+    def _test_split_left(self) -> PrepareSafety:
+        if self.detect_fraction + self.dev_fraction >= 1:
+            raise ValueError(f"detect_fraction + dev_fraction must be < 1 (the rest is the test "
+                             f"split), got {self.detect_fraction} + {self.dev_fraction}")
+        return self
 
 
 class CaptureRouting(Strict):
@@ -58,9 +68,13 @@ class CaptureRouting(Strict):
 
 class RiskDiff(Strict):
     token_scope: Literal["user", "generated", "all"]
-    # Permutations are one matmul each (cheap); 1000 resolve the null's 0.99 and 0.999 quantiles.
-    n_permutations: int = Field(ge=0)
+    # Prompt-label shuffles, one matmul per chunk: per-pair p-values (smallest 1/(n+1)) and the
+    # max-|risk_diff| null. select_experts needs the p-values, so at least 1.
+    n_permutations: int = Field(ge=1, le=1_000_000)
     null_quantile: float = Field(gt=0.0, lt=1.0)  # |risk_diff| above it "beats the null"
+    # Prompt resamples for the CI of risk_diff; memory holds [n_bootstrap, layers * experts].
+    n_bootstrap: int = Field(ge=1, le=100_000)
+    ci_level: float = Field(gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> RiskDiff:
@@ -76,10 +90,11 @@ class RiskDiff(Strict):
 class SelectExperts(Strict):
     threshold: float = Field(ge=0.0, lt=1.0)  # on risk_diff, which lies in [-1, 1]
     top_k: int = Field(ge=1)
-    alpha: float = Field(gt=0.0, le=1.0)
+    alpha: float = Field(gt=0.0, le=1.0)  # on the prompt-level q-value (q_perm)
+    require: Literal["pooled", "matched", "both"]  # contrasts that must pass (contrasts.py)
 
 
-# ---- MAT-Steer (issue 4) -------------------------------------------------------------------
+# ---- MAT-Steer -------------------------------------------------------------------
 Split = Literal["train", "dev", "test"]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -113,36 +128,69 @@ class TrainSteering(Strict):
     sigma: float = Field(gt=0)
     # "median_distance": train on activations / s (s = median distance between training
     # activations), so lr, sigma and init_scale mean the same on any model; "none": raw
-    # activations as in the seed (sigma 2.0 then saturates the RBF kernel on the default model).
+    # activations as in MAT-Steer's reference code (sigma 2.0 then saturates the RBF kernel on
+    # the default model).
     scale: Literal["median_distance", "none"]
     patience: int = Field(ge=0)  # early stopping on the dev objective; 0 = run all epochs
     init_scale: float = Field(gt=0)
+    # "seed": the published objective (L1 sparsity on every gate of a negative, one RBF bandwidth
+    # `sigma`, random gates); "targeted": sparsity only on the gates of attributes an example does
+    # not violate, MMD with the summed `bandwidths`, gates initialised from L2 logistic probes and
+    # trained with the gate detection term (weight lambda_gate). See mat_steer/losses.py.
+    objective: Literal["seed", "targeted"]
+    bandwidths: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+    probe_cs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(min_length=1)  # dev-chosen C
+    # targeted: the probe gates start rescaled so their dev medians are gate_target on negatives
+    # and 1 - gate_target on positives (sharper, same AUROC); the detection term keeps that
+    gate_target: float = Field(gt=0.5, lt=1.0)
 
 
 class EvalSteering(Strict):
     mean_diff_scales: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)  # chosen on dev
+    # MAT-Steer steering-vector multipliers, chosen on dev like the baselines' (one = no sweep)
+    mat_scales: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+    # Test items scored per task (null = the whole test split), sized for a 2-core CPU
+    max_test_items: dict[Literal["truthfulqa", "toxigen", "bbq"], Annotated[int, Field(ge=1)]
+                         | None]
+    n_bootstrap: int = Field(ge=100, le=100_000)  # paired bootstrap resamples of the items
     max_dev_items: int | None = Field(ge=1)  # per task, for the mean-difference scale sweep
     max_rows: int = Field(ge=1)  # answer choices scored per forward
     dtype: Literal["float32", "bfloat16", "float16"]
 
 
-# ---- SteerMoE actions (issue 5): expert steering, selective finetuning, safety evaluation ----
+# ---- SteerMoE actions: expert steering, selective finetuning, safety evaluation --------------
 class ExpertSteering(Strict):
     # deactivate_unsafe: force experts.json's unsafe experts out of the top-k; activate_safe:
     # force its safe experts in; both. The SteerMoE margin delta on the router log-softmax.
     mode: Literal["deactivate_unsafe", "activate_safe", "both"]
     # Experts per list, in rank order (per-layer caps: <= top_k activated, <= E - top_k
-    # deactivated). An empty experts.json list falls back to the risk_diff ranking.
+    # deactivated).
     n_experts: int = Field(ge=1)
-    delta: float = Field(gt=0)
+    delta: float = Field(gt=0, le=100)  # margin on log-probabilities; above ~10 changes nothing
+    # An empty experts.json list: error, or steer the top of the raw risk_diff ranking
+    on_empty_selection: Literal["error", "risk_diff_ranking"]
+
+
+class SteerDirection(Strict):
+    n_experts: int = Field(ge=1)  # first n of the list, rank order, per-layer caps applied
+    delta: float = Field(gt=0, le=100)
+
+
+class FinetunedSteering(Strict):
+    # The fine-tuned model steered by its own unsafe experts (models/experts_finetuned.json,
+    # detected on its routing): forced out of the top-k (deactivate) or into it (activate).
+    deactivate: SteerDirection
+    activate: SteerDirection
 
 
 class FinetuneExperts(Strict):
     model: str  # the MoE models/experts.json was selected on
     max_experts: int | None = Field(ge=1)  # first n unsafe experts of experts.json; null=all
-    fallback_top_n: int = Field(ge=1)  # top-n by risk_diff when experts.json lists none
-    # The seed's HF Trainer settings (lr 5e-5, 3 epochs, batch 4, 100 warmup steps) scaled to a
-    # CPU run of ~60 steps: a larger lr, 2 epochs, warmup as a ratio of the steps.
+    # experts.json lists no unsafe expert: error, or train the top fallback_top_n by risk_diff
+    on_empty_selection: Literal["error", "risk_diff_ranking"]
+    fallback_top_n: int = Field(ge=1)
+    # The SteerMoE code's HF Trainer settings (lr 5e-5, 3 epochs, batch 4, 100 warmup steps)
+    # scaled to a CPU run of ~60 steps: a larger lr, 2 epochs, warmup as a ratio of the steps.
     lr: float = Field(gt=0)
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -159,6 +207,9 @@ class FinetuneExperts(Strict):
 class EvalSafety(Strict):
     model: str  # "base" and, with the steering hook, "steered"
     finetuned: str
+    split: Literal["dev", "test"]  # dev: choosing params (README's sweep); test: read once
+    # generation engine (every variant of a model in one call); perplexity uses transformers
+    backend: Literal["vllm", "transformers"]
     # Test-split prompts evaluated (null = all): unsafe (AdvBench + XSTest contrast prompts,
     # sources in proportion) and XSTest safe prompts; seeded subsample.
     max_unsafe: int | None = Field(ge=1)
@@ -183,11 +234,13 @@ class Params(Strict):
     lambda_sparse: float = Field(ge=0)
     lambda_ortho: float = Field(ge=0)
     lambda_pos: float = Field(ge=0)
+    lambda_gate: float = Field(ge=0)  # objective "targeted": the gate detection term
     prepare_attributes: PrepareAttributes
     extract_activations: ExtractActivations
     train_steering: TrainSteering
     eval_steering: EvalSteering
     expert_steering: ExpertSteering
+    finetuned_steering: FinetunedSteering
     finetune_experts: FinetuneExperts
     eval_safety: EvalSafety
 

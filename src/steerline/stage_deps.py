@@ -1,7 +1,8 @@
 """The package modules a stage script imports, transitively: what its dvc.yaml deps must list.
 
 A parent package's `__init__.py` runs on every import of one of its modules, so it counts too.
-Imports inside functions count (they run when the stage does).
+Imports inside functions count (they run when the stage does). The params schema does not
+(see NOT_DEPS).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = "steerline"
+# The params schema only validates values (it holds none: params.yaml does, and dvc.yaml's
+# `params:` tracks each stage's values); listing it would rerun every stage on any schema edit.
+NOT_DEPS = frozenset({"steerline/params.py"})
 
 
 def _module_file(src: Path, module: str) -> Path | None:
@@ -45,4 +49,5 @@ def stage_src_deps(script: str | Path, src: str | Path = "src") -> list[str]:
                 if f is not None and f not in seen:
                     seen.add(f)
                     todo.append(f)
-    return sorted(str(p) for p in seen)
+    return sorted(str(p) for p in seen
+                  if p.relative_to(src).as_posix() not in NOT_DEPS)
