@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from steerline.generation import greedy_generate
+from steerline.generation import greedy_generate, right_pad
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,6 @@ class MoeSpec:
 class LayerCalib:
     x: torch.Tensor  # [N, H] FFN input (post-attention RMSNorm)
     act: torch.Tensor  # [N, I] SwiGLU activation act(gate(x)) * up(x)
-
-
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into (ids [B, T], attention mask [B, T])."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def balanced_groups(profiles: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
