@@ -12,6 +12,9 @@ from tmp/finetune_experts/ (safetensors + JSON checkpoints) after a kill. Before
 published, the saved model is checked: every tensor outside the trained slices is bit-identical
 to the base model, and applying the slices file to the base model reproduces the fine-tuned
 weights exactly.
+
+`finetune_experts.strategy` ddp / fsdp trains on `num_processes` torchrun workers (same global
+batch, gradients summed; steerline.steermoe.distributed); this process still writes every output.
 """
 
 from __future__ import annotations
@@ -19,30 +22,34 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from dvclive import Live
 from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from steerline.faults import kill_point
 from steerline.io import atomic_dir, write_json, write_timings
 from steerline.model.arch import moe_layers, moe_shape
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.load import load_moe
-from steerline.params import load_params
+from steerline.params import Params, load_params
 from steerline.stage_main import run_stage
+from steerline.steermoe.distributed import train_slices_distributed
 from steerline.steermoe.expert_slices import (
     ExpertSlices,
     apply_expert_slices,
     compare_state_dicts,
     save_expert_slices,
 )
-from steerline.steermoe.expert_steering import expert_list, read_experts_json
-from steerline.steermoe.finetune import TrainConfig, train_slices
+from steerline.steermoe.expert_steering import Expert, expert_list, read_experts_json
+from steerline.steermoe.finetune import TrainConfig, TrainResult, train_slices
 from steerline.steermoe.routing_schema import read_generations
-from steerline.steermoe.sft_data import build_sft_examples, end_of_turn_id
+from steerline.steermoe.sft_data import SftExample, build_sft_examples, end_of_turn_id
 
 EXPERTS = Path("models/experts.json")
 RISK_DIFF = Path("reports/risk_diff.parquet")
@@ -69,6 +76,34 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     t0 = time.perf_counter()
     params = load_params()
+    p = params.finetune_experts
+    info, result, train_seconds = finetune(params, OUT, LIVE, CHECKPOINTS, p.strategy,
+                                           p.num_processes)
+    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+    # wall-clock figures and the resume point differ between runs: outside every DVC output
+    write_timings("finetune_experts", {"train_seconds": train_seconds,
+                                       "total_seconds": time.perf_counter() - t0,
+                                       "resumed_from_step": result.resumed_from})
+    log.info("trained %d experts in %d steps (loss %.3f -> %.3f); checks passed; %.1f s total",
+             info["n_experts"], result.steps, info["loss"]["first_epoch"],
+             info["loss"]["last_epoch"], time.perf_counter() - t0)
+
+
+@dataclass
+class Run:
+    """What training needs: the base model, its experts to train and the SFT examples."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    experts: list[Expert]
+    source: str
+    examples: list[SftExample]
+    n_kind: dict[str, int]
+    cfg: TrainConfig
+
+
+def prepare(params: Params) -> Run:
     p = params.finetune_experts
     torch.manual_seed(params.seed)
     model, tokenizer = load_moe(p.model)
@@ -100,7 +135,20 @@ def main() -> None:
                       warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
                       max_grad_norm=p.max_grad_norm, checkpoint_every=p.checkpoint_every,
                       seed=params.seed)
-    with atomic_dir(LIVE) as live_dir:
+    return Run(model, tokenizer, fingerprint, experts, source, examples, n_kind, cfg)
+
+
+def finetune(params: Params, out_dir: Path, live_path: Path, checkpoints: Path, strategy: str,
+             num_processes: int) -> tuple[dict, TrainResult, float]:
+    """Train, check and publish `out_dir` and the dvclive folder `live_path` (the stage's paths,
+    or scratch ones for scripts/finetune_ddp_check.py); returns trained_experts.json's content,
+    the training result and the training seconds."""
+    p = params.finetune_experts
+    run = prepare(params)
+    model, tokenizer, fingerprint, experts, source, examples, n_kind, cfg = (
+        run.model, run.tokenizer, run.fingerprint, run.experts, run.source, run.examples,
+        run.n_kind, run.cfg)
+    with atomic_dir(live_path) as live_dir:
         live = Live(dir=str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False)
 
         def on_step(rec: dict[str, float]) -> None:
@@ -109,8 +157,15 @@ def main() -> None:
             live.log_metric("train/lr", rec["lr"])
 
         t_train = time.perf_counter()
-        result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
-                              checkpoint_dir=CHECKPOINTS, model_tag=fingerprint, on_step=on_step)
+        if strategy == "single":
+            result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
+                                  checkpoint_dir=checkpoints, model_tag=fingerprint,
+                                  on_step=on_step)
+        else:  # workers load p.model themselves; the trained slices come back into `model`
+            result = train_slices_distributed(
+                model, p.model, examples, experts, cfg, tokenizer.pad_token_id, strategy,
+                num_processes, checkpoint_dir=checkpoints, model_tag=fingerprint,
+                on_step=on_step)
         train_seconds = time.perf_counter() - t_train
         losses = [h["loss"] for h in result.history]
         per_epoch = len(losses) // cfg.epochs
@@ -134,10 +189,13 @@ def main() -> None:
                      "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
                      "max_grad_norm": cfg.max_grad_norm, "steps": result.steps,
                      "seed": params.seed},
+        # only off the default, so strategy single's output stays as it was
+        **({} if strategy == "single" else
+           {"distributed": {"strategy": strategy, "num_processes": num_processes}}),
         "loss": {"first_epoch": round(sum(losses[:per_epoch]) / per_epoch, 4),
                  "last_epoch": round(sum(losses[-per_epoch:]) / per_epoch, 4)},
     }
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_expert_slices(slices, tmp / SLICES,
@@ -159,14 +217,7 @@ def main() -> None:
                           "slices_reproduce_model": True}
         write_json(info, tmp / "trained_experts.json")
         kill_point("finetune:publish")
-    shutil.rmtree(CHECKPOINTS, ignore_errors=True)
-    # wall-clock figures and the resume point differ between runs: outside every DVC output
-    write_timings("finetune_experts", {"train_seconds": train_seconds,
-                                       "total_seconds": time.perf_counter() - t0,
-                                       "resumed_from_step": result.resumed_from})
-    log.info("trained %d experts in %d steps (loss %.3f -> %.3f); checks passed; %.1f s total",
-             len(experts), result.steps, info["loss"]["first_epoch"], info["loss"]["last_epoch"],
-             time.perf_counter() - t0)
+    return info, result, train_seconds
 
 
 if __name__ == "__main__":

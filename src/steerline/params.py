@@ -202,6 +202,21 @@ class FinetuneExperts(Strict):
     max_safe: int | None = Field(ge=1)
     max_length: int = Field(ge=8)
     checkpoint_every: int = Field(ge=0)  # steps between resumable checkpoints (0 = epochs)
+    # single: this process; ddp / fsdp: num_processes torchrun workers (gloo on CPU, nccl on
+    # CUDA), each on batch_size / num_processes examples of the same global batch
+    strategy: Literal["single", "ddp", "fsdp"]
+    num_processes: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _world_fits(self) -> FinetuneExperts:
+        if self.strategy == "single" and self.num_processes != 1:
+            raise ValueError(f"num_processes is {self.num_processes} but strategy is single: "
+                             "set strategy ddp (or fsdp), or num_processes 1")
+        if self.batch_size % self.num_processes:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_processes "
+                             f"{self.num_processes}: each process takes an equal share of "
+                             "every global batch")
+        return self
 
 
 class EvalSafety(Strict):

@@ -12,11 +12,16 @@ other element bit-identical.
 Artifact (`save_expert_slices` / `apply_expert_slices`): a safetensors file holding only the
 trained expert slices, keyed `<fused parameter name>.<expert>` with the (layer, expert) list in
 its metadata; applying it to the base model reproduces the fine-tuned model exactly.
+
+Sharded parameters (FSDP2 DTensors, sharded on the expert dim; finetune_experts.strategy fsdp):
+the listed rows are read by gathering the whole tensor (a collective: every rank calls it) and
+written into the rows this rank holds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from steerline.io import save_safetensors
 from steerline.model.arch import experts_module, find_routers, moe_shape
@@ -41,6 +47,24 @@ class FusedSlice:
     param: nn.Parameter
     rows: torch.Tensor  # [n] long, sorted expert ids
     layer: int
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks' shards for a DTensor (a collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _write_local_rows(param: DTensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Write the listed rows this rank holds of a parameter sharded on dim 0 as FSDP2 shards it
+    (torch.chunk: rank r holds rows [r * ceil(E / world), ...))."""
+    local = param.to_local()  # [rows held here, ...], a view of the sharded storage
+    per = math.ceil(param.shape[0] / param.device_mesh.size())
+    lo = param.device_mesh.get_local_rank() * per
+    picked = [(j, e - lo) for j, e in enumerate(rows.tolist()) if lo <= e < lo + local.shape[0]]
+    if picked:
+        src = torch.tensor([j for j, _ in picked], device=values.device)
+        dst = torch.tensor([i for _, i in picked], device=local.device)
+        local.index_copy_(0, dst, values.index_select(0, src).to(local.device, local.dtype))
 
 
 class ExpertSlices:
@@ -78,6 +102,10 @@ class ExpertSlices:
             p.requires_grad_(False)
         for s in self.slices:
             s.param.requires_grad_(True)
+            if isinstance(s.param, DTensor):
+                # FSDP sets sharded gradients outside autograd (a hook would never fire); only
+                # the listed rows of the gradient are ever read (`grads`)
+                continue
             mask = torch.zeros((s.param.shape[0],) + (1,) * (s.param.dim() - 1),
                                dtype=s.param.dtype, device=s.param.device)
             mask[s.rows] = 1.0  # [E, 1, 1]
@@ -90,18 +118,24 @@ class ExpertSlices:
 
     def values(self) -> list[torch.Tensor]:
         """Copies of the listed rows of every fused tensor ([n, ...] each)."""
-        return [s.param.detach().index_select(0, s.rows.to(s.param.device)).clone()
+        return [_full(s.param.detach()).index_select(0, s.rows.to(s.param.device)).clone()
                 for s in self.slices]
 
     @torch.no_grad()
     def write(self, values: Sequence[torch.Tensor]) -> None:
         for s, v in zip(self.slices, values, strict=True):
-            s.param.index_copy_(0, s.rows.to(s.param.device), v.to(s.param.dtype))
+            if isinstance(s.param, DTensor):
+                _write_local_rows(s.param, s.rows, v)
+            else:
+                s.param.index_copy_(0, s.rows.to(s.param.device), v.to(s.param.device,
+                                                                        s.param.dtype))
 
     def grads(self) -> list[torch.Tensor]:
         return [
-            (s.param.grad.index_select(0, s.rows.to(s.param.device)) if s.param.grad is not None
-             else torch.zeros((len(s.rows),) + tuple(s.param.shape[1:]), dtype=s.param.dtype))
+            (_full(s.param.grad).index_select(0, s.rows.to(s.param.device))
+             if s.param.grad is not None
+             else torch.zeros((len(s.rows),) + tuple(s.param.shape[1:]), dtype=s.param.dtype,
+                              device=s.param.device))
             for s in self.slices
         ]
 
@@ -110,7 +144,7 @@ class ExpertSlices:
         out = {}
         for s, v in zip(self.slices, self.values(), strict=True):
             for j, e in enumerate(s.rows.tolist()):
-                out[f"{s.name}.{e}"] = v[j].contiguous()
+                out[f"{s.name}.{e}"] = v[j].cpu().contiguous()
         return out
 
 

@@ -7,6 +7,11 @@ two runs differ from the second update on), a tqdm bar, a per-step callback (dvc
 resumable checkpoints written atomically as safetensors (slices + optimizer state) + JSON (step,
 loss history): no pickle. HF Trainer itself is not used because its checkpoints pickle the
 optimizer and RNG states.
+
+Data-parallel runs (strategy ddp | fsdp, steerline.steermoe.distributed) go through the same
+loop with a `Replica`: each rank runs its share of the global batch, gradients are summed over
+ranks, rank 0 alone writes checkpoints and shows progress. Without one (strategy single) the
+loop is exactly the single-process one.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -29,6 +35,9 @@ from steerline.faults import kill_point
 from steerline.io import atomic_dir, read_json, write_json
 from steerline.steermoe.expert_slices import ExpertSlices
 from steerline.steermoe.sft_data import SftExample, collate
+
+if TYPE_CHECKING:
+    from steerline.steermoe.distributed import Replica
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +129,11 @@ class _Checkpoint:
         tensors = {}
         for i, st in sd["state"].items():
             for k in ("step", "exp_avg", "exp_avg_sq"):
-                t = st[k]
-                tensors[f"{i}.{k}"] = (t if torch.is_tensor(t) else torch.tensor(t)).contiguous()
+                t = st[k] if torch.is_tensor(st[k]) else torch.tensor(st[k])
+                tensors[f"{i}.{k}"] = t.cpu().contiguous()  # GPU runs: saved from host memory
         with atomic_dir(self.dir) as tmp:
-            save_file({f"slice.{i}": p.detach().contiguous() for i, p in enumerate(proxies)},
+            save_file({f"slice.{i}": p.detach().cpu().contiguous()
+                       for i, p in enumerate(proxies)},
                       str(tmp / "slices.safetensors"))
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             write_json({"key": self.key, "step": step, "history": history,
@@ -140,16 +150,23 @@ def train_slices(
     model_tag: str = "",
     on_step: Callable[[dict[str, float]], None] | None = None,
     stop_after: int | None = None,
+    replica: Replica | None = None,
 ) -> TrainResult:
     """Fine-tune the listed experts' slices of `model` in place on `examples`.
 
     With `checkpoint_dir`, the run resumes from the last complete checkpoint of the same run
     (same experts, data, config and model tag) and replays its loss history through `on_step`
-    first. `stop_after` (tests) stops after that many total steps, as a kill would."""
+    first. `stop_after` (tests) stops after that many total steps, as a kill would. With a
+    `replica` (a torchrun worker), this rank trains on its share of each global batch."""
     if not examples:
         raise ValueError("no SFT examples")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise ValueError("finetune batch_size and epochs must be >= 1")
+    if replica is not None and getattr(model.config, "output_router_logits", False):
+        # the load-balancing loss is a product of batch-wide routing rates: not a sum over ranks
+        raise ValueError("the model's config sets output_router_logits (a router aux loss): "
+                         "finetune_experts.strategy ddp/fsdp needs it off, or use strategy single")
+    writer = replica is None or replica.rank == 0  # checkpoints and progress: one process
     slices = ExpertSlices(model, experts)
     trainable = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -176,35 +193,39 @@ def train_slices(
                 on_step(h)
         model.train()
         bar = tqdm(range(start, total), total=total, initial=start, desc="finetune experts",
-                   unit="step")
+                   unit="step", disable=not writer)
         for step in bar:
             if stop_after is not None and step >= stop_after:
                 break
             epoch, b = divmod(step, per_epoch)
             order = epoch_order(len(examples), epoch, cfg.seed)
-            batch = collate([examples[i] for i in order[b * cfg.batch_size:
-                                                        (b + 1) * cfg.batch_size]], pad_id)
+            picked = [examples[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             lr = linear_warmup_lr(step, total, warmup, cfg.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             for s in slices.slices:
                 s.param.grad = None
-            out = model(**batch, use_cache=False)
-            out.loss.backward()
-            for p, g in zip(proxies, slices.grads(), strict=True):
+            if replica is None:
+                out = model(**collate(picked, pad_id), use_cache=False)
+                out.loss.backward()
+                loss, grads = out.loss.detach(), slices.grads()
+            else:
+                loss, grads = _replica_step(model, slices, picked, cfg.batch_size, pad_id,
+                                            replica)
+            for p, g in zip(proxies, grads, strict=True):
                 p.grad = g
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(proxies, cfg.max_grad_norm)
             opt.step()
             slices.write([p.detach() for p in proxies])
             rec = {"step": step + 1, "epoch": epoch + (b + 1) / per_epoch,
-                   "loss": float(out.loss.detach()), "lr": lr}
+                   "loss": float(loss), "lr": lr}
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             if on_step is not None:
                 on_step(rec)
             done = step + 1
-            if ckpt is not None and (
+            if ckpt is not None and writer and (
                 done == total or b == per_epoch - 1
                 or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             ):
@@ -219,4 +240,20 @@ def train_slices(
         model.set_experts_implementation(experts_impl)
         model.train(was_training)
     return TrainResult(history=history, steps=len(history), resumed_from=start)
+
+
+def _replica_step(model: nn.Module, slices: ExpertSlices, batch: list[SftExample],
+                  batch_size: int, pad_id: int, replica: Replica
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward/backward of this rank's share; returns the global batch's mean loss and the
+    listed slices' gradients summed over ranks (= the single-process step's, to rounding)."""
+    local, n_items = replica.local_batch(batch, batch_size, pad_id)
+    # summed token losses / the global batch's answer-token count: the ranks' terms add up to
+    # the single process's mean
+    out = model(**local, use_cache=False, num_items_in_batch=n_items)
+    out.loss.backward()
+    loss = out.loss.detach().float().reshape(1)  # [1]
+    grads = slices.grads()  # [n listed rows, ...] each; under FSDP already summed over ranks
+    replica.sum_(grads + [loss] if replica.strategy == "ddp" else [loss])
+    return loss[0], grads
 
