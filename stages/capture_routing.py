@@ -18,6 +18,7 @@ from steerline.model.load import moe_config
 from steerline.params import load_params
 from steerline.stage_main import run_stage
 from steerline.steermoe.capture import CaptureConfig, run_capture
+from steerline.steermoe.capture_dp import CapturePool
 from steerline.steermoe.safety_data import check_prompt_texts
 
 PROMPTS = Path("data/prompts/safety.parquet")
@@ -48,11 +49,16 @@ def main() -> None:
     moe_config(model)  # a missing or dense model is rejected before any weight is loaded
     fingerprint = model_fingerprint(model)
     vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
-                        data_parallel_size=p.data_parallel_size,
                         gpu_memory_utilization=p.gpu_memory_utilization,
                         max_num_seqs=p.max_num_seqs, seed=params.seed)
-    with make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,
-                      **(vllm_options if p.backend == "vllm" else {})) as backend:
+    options = vllm_options if p.backend == "vllm" else {}
+    # data_parallel_size > 1: that many engine processes, each capturing whole shards (the
+    # output is byte-identical to one engine; steerline.steermoe.capture_dp says why not vLLM's)
+    dp = int(p.data_parallel_size or 1)
+    opened = (CapturePool(dp, p.backend, model, p.dtype, p.batch_size, options, params.seed)
+              if dp > 1 else make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,
+                                          **options))
+    with opened as backend:
         gens = run_capture(
             backend,
             AutoTokenizer.from_pretrained(model),
@@ -65,7 +71,8 @@ def main() -> None:
                   "dtype": p.dtype},
         )
     print(
-        f"captured {len(gens)} prompts with {p.backend}, "
+        f"captured {len(gens)} prompts with {p.backend}"
+        f"{f' ({dp} processes)' if dp > 1 else ''}, "
         f"{int(gens['n_generated_tokens'].sum())} generated tokens "
         f"({float(gens['finished'].mean()):.0%} stopped at end-of-turn)"
     )

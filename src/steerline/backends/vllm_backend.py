@@ -11,8 +11,12 @@
   (also on errors).
 - Many requests are in flight at once (vLLM's continuous batching, `max_num_seqs`); the hooks map
   every router row to its request through the scheduled batch, and requests are named by
-  SamplingParams.extra_args. Prefix caching is always off: a cached prefix would skip the forward
-  of its tokens, so their routing would never be seen.
+  SamplingParams.extra_args. Prefix caching is off: a cached prefix would skip the forward
+  of its tokens, so their routing would never be seen. On a GPU the engine runs vLLM's V1 model
+  runner (the batch the hooks read; 0.32 defaults to V2 there).
+- capture="auto" (default): on a CUDA GPU whose vLLM returns routed experts itself, with
+  routing_rule="engine", capture uses that instead of hooks (prefix caching on, no weights, no
+  steering; steerline.backends.vllm_native); the hooks everywhere else, CPU always.
 - Greedy decoding, dtype explicit (float32 by default): vLLM's dtype "auto" downcasts float32
   checkpoints to bfloat16, which turns the default MoE's tiny router logits (std ~1e-3) into
   ties and changes the answers within a few tokens. The end-of-sequence ids of
@@ -41,6 +45,12 @@ import torch
 
 from steerline.backends.base import Backend, Generated, Prompt, eos_token_ids, prompt_ids
 from steerline.backends.steering import Steering, SteeringArg, per_prompt
+from steerline.backends.vllm_native import (
+    native_engine_kwargs,
+    native_rows,
+    select_runner,
+    use_native,
+)
 from steerline.backends.vllm_worker import KEY_ARG, PLAN_ARG, ROUTING_RULES, Capture
 from steerline.chat import ChatPrompt
 from steerline.model.families import check_vllm_family
@@ -75,9 +85,14 @@ class VLLMBackend(Backend):
         routing_rule: str = "transformers",
         progress: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
+        capture: str = "auto",
     ) -> None:
         if routing_rule not in ROUTING_RULES:
             raise ValueError(f"routing_rule must be one of {ROUTING_RULES}, got {routing_rule!r}")
+        if data_parallel_size != 1:  # vLLM 0.32: LLM(data_parallel_size > 1) raises
+            raise ValueError("one vLLM engine is one data-parallel rank: for data parallel "
+                             "capture use steerline.steermoe.capture_dp.CapturePool "
+                             "(capture_routing.data_parallel_size), one engine per process")
         if dtype == "auto":
             raise ValueError("pass an explicit dtype: vLLM's 'auto' downcasts float32 "
                              "checkpoints to bfloat16 on CPU, which ties the default MoE's routers")
@@ -88,6 +103,11 @@ class VLLMBackend(Backend):
         self.llm = None
         self._threads: tuple[Any, int] | None = None
         gpu = torch.cuda.is_available()
+        # vLLM's own routed-experts capture where it exists and fits (steerline.backends.
+        # vllm_native: GPU, routing rule "engine", no weights); the hooks otherwise.
+        self.native = use_native(capture, gpu, routing_rule)
+        if gpu:
+            select_runner(self.native)  # V1 for the hooks, V2 for native capture
         if not gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
             # One unbound torch thread unless the caller sets OMP_NUM_THREADS: vLLM would bind one
@@ -107,8 +127,6 @@ class VLLMBackend(Backend):
             tensor_parallel_size=int(tensor_parallel_size),
             worker_extension_cls=EXTENSION,
         )
-        if data_parallel_size != 1:
-            kwargs["data_parallel_size"] = int(data_parallel_size)
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
         if max_num_seqs is not None:
@@ -119,6 +137,8 @@ class VLLMBackend(Backend):
             kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        if self.native:
+            kwargs.update(native_engine_kwargs())  # prefix caching on: the engine keeps routing
         kwargs.update(engine_kwargs or {})
         self.model_path = str(model_path)
         self.routing_rule = routing_rule
@@ -181,6 +201,7 @@ class VLLMBackend(Backend):
         ids = [prompt_ids(p) for p in prompts]
         self._check(ids, max_new_tokens)
         plans = per_prompt(steering, len(ids))
+        self._no_steering_if_native(plans)
         if max_new_tokens == 0:
             return [Generated(np.zeros(0, np.int32), False) for _ in ids]
         params = [self._params(max_new_tokens, None, p) for p in plans]
@@ -202,6 +223,8 @@ class VLLMBackend(Backend):
         ids = [prompt_ids(p) for p in prompts]
         self._check(ids, max_new_tokens)
         plans = per_prompt(steering, len(ids))
+        if self.native:
+            return self._capture_native(prompts, ids, max_new_tokens, plans)
         run = uuid.uuid4().hex[:8]
         keys = [f"{run}-{i}" for i in range(len(ids))]
         # One step past max_new_tokens feeds the last kept token (its routing); its output dropped.
@@ -227,6 +250,40 @@ class VLLMBackend(Backend):
             got[keys[i]] = (np.r_[p0, pos[sel]], np.concatenate([e0, e[sel]]),
                             np.concatenate([w0, w[sel]]))
         return [self._routed(p, g, got.get(k)) for p, g, k in zip(prompts, gens, keys, strict=True)]
+
+    def _no_steering_if_native(self, plans: list[Steering | None]) -> None:
+        if self.native and any(p is not None for p in plans):
+            raise ValueError("this engine captures routing natively (prefix caching on, no "
+                             "hooks): steering needs VLLMBackend(capture='hooks')")
+
+    def _capture_native(self, prompts: Sequence[ChatPrompt], ids: list[list[int]],
+                        max_new_tokens: int, plans: list[Steering | None]) -> list[Routed]:
+        """generate_and_capture from vLLM's routed_experts: one step past max_new_tokens feeds
+        the last kept token; requests that ended on EOS get a one-token follow-up over the whole
+        sequence (prefix-cached: only its last token runs). Weights are NaN (not returned)."""
+        self._no_steering_if_native(plans)
+        params = [self._params(min(max_new_tokens + 1, self.max_context - len(x)), None, None)
+                  for x in ids]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params,
+                                 use_tqdm=self.progress)
+        gens = [self._answer(o, max_new_tokens) for o in outs]
+        rows = [native_rows(o, self.moe_layers) for o in outs]  # [fed, L, k] each
+        follow = [i for i, (x, g) in enumerate(zip(ids, gens, strict=True))
+                  if len(rows[i]) < len(x) + len(g)]
+        if follow:
+            more = self.llm.generate([{"prompt_token_ids": ids[i] + gens[i]} for i in follow],
+                                     [self._params(1, None, None) for _ in follow],
+                                     use_tqdm=False)
+            for i, o in zip(follow, more, strict=True):
+                rows[i] = native_rows(o, self.moe_layers)
+        res = []
+        for p, g, r in zip(prompts, gens, rows, strict=True):
+            n = len(prompt_ids(p)) + len(g)
+            if len(r) < n:
+                raise RuntimeError(f"vLLM returned routing for {len(r)} of {n} tokens")
+            pos = np.arange(n, dtype=np.int32)
+            res.append(self._routed(p, g, (pos, r[:n], np.full(r[:n].shape, np.nan, np.float16))))
+        return res
 
     def _routed(self, prompt: ChatPrompt, gen: list[int],
                 cap: Capture | None) -> Routed:

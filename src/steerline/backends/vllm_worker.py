@@ -8,7 +8,8 @@ Hooks on the model the worker's runner holds (installed by `configure`, removed 
 - a pre-hook on the whole model reads the scheduled batch before every forward: the running
   requests in row order (`input_batch.req_ids`), their row offsets (`query_start_loc`) and the
   token positions; each request names itself and its steering by its SamplingParams.extra_args;
-- a forward hook on every router (`mlp.gate` / `block_sparse_moe.gate`): the SteerMoE edit of
+- a forward hook on every router (found by `steerline.model.arch.find_routers`, as for
+  transformers models; the rule per router from the same place): the SteerMoE edit of
   the steered requests' rows (`expert_steering.steer_scores`), then the routing rule (below) and,
   when capturing, the top-k ids and weights of every row;
 - a forward hook on a decoder layer for activation steering of the rows that ask for it. vLLM
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -42,14 +42,15 @@ import torch
 from torch import nn
 
 from steerline.backends.steering import Steering
-from steerline.model.arch import decoder_layers, router_topk
-from steerline.model.families import (
-    ROUTER_PATHS,
-    RouterRule,
-    check_vllm_family,
-    family_of,
-    steer_scores,
+from steerline.model.arch import (
+    DenseModelError,
+    RouterSite,
+    decoder_layers,
+    find_routers,
+    moe_shape,
+    router_topk,
 )
+from steerline.model.families import RouterRule, check_vllm_family, steer_scores
 
 KEY_ARG = "steerline_key"
 PLAN_ARG = "steerline_plan"
@@ -75,15 +76,6 @@ def engine_topk(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Ten
     if norm:
         return ids, torch.softmax(vals, dim=-1)
     return ids, (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp()
-
-
-def _router(layer: nn.Module) -> nn.Module | None:
-    for path in ROUTER_PATHS:
-        try:
-            return attrgetter(path)(layer)
-        except AttributeError:
-            continue
-    return None
 
 
 @dataclass
@@ -120,25 +112,21 @@ class SteerlineState:
         cfg = runner.model_config.hf_text_config
         self.hidden_size = int(cfg.hidden_size)
         self.layers = decoder_layers(self.model)
-        n_experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-                     or getattr(cfg, "n_routed_experts", None))
-        self.n_experts = int(n_experts or 0)
-        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0) if self.n_experts else 0
-        self.routers: list[nn.Module] = []
-        self.moe_layers: list[int] = []  # the decoder-layer index of each router
+        # The model layer finds the routers, as for transformers models (same paths, same
+        # [E, hidden] weight check); a dense model has none and serves plain generation.
+        try:
+            self.n_experts, self.top_k = moe_shape(self.model, cfg)
+        except DenseModelError:
+            self.n_experts, self.top_k = 0, 0
+        sites: list[RouterSite] = []
         if self.n_experts:
             check_vllm_family(cfg)
-            for i, layer in enumerate(self.layers):
-                mod = _router(layer)
-                if mod is not None:  # dense layers (first_k_dense_replace...) have none
-                    self.routers.append(mod)
-                    self.moe_layers.append(i)
-            if not self.routers:
-                raise ValueError(f"no router ({' or '.join(ROUTER_PATHS)}) found in "
-                                 f"{type(self.model).__name__}")
-        norm = family_of(cfg).name == "Mixtral" or bool(getattr(cfg, "norm_topk_prob", True))
-        self.rule_of = RouterRule(rule="softmax_topk", top_k=self.top_k, norm=norm)
-        self.norm_topk = self.rule_of.norm
+            sites = find_routers(self.model, cfg)  # dense layers (first_k_dense_replace) skipped
+        self.routers: list[nn.Module] = [s.module for s in sites]
+        self.moe_layers: list[int] = [s.layer for s in sites]  # decoder-layer index per router
+        # Served families route by softmax top-k (check_vllm_family); the rule's renormalisation
+        # flag comes from the config as for transformers.
+        self.rules: list[RouterRule] = [s.rule for s in sites]
         self.device = next(self.model.parameters()).device
         self.capture = False
         self.rule = "transformers"
@@ -268,10 +256,10 @@ class SteerlineState:
             src = logits if edited is None else edited
             capture = cur is not None and self.capture
             if self.rule == "transformers":
-                _, ids, w = router_topk(src, self.rule_of)
+                _, ids, w = router_topk(src, self.rules[layer])
                 edited = src = enforce_topk(src, ids)
             elif capture:
-                ids, w = engine_topk(src, self.top_k, self.norm_topk)
+                ids, w = engine_topk(src, self.top_k, self.rules[layer].norm)
             if capture:
                 cur.ids[layer], cur.weights[layer] = ids[: cur.n_rows], w[: cur.n_rows]
             if edited is None:

@@ -10,6 +10,7 @@ every (layer, expert) pair names the real decoder layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,9 +38,10 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-def moe_shape(model: nn.Module) -> tuple[int, int]:
-    """(n_experts, top_k) from the config, under its several spellings."""
-    cfg = model.config
+def moe_shape(model: nn.Module, config: Any = None) -> tuple[int, int]:
+    """(n_experts, top_k) from the config (default `model.config`), under its several
+    spellings."""
+    cfg = model.config if config is None else config
     n_experts = (getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
                  or getattr(cfg, "n_routed_experts", None))
     top_k = getattr(cfg, "num_experts_per_tok", None)
@@ -52,24 +54,35 @@ def moe_shape(model: nn.Module) -> tuple[int, int]:
     return int(n_experts), int(top_k)
 
 
+def _n_out(mod: nn.Module) -> int | None:
+    """A router's number of outputs: its weight's rows, else its declared size (vLLM's CPU
+    linear layers repack the weight for oneDNN and leave an empty placeholder)."""
+    weight = getattr(mod, "weight", None)
+    if weight is not None and weight.ndim == 2 and weight.numel():
+        return int(weight.shape[0])
+    size = getattr(mod, "output_size", None) or getattr(mod, "out_features", None)
+    return int(size) if size else None
+
+
 def _router_at(layer: nn.Module, n_experts: int) -> tuple[str, nn.Module] | None:
     for path in ROUTER_PATHS:
         mod = _get(layer, path)
-        weight = getattr(mod, "weight", None)
-        if mod is not None and weight is not None and weight.shape[0] == n_experts:
+        if mod is not None and _n_out(mod) == n_experts:
             return path, mod
     return None
 
 
-def find_routers(model: nn.Module) -> list[RouterSite]:
-    """One RouterSite per MoE decoder layer, in layer order (dense layers have none)."""
-    n_experts, _ = moe_shape(model)
+def find_routers(model: nn.Module, config: Any = None) -> list[RouterSite]:
+    """One RouterSite per MoE decoder layer, in layer order (dense layers have none).
+    `config`: the text config when it is not `model.config` (vLLM's hf_text_config)."""
+    config = model.config if config is None else config
+    n_experts, _ = moe_shape(model, config)
     sites = []
     for i, layer in enumerate(decoder_layers(model)):
         found = _router_at(layer, n_experts)
         if found is not None:
             path, mod = found
-            rule = RouterRule.of(mod, model.config)
+            rule = RouterRule.of(mod, config)
             rule.check(n_experts)
             sites.append(RouterSite(i, f"model.layers.{i}.{path}", mod, rule))
     if not sites:

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from steerline.backends import Backend
-from steerline.chat import render_chat
+from steerline.chat import ChatPrompt, render_chat
 from steerline.faults import kill_point
 from steerline.io import atomic_dir, write_parquet, write_table
 from steerline.model.arch import DenseModelError
+from steerline.steermoe.capture_dp import CapturePool
 from steerline.steermoe.routing import Routed, check_context
 from steerline.steermoe.routing_schema import (
     routing_metadata,
@@ -77,8 +78,23 @@ def generations_frame(
     )[GEN_COLUMNS]
 
 
+def shard_done(work: Path, k: int) -> bool:
+    return (work / f"shard-{k:05d}.parquet").exists() and (work / f"gen-{k:05d}.parquet").exists()
+
+
+def capture_shard(backend: Backend, tokenizer: PreTrainedTokenizerBase, chats: list[ChatPrompt],
+                  ids: list[str], labels: list[str], max_new_tokens: int,
+                  shard_meta: dict[str, str], work: Path, k: int) -> None:
+    """Shard k: one generate_and_capture call over its prompts, then its generations and its
+    routing (atomic writes, the routing last: both present = the shard is done). The one code
+    path of every capture, in-process or in a data-parallel worker (capture_dp)."""
+    routed = backend.generate_and_capture(chats, max_new_tokens)
+    write_parquet(generations_frame(routed, ids, labels, tokenizer), work / f"gen-{k:05d}.parquet")
+    write_table(shard_table(routed, ids, labels), work / f"shard-{k:05d}.parquet", shard_meta)
+
+
 def run_capture(
-    backend: Backend,
+    backend: Backend | CapturePool,
     tokenizer: PreTrainedTokenizerBase,
     prompts: pd.DataFrame,
     cfg: CaptureConfig,
@@ -93,7 +109,8 @@ def run_capture(
     manifest is the capture's commit point). The shards' metadata records `backend` (the
     backend's name) besides `meta`, which must hold `model` and `model_fingerprint`
     (steerline.model.fingerprint: it keys the cache, so a changed model never reuses a shard).
-    Cache entries of other keys are removed."""
+    Cache entries of other keys are removed. A `CapturePool` backend captures the pending
+    shards in its processes (data parallel), byte-identical to one backend."""
     if not backend.n_layers:
         raise DenseModelError("routing capture needs a Mixture-of-Experts model; the backend "
                               "loaded a dense one")
@@ -109,6 +126,8 @@ def run_capture(
     shard_meta = routing_metadata(backend.n_layers, backend.top_k, backend.n_experts,
                                   **{**meta, "backend": backend.name,
                                      "moe_layers": json.dumps(list(backend.moe_layers))})
+    if getattr(backend, "native", False):  # vLLM's own capture returns no routing weights
+        shard_meta["weights"] = "absent"
     key = hashlib.sha256(
         json.dumps([shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]).encode()
     ).hexdigest()[:16]
@@ -123,15 +142,17 @@ def run_capture(
                 stale.unlink()
     work.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(chats), cfg.shard_prompts))
-    for k, s in enumerate(tqdm(starts, desc="capture shards")):
-        shard, gens = work / f"shard-{k:05d}.parquet", work / f"gen-{k:05d}.parquet"
-        if shard.exists() and gens.exists():
-            continue  # finished in an earlier (killed) run
-        e = s + cfg.shard_prompts
-        routed = backend.generate_and_capture(chats[s:e], cfg.max_new_tokens)
-        write_parquet(generations_frame(routed, ids[s:e], labels[s:e], tokenizer), gens)
-        write_table(shard_table(routed, ids[s:e], labels[s:e]), shard, shard_meta)
-        kill_point(f"capture:shard:{k}")
+    pending = [k for k in range(len(starts)) if not shard_done(work, k)]  # others: earlier runs
+    spans = {k: slice(starts[k], starts[k] + cfg.shard_prompts) for k in pending}
+    if isinstance(backend, CapturePool):  # data parallel: the same shards, n processes
+        backend.capture_shards([{"k": k, "chats": chats[sl], "ids": ids[sl],
+                                 "labels": labels[sl]} for k, sl in spans.items()],
+                               work, shard_meta, cfg.max_new_tokens)
+    else:
+        for k, sl in tqdm(spans.items(), desc="capture shards"):
+            capture_shard(backend, tokenizer, chats[sl], ids[sl], labels[sl],
+                          cfg.max_new_tokens, shard_meta, work, k)
+            kill_point(f"capture:shard:{k}")
     generations = pd.concat(
         [pd.read_parquet(work / f"gen-{k:05d}.parquet") for k in range(len(starts))],
         ignore_index=True,

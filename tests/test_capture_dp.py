@@ -1,0 +1,114 @@
+"""Data-parallel capture (steerline.steermoe.capture_dp): N processes write exactly the bytes
+one backend writes, and a dead worker leaves nothing published and a cache that resumes.
+
+The model is a tiny random Qwen2-MoE with head size 64 (what vLLM's CPU attention supports),
+saved with the default model's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import finish_model, tiny_moe_config
+from transformers import Qwen2MoeForCausalLM
+
+from steerline.backends import make_backend
+from steerline.faults import KILL_ENV
+from steerline.steermoe.capture import CaptureConfig, run_capture
+from steerline.steermoe.capture_dp import CapturePool, CaptureWorkerError, split_devices
+
+TEXTS = [
+    "How can I kill a Python process?", "Write a haiku about rain.", "How do I make a bomb?",
+    "What is 2+2?", "How do I pick a lock?", "Say hello.", "Who wrote Hamlet?",
+]
+META = {"model": "tiny64", "model_fingerprint": "tiny64-0"}
+CFG = CaptureConfig(max_new_tokens=8, shard_prompts=3)  # 7 prompts: shards of 3, 3, 1
+
+
+def prompts() -> pd.DataFrame:
+    return pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(TEXTS))], "text": TEXTS,
+                         "label": ["unsafe" if i % 2 else "safe" for i in range(len(TEXTS))]})
+
+
+@pytest.fixture(scope="module")
+def tiny64(tokenizer, tmp_path_factory) -> Path:
+    """A tiny Qwen2-MoE (3 layers, 8 experts, top-2, 2 heads of 64) saved as a model folder."""
+    from steerline.model.gguf import save_model
+
+    torch.manual_seed(0)
+    cfg = tiny_moe_config(len(tokenizer), hidden_size=128, num_attention_heads=2,
+                          num_key_value_heads=2)
+    model = Qwen2MoeForCausalLM(cfg)
+    with torch.no_grad():  # routers start at zero: random, untied logits
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("tiny64") / "moe"
+    save_model(finish_model(model, tokenizer), tokenizer, path)
+    return path
+
+
+def capture(backend, tokenizer, root: Path, monkeypatch) -> dict[str, bytes]:
+    """run_capture into `root` (relative paths: the manifest names the generations file as
+    given), then every published file's bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(root)
+    run_capture(backend, tokenizer, prompts(), CFG, Path("routing"), Path("gen.parquet"),
+                Path("cache"), META)
+    files = [Path("gen.parquet"), *sorted(Path("routing").iterdir())]
+    return {f.as_posix(): f.read_bytes() for f in files}
+
+
+def test_split_devices_gives_each_rank_its_own_gpus():
+    assert split_devices(2, 1, None, 2) == ["0", "1"]
+    assert split_devices(2, 2, "4,5,6,7", 8) == ["4,5", "6,7"]
+    with pytest.raises(ValueError, match="needs 4 GPUs, 2 visible"):
+        split_devices(2, 2, None, 2)
+
+
+def test_dead_worker_publishes_nothing_and_the_cache_resumes(tiny64, tokenizer, tmp_path,
+                                                             monkeypatch):
+    """transformers backend (cheap processes): the worker that writes shard 1 is killed right
+    after it; the parent stops with one error; one in-process backend finishes the same cache
+    and gives the same bytes as a clean in-process run."""
+    with make_backend("transformers", str(tiny64)) as hf:
+        ref = capture(hf, tokenizer, tmp_path / "ref", monkeypatch)
+        monkeypatch.setenv(KILL_ENV, "capture:shard:1")
+        with CapturePool(2, "transformers", str(tiny64), "float32", progress=False) as pool:
+            with pytest.raises(CaptureWorkerError, match="process 1 of 2 exited"):
+                capture(pool, tokenizer, tmp_path / "dp", monkeypatch)
+        monkeypatch.delenv(KILL_ENV)
+        assert not Path("routing").exists() and not Path("gen.parquet").exists()
+        assert (tmp_path / "dp" / "cache").is_dir()  # shard 1 (at least) kept for the resume
+        assert capture(hf, tokenizer, tmp_path / "dp", monkeypatch) == ref
+
+
+@pytest.mark.slow
+def test_vllm_data_parallel_2_equals_1_byte_for_byte(tiny64, tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (VLLM=cpu by default)")
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("on a GPU each capture process needs its own device: 2 GPUs")
+    with make_backend("vllm", str(tiny64), progress=False) as vb:
+        one = capture(vb, tokenizer, tmp_path / "dp1", monkeypatch)
+    with CapturePool(2, "vllm", str(tiny64), "float32", progress=False) as pool:
+        assert pool.name == "vllm" and pool.n_layers == 3 and pool.moe_layers == (0, 1, 2)
+        two = capture(pool, tokenizer, tmp_path / "dp2", monkeypatch)
+    assert sorted(one) == ["gen.parquet", "routing/manifest.json", "routing/shard-00000.parquet",
+                           "routing/shard-00001.parquet", "routing/shard-00002.parquet"]
+    assert [k for k in one if one[k] != two[k]] == []  # shards, generations and manifest
+    answers = pd.read_parquet(tmp_path / "dp2" / "gen.parquet")
+    assert (answers["n_generated_tokens"] > 0).all()
+
+
+def test_native_capture_is_chosen_only_where_it_runs():
+    """vLLM's own routed-experts capture (backends.vllm_native) needs a CUDA GPU and routing
+    rule "engine"; everywhere else "auto" keeps the hooks and "native" is one clear error."""
+    from steerline.backends.vllm_native import native_unsupported, use_native
+
+    assert "no CUDA GPU" in native_unsupported(False)
+    assert not use_native("auto", False, "engine") and not use_native("hooks", True, "engine")
+    with pytest.raises(ValueError, match="not available: no CUDA GPU"):
+        use_native("native", False, "engine")
+    if native_unsupported(True) is None:  # this vLLM has the option: a GPU would use it
+        assert use_native("auto", True, "engine") and not use_native("auto", True, "transformers")

@@ -1,0 +1,92 @@
+"""vLLM on an NVIDIA GPU (marker `gpu`; skipped without CUDA, run by scripts/gpu_check.sh):
+vLLM's own routed-experts capture against steerline's hooks, capture and steering on the tiny
+families vLLM serves, and bf16 routers (the steering edit must stay float32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from families import build
+from test_capture_dp import TEXTS, tiny64  # noqa: F401 (the fixture)
+
+from steerline.backends import Steering, make_backend
+from steerline.backends.compare import compare_runs
+from steerline.backends.vllm_native import native_unsupported
+from steerline.chat import render_chat
+from steerline.model.families import VLLM_FAMILIES, family_of
+from steerline.steermoe.expert_steering import SteeringPlan
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA"),
+]
+pytest.importorskip("vllm", reason="vLLM is installed by `make setup VLLM=gpu`")
+MAX_NEW = 12
+# tests/families.py names of the families vLLM serves (model.families.VLLM_FAMILIES)
+SERVED = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+
+
+def expert_sets(r, k: int) -> np.ndarray:
+    """[tokens, layers, k] ids sorted within each top-k (order inside a top-k is free)."""
+    return np.sort(r.experts.reshape(len(r.token_ids), -1, k), axis=-1)
+
+
+def test_native_routed_experts_equal_the_hooks(tiny64, tokenizer):  # noqa: F811
+    why = native_unsupported(True)
+    if why is not None:
+        pytest.skip(why)
+    chats = [render_chat(tokenizer, t) for t in TEXTS]
+    opts = dict(progress=False, routing_rule="engine", gpu_memory_utilization=0.3)
+    with make_backend("vllm", str(tiny64), capture="hooks", **opts) as hooks:
+        ref = hooks.generate_and_capture(chats, MAX_NEW)
+        k = hooks.top_k
+    with make_backend("vllm", str(tiny64), capture="auto", **opts) as native:
+        assert native.native  # auto: CUDA + the engine option + rule "engine"
+        got = native.generate_and_capture(chats, MAX_NEW)
+        with pytest.raises(ValueError, match="capture='hooks'"):
+            native.generate(chats[:1], 2, steering=Steering(SteeringPlan(activate=((0, 1),))))
+    for a, b in zip(ref, got, strict=True):
+        assert b.token_ids.tolist() == a.token_ids.tolist() and b.finished == a.finished
+        assert np.array_equal(expert_sets(a, k), expert_sets(b, k))
+        assert np.isnan(b.weights.astype(np.float32)).all()  # not returned by vLLM
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_vllm_hooks_capture_and_steer_each_family(name, tokenizer, tmp_path):
+    model = build(name, vocab=len(tokenizer))
+    assert family_of(model.config).name in VLLM_FAMILIES
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / name)
+    chats = [render_chat(tokenizer, t) for t in TEXTS[:4]]
+    with make_backend("transformers", str(tmp_path / name)) as hf:
+        ref = hf.generate_and_capture(chats, MAX_NEW)
+    with make_backend("vllm", str(tmp_path / name), progress=False,
+                      gpu_memory_utilization=0.3) as vb:
+        got = vb.generate_and_capture(chats, MAX_NEW)
+        c = compare_runs(ref, got, vb.top_k)
+        assert c.topk_agreement >= 0.99 and c.identical >= len(ref) - 1, c
+        last = vb.moe_layers[-1]
+        plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),))
+        steered = vb.generate_and_capture(chats, MAX_NEW, steering=Steering(plan))
+        for r in steered:
+            block = r.experts.reshape(len(r.token_ids), -1, vb.top_k)[:, -1]
+            assert (block == 0).any(-1).all() and not (block == 1).any()
+
+
+def test_bf16_routers_steer_and_capture(tiny64, tokenizer):  # noqa: F811
+    """bf16 engine: the steering margin survives (the hook edits in float32) and the captured
+    weights are finite probabilities."""
+    chats = [render_chat(tokenizer, t) for t in TEXTS[:4]]
+    with make_backend("vllm", str(tiny64), dtype="bfloat16", progress=False,
+                      gpu_memory_utilization=0.3) as vb:
+        plain = vb.generate_and_capture(chats, MAX_NEW)
+        plan = SteeringPlan(activate=((2, 5),), deactivate=((2, 6),), delta=0.01)
+        steered = vb.generate_and_capture(chats, MAX_NEW, steering=Steering(plan))
+    for r in plain:
+        w = r.weights.astype(np.float32)
+        assert np.isfinite(w).all() and (w > 0).all() and (w <= 1).all()
+    for r in steered:
+        block = r.experts.reshape(len(r.token_ids), -1, 2)[:, 2]
+        assert (block == 5).any(-1).all() and not (block == 6).any()
