@@ -8,8 +8,13 @@ per-prompt count matrices (never per-token arrays), so the cost does not grow wi
 - case [P] bool: True for the contrast's first group (e.g. unsafe), False for the reference.
 
 risk difference of column c = sum_case counts / sum_case tokens - sum_ref counts / sum_ref tokens.
-Each chunk of permutations or bootstrap draws is one matmul [chunk, P] @ [P, C]. Results depend
-only on the generator's state, never on `chunk` (draws are made one replicate at a time).
+Each chunk of permutations or bootstrap draws is one matmul [chunk, P] @ [P, block] per block of
+columns: only one block of the counts is ever converted to floating point, and a contrast over a
+subset of prompts (`rows`) gathers only that block's rows, so the memory beyond the caller's
+[P, C] integer matrix stays bounded (O(P * block)) at any scale. Results depend only on the
+generator's state, never on `chunk` or the block width: draws are made one replicate at a time
+in a fixed order, every sum is of integers exact in the float type used (_matmul_dtype), and
+the max over columns is the max over blocks.
 """
 
 from __future__ import annotations
@@ -29,11 +34,41 @@ def _matmul_dtype(bound: int) -> type:
     return np.float32 if bound < 2**24 else np.float64
 
 
-def _check(counts: np.ndarray, tokens: np.ndarray, case: np.ndarray) -> None:
-    if counts.ndim != 2 or tokens.shape != (len(counts),) or case.shape != (len(counts),):
+# Elements of one column block converted to floating point (its [P, block] copy: 64 MiB at
+# float32): wide enough for an efficient matmul, small beside the [P, C] integer matrix.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _blocks(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
+    width = max(64, _BLOCK_ELEMENTS // max(n_rows, 1))
+    return [(c, min(c + width, n_cols)) for c in range(0, n_cols, width)]
+
+
+def _gather(counts: np.ndarray, rows: np.ndarray | None, c0: int, c1: int, dtype) -> np.ndarray:
+    """counts[rows, c0:c1] as `dtype` [P', c1 - c0]: a copy of one block only."""
+    block = counts[:, c0:c1] if rows is None else counts[rows, c0:c1]
+    return block.astype(dtype)
+
+
+def column_sums(counts: np.ndarray, select: np.ndarray, rows_per_step: int = 1024) -> np.ndarray:
+    """[C] int64: counts[select].sum(0) (select: [P] bool) in steps of rows, so the selected
+    rows are never copied at once (a [P, C] matrix can be most of the memory)."""
+    out = np.zeros(counts.shape[1], np.int64)
+    for lo in range(0, len(counts), rows_per_step):
+        pick = select[lo : lo + rows_per_step]
+        if pick.any():
+            out += counts[lo : lo + rows_per_step][pick].sum(0, dtype=np.int64)
+    return out
+
+
+def _check(
+    counts: np.ndarray, tokens: np.ndarray, case: np.ndarray, rows: np.ndarray | None = None
+) -> None:
+    n = len(counts) if rows is None else len(rows)
+    if counts.ndim != 2 or tokens.shape != (n,) or case.shape != (n,):
         raise ValueError(
-            f"shapes must be counts [P, C], tokens [P], case [P]; got {counts.shape}, "
-            f"{tokens.shape}, {case.shape}"
+            f"shapes must be counts [P, C], tokens [P], case [P] (P = len(rows) with rows); got "
+            f"{counts.shape}, {tokens.shape}, {case.shape}"
         )
     if case.all() or not case.any():
         raise ValueError("a contrast needs prompts on both sides (case and reference)")
@@ -41,10 +76,23 @@ def _check(counts: np.ndarray, tokens: np.ndarray, case: np.ndarray) -> None:
         raise ValueError("every prompt needs at least one in-scope token")
 
 
-def risk_difference(counts: np.ndarray, tokens: np.ndarray, case: np.ndarray) -> np.ndarray:
-    """[C] float64: case rate minus reference rate, pooled over each side's tokens."""
-    col_total = counts.sum(0, dtype=np.int64)  # [C]
-    a_case = counts[case].sum(0, dtype=np.int64)  # [C]
+def _sides_of(n: int, rows: np.ndarray | None, case: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[P_all] bool masks of the case and reference prompts among all rows of counts."""
+    idx = np.arange(n) if rows is None else rows
+    case_all, ref_all = np.zeros(n, bool), np.zeros(n, bool)
+    case_all[idx[case]] = True
+    ref_all[idx[~case]] = True
+    return case_all, ref_all
+
+
+def risk_difference(
+    counts: np.ndarray, tokens: np.ndarray, case: np.ndarray, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """[C] float64: case rate minus reference rate, pooled over each side's tokens. With
+    `rows` ([P'] indices), only those rows of counts take part (tokens, case: [P'])."""
+    case_all, ref_all = _sides_of(len(counts), rows, case)
+    a_case = column_sums(counts, case_all)  # [C]
+    col_total = a_case + column_sums(counts, ref_all)
     n_case = int(tokens[case].sum())
     return _rd(a_case.astype(np.float64), float(n_case), col_total, int(tokens.sum()))
 
@@ -69,33 +117,39 @@ def permutation_test(
     n_permutations: int,
     rng: np.random.Generator,
     chunk: int = 128,
+    rows: np.ndarray | None = None,
 ) -> PermutationResult:
     """Per-column permutation p-values and the max-|rd| null, from one set of label shuffles.
 
     The case labels are permuted among the P prompts (the number of case prompts is kept; token
     counts follow their prompts). The smallest attainable p-value is 1 / (1 + n_permutations).
-    With n_permutations == 0 the p-values are NaN and the null is empty.
+    With n_permutations == 0 the p-values are NaN and the null is empty. `rows` ([P'] indices
+    into counts): only those prompts take part (tokens, case: [P']), without copying them.
     """
-    _check(counts, tokens, case)
+    _check(counts, tokens, case, rows)
     n_cols = counts.shape[1]
     if n_permutations <= 0:
         return PermutationResult(np.full(n_cols, np.nan), np.zeros(0))
     total = int(tokens.sum())
     dtype = _matmul_dtype(total)
-    mat = counts.astype(dtype)  # [P, C]
+    case_all, ref_all = _sides_of(len(counts), rows, case)
+    col_total = (column_sums(counts, case_all) + column_sums(counts, ref_all)).astype(np.float64)
+    observed = np.abs(risk_difference(counts, tokens, case, rows)) - _TIE_TOL  # [C]
+    # every shuffle first (the generator's order), [n_permutations, P] bool: ~P bytes each
+    perms = np.stack([rng.permutation(case) for _ in range(n_permutations)])
+    chunks = [(s, min(s + chunk, n_permutations)) for s in range(0, n_permutations, chunk)]
     tok = tokens.astype(dtype)  # [P]
-    col_total = counts.sum(0, dtype=np.int64).astype(np.float64)  # [C]
-    observed = np.abs(risk_difference(counts, tokens, case)) - _TIE_TOL  # [C]
+    n_case = np.concatenate([(perms[s:e].astype(dtype) @ tok).astype(np.float64)
+                             for s, e in chunks])[:, None]  # [n_permutations, 1]  # fmt: skip
     beyond = np.zeros(n_cols, np.int64)
-    null_max = np.empty(n_permutations)
-    for start in range(0, n_permutations, chunk):
-        m = min(chunk, n_permutations - start)
-        perm = np.stack([rng.permutation(case) for _ in range(m)]).astype(dtype)  # [m, P]
-        a_case = (perm @ mat).astype(np.float64)  # [m, C]
-        n_case = (perm @ tok).astype(np.float64)[:, None]  # [m, 1]
-        rd = np.abs(_rd(a_case, n_case, col_total, total))  # [m, C]
-        beyond += (rd >= observed).sum(0)
-        null_max[start : start + m] = rd.max(axis=1)
+    null_max = np.full(n_permutations, -np.inf)
+    for c0, c1 in _blocks(len(tokens), n_cols):
+        mat = _gather(counts, rows, c0, c1, dtype)  # [P, b]
+        for s, e in chunks:
+            a_case = (perms[s:e].astype(dtype) @ mat).astype(np.float64)  # [m, b]
+            rd = np.abs(_rd(a_case, n_case[s:e], col_total[c0:c1], total))  # [m, b]
+            beyond[c0:c1] += (rd >= observed[c0:c1]).sum(0)
+            np.maximum(null_max[s:e], rd.max(axis=1), out=null_max[s:e])
     return PermutationResult((1.0 + beyond) / (1.0 + n_permutations), null_max)
 
 
@@ -107,35 +161,43 @@ def bootstrap_ci(
     rng: np.random.Generator,
     level: float = 0.95,
     chunk: int = 128,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap CI [C], [C] of the risk difference, resampling prompts with
     replacement within each side (each side keeps its number of prompts). NaN when
-    n_bootstrap == 0."""
-    _check(counts, tokens, case)
+    n_bootstrap == 0. `rows`: as in permutation_test."""
+    _check(counts, tokens, case, rows)
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     n_cols = counts.shape[1]
     if n_bootstrap <= 0:
         return np.full(n_cols, np.nan), np.full(n_cols, np.nan)
-    sides = [np.flatnonzero(case), np.flatnonzero(~case)]
+    local = [np.flatnonzero(case), np.flatnonzero(~case)]  # [P_side] positions among the P
+    sides = [idx if rows is None else rows[idx] for idx in local]  # [P_side] rows of counts
     # a resampled side sums at most (its prompts) x (the longest prompt's tokens)
     dtype = _matmul_dtype(int(tokens.max()) * len(tokens))
-    mats = [counts[idx].astype(dtype) for idx in sides]  # [P_side, C]
-    toks = [tokens[idx].astype(dtype) for idx in sides]  # [P_side]
+    # every replicate's multiplicities first, in the generator's order (per replicate: the case
+    # side's draw, then the reference side's): [B, P_side] each, in the narrowest exact type
+    weights = [np.empty((n_bootstrap, len(idx)), np.uint16 if len(idx) < 2**16 else np.int64)
+               for idx in local]  # fmt: skip
+    for r in range(n_bootstrap):
+        for w, idx in zip(weights, local, strict=True):
+            w[r] = np.bincount(rng.integers(0, len(idx), len(idx)), minlength=len(idx))
+    chunks = [(s, min(s + chunk, n_bootstrap)) for s in range(0, n_bootstrap, chunk)]
+    dens = [  # [B, 1] per side: resampled tokens
+        np.concatenate([(w[s:e].astype(dtype) @ tokens[idx].astype(dtype)).astype(np.float64)
+                        for s, e in chunks])[:, None]  # fmt: skip
+        for w, idx in zip(weights, local, strict=True)
+    ]
     draws = np.empty((n_bootstrap, n_cols))  # [B, C]
-    for start in range(0, n_bootstrap, chunk):
-        m = min(chunk, n_bootstrap - start)
-        # per replicate, the case side's draw then the reference side's: [m, P_side] each, the
-        # multiplicity of every prompt in a resample of that side's size
-        weights = [np.empty((m, len(idx)), dtype) for idx in sides]
-        for r in range(m):
-            for w, idx in zip(weights, sides, strict=True):
-                w[r] = np.bincount(rng.integers(0, len(idx), len(idx)), minlength=len(idx))
-        rates = [
-            (w @ mat).astype(np.float64) / (w @ tok).astype(np.float64)[:, None]  # [m, C]
-            for w, mat, tok in zip(weights, mats, toks, strict=True)
-        ]
-        draws[start : start + m] = rates[0] - rates[1]
+    for c0, c1 in _blocks(max(len(idx) for idx in sides), n_cols):
+        mats = [_gather(counts, idx, c0, c1, dtype) for idx in sides]  # [P_side, b]
+        for s, e in chunks:
+            rates = [
+                (w[s:e].astype(dtype) @ mat).astype(np.float64) / den[s:e]  # [m, b]
+                for w, mat, den in zip(weights, mats, dens, strict=True)
+            ]
+            draws[s:e, c0:c1] = rates[0] - rates[1]
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail], axis=0)
     return low, high

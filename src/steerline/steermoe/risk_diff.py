@@ -10,9 +10,12 @@ label-permutation p-value (`p_perm`, BH `q_perm`) and a bootstrap CI over prompt
 The same columns, prefixed, hold the style-matched contrast (`matched_*`) and the pure style
 contrast (`style_risk_diff`), see contrasts.
 
-Everything is streamed over the routing shards in record batches and vectorized: one bincount
-per batch into a per-prompt count matrix [n_prompts, n_layers * n_experts], from which the
-pooled counts, every permutation and every bootstrap draw (one matmul per chunk) follow.
+Everything is streamed over the routing shards in record batches and vectorized into a
+per-prompt count matrix [n_prompts, n_layers * n_experts] (one bincount per prompt run of a
+batch, or per batch when prompts are short), from which the pooled counts, every permutation and
+every bootstrap draw (one matmul per chunk and column block) follow; no per-token array of the
+whole set is ever held. Parquet decoding (a reader thread) and the manifest's SHA-256 check (a
+second thread) run beside the counting; pyarrow and hashlib release the GIL.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,7 @@ from steerline.steermoe.contrasts import (
     needs_sources,
     prompt_sources,
 )
-from steerline.steermoe.prompt_inference import bootstrap_ci, permutation_test
+from steerline.steermoe.prompt_inference import bootstrap_ci, column_sums, permutation_test
 from steerline.steermoe.routing_schema import (
     LABELS,
     META_MODEL,
@@ -52,7 +58,9 @@ from steerline.steermoe.routing_schema import (
     PER_SHARD_PREFIX,
     iter_routing_shard_batches,
     moe_layers_of,
+    read_routing_manifest,
     read_routing_meta,
+    verify_routing_hashes,
 )
 
 TOKEN_SCOPES = ("user", "generated", "all")
@@ -79,6 +87,12 @@ INFERENCE_COLUMNS = ("risk_diff", "ci_low", "ci_high", "p_perm", "q_perm", "p_to
 # Quantiles of the null's max |risk_diff| always reported (if the permutations resolve them).
 REPORTED_QUANTILES = (0.95, 0.99, 0.999)
 _READ_COLUMNS = ("prompt_id", "label", "is_generated", "is_template", "experts")
+# A batch whose prompts average fewer in-scope tokens than this is counted with one bincount
+# over (prompt, layer, expert) bins, in groups of prompts of at most _MAX_BINS bins (its output
+# is [bins] int64); otherwise with one bincount per prompt over (layer, expert), whose input is
+# the narrow column index and whose bins stay in cache (about twice as fast per value).
+_MIN_RUN = 32
+_MAX_BINS = 1 << 22
 _SCOPE_HINT = (
     "set risk_diff.token_scope to another of 'user', 'generated', 'all' in params.yaml, or check "
     "capture_routing ('generated' needs capture_routing.max_new_tokens > 0)"
@@ -101,12 +115,7 @@ class PromptCounts:
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """a [2, L*E] int64 and n [2] int64, row 0 safe, row 1 unsafe."""
-        a = np.stack(
-            [
-                self.counts[~self.unsafe].sum(0, dtype=np.int64),
-                self.counts[self.unsafe].sum(0, dtype=np.int64),
-            ]
-        )
+        a = np.stack([column_sums(self.counts, sel) for sel in (~self.unsafe, self.unsafe)])
         n = np.array([self.tokens[~self.unsafe].sum(), self.tokens[self.unsafe].sum()], np.int64)
         return a, n
 
@@ -116,11 +125,13 @@ class _PromptAccumulator:
 
     initial_capacity = 256
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, capacity: int | None = None) -> None:
+        """`capacity`: the prompts expected (a routing manifest's n_prompts), so the [P, C]
+        matrix is allocated once, never copied while growing (np.zeros pages in lazily)."""
         self.width = width
         self.row_of: dict[str, int] = {}
         self.ids: list[str] = []
-        self._alloc(self.initial_capacity)
+        self._alloc(max(capacity or self.initial_capacity, 1))
 
     def _alloc(self, cap: int) -> None:
         old = getattr(self, "counts", None)
@@ -211,9 +222,72 @@ def count_routing(
     """
     if token_scope not in TOKEN_SCOPES:
         raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
-    meta = read_routing_meta(routing_dir)
-    batches = iter_routing_shard_batches(routing_dir, _READ_COLUMNS, batch_rows, progress)
-    return count_batches(batches, meta, token_scope, source=str(routing_dir))
+    path = Path(routing_dir)
+    if not path.is_dir():  # a single shard file: no manifest to check
+        meta = read_routing_meta(path)
+        batches = iter_routing_shard_batches(path, _READ_COLUMNS, batch_rows, progress)
+        return count_batches(_prefetch(batches), meta, token_scope, source=str(routing_dir))
+    # every check of verify_routing but the SHA-256 pass, which reads every byte of every shard:
+    # it runs in a thread beside the counting, and nothing is returned before it passed
+    meta = read_routing_meta(path, check_hashes=False)
+    manifest = read_routing_manifest(path)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        hashed = pool.submit(verify_routing_hashes, path, manifest)
+        try:
+            batches = iter_routing_shard_batches(path, _READ_COLUMNS, batch_rows, progress)
+            counts = count_batches(_prefetch(batches), meta, token_scope, str(routing_dir),
+                                   expected_prompts=int(manifest.get("n_prompts", 0)))  # fmt: skip
+        except Exception:
+            if hashed.exception() is not None:  # a changed shard explains what went wrong
+                raise hashed.exception() from None
+            raise
+        hashed.result()
+    return counts
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of `items`, produced by a thread up to `depth` ahead: the next record batch is
+    decoded (pyarrow releases the GIL) while this one is counted. The producer's exceptions are
+    raised here; leaving early stops it."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, end))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((False, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="routing-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = out.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def count_batches(
@@ -221,21 +295,25 @@ def count_batches(
     meta: Mapping[str, Any],
     token_scope: str = "user",
     source: str = "routing batches",
+    expected_prompts: int | None = None,
 ) -> PromptCounts:
     """count_routing on (name, record batch) pairs already in memory (names go into errors).
 
     `meta` needs n_layers, top_k, n_experts (see read_routing_meta); batches need the columns
     prompt_id, label, is_generated, is_template, experts. Assumes (per the routing contract)
     that an expert appears at most once in a token's top-k at one layer, so counting
-    (token, slot) pairs counts tokens.
+    (token, slot) pairs counts tokens. The result does not depend on how the rows are cut
+    into batches. `expected_prompts`: a capacity hint (see _PromptAccumulator).
     """
     if token_scope not in TOKEN_SCOPES:
         raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
     n_layers, top_k, n_experts = (int(meta[k]) for k in (META_N_LAYERS, META_TOP_K, META_N_EXPERTS))
     width = n_layers * n_experts
-    acc = _PromptAccumulator(width)
-    # [n_layers] offsets of each layer's block in the flattened (layer, expert) axis
-    layer_base = np.arange(n_layers, dtype=np.int64) * n_experts
+    acc = _PromptAccumulator(width, expected_prompts)
+    # [n_layers, 1] offset of each layer's block in the flattened (layer, expert) axis, in the
+    # narrowest type that holds every column index (int16 for up to 32767 columns)
+    col_type = np.int16 if width <= np.iinfo(np.int16).max else np.int32
+    layer_base = (np.arange(n_layers) * n_experts).astype(col_type)[:, None]
 
     for shard, batch in batches:
         missing = [c for c in _READ_COLUMNS if c not in batch.schema.names]
@@ -285,13 +363,40 @@ def count_batches(
             experts, local = experts[mask], local[mask]
         if local.size == 0:
             continue
-        # flat bin = (local prompt, layer, expert); [n_in, L, k] int64, one bincount per batch
-        bins = (local[:, None] * width + layer_base)[:, :, None] + experts
-        counts = np.bincount(bins.ravel(), minlength=n_local * width).reshape(n_local, width)
-        acc.counts[rows] += counts.astype(np.int32)  # rows are distinct: no scatter-add needed
+        cols = experts.astype(col_type, copy=False) + layer_base  # [n_in, L, k] column index
+        _add_counts(acc.counts, rows, local, cols.reshape(len(local), -1), n_local)
         acc.tokens[rows] += np.bincount(local, minlength=n_local)
 
     return _finish(acc, dict(meta), n_layers, top_k, n_experts, token_scope, source)
+
+
+def _add_counts(
+    counts: np.ndarray, rows: np.ndarray, local: np.ndarray, cols: np.ndarray, n_local: int
+) -> None:
+    """counts[rows[p], c] += the batch's in-scope tokens of local prompt p that hit column c.
+
+    counts [P, C] int32; rows [n_local] distinct global rows; local [n] local prompt of each
+    in-scope token; cols [n, L*k] column (layer * E + expert) of each of its top-k slots.
+    """
+    width = counts.shape[1]
+    if np.any(local[1:] < local[:-1]):  # a prompt's tokens not in one run: make them one
+        order = np.argsort(local, kind="stable")
+        local, cols = local[order], cols[order]
+    bounds = np.searchsorted(local, np.arange(n_local + 1))  # [n_local + 1] run bounds
+    if len(local) >= _MIN_RUN * n_local:
+        for p in np.flatnonzero(np.diff(bounds)):
+            counts[rows[p]] += np.bincount(cols[bounds[p] : bounds[p + 1]].ravel(), minlength=width)
+        return
+    step = max(1, _MAX_BINS // width)  # prompts per bincount
+    for lo in range(0, n_local, step):
+        hi = min(lo + step, n_local)
+        r0, r1 = bounds[lo], bounds[hi]
+        if r0 == r1:
+            continue
+        # flat bin = (prompt - lo, layer, expert): [n_run, L*k] int64
+        bins = (local[r0:r1, None] - lo) * width + cols[r0:r1]
+        hits = np.bincount(bins.ravel(), minlength=(hi - lo) * width).reshape(hi - lo, width)
+        counts[rows[lo:hi]] += hits.astype(np.int32)  # rows are distinct: no scatter-add needed
 
 
 def _finish(
@@ -326,7 +431,7 @@ def _finish(
     return PromptCounts(
         prompt_ids=[pid for pid, k in zip(acc.ids, keep, strict=True) if k],
         unsafe=label[keep] == 1,
-        counts=acc.counts[:n][keep].copy(),
+        counts=_keep_rows(acc.counts, n, keep),
         tokens=tokens[keep].copy(),
         n_layers=n_layers,
         top_k=top_k,
@@ -334,6 +439,17 @@ def _finish(
         token_scope=token_scope,
         routing_meta=meta,
     )
+
+
+def _keep_rows(counts: np.ndarray, n: int, keep: np.ndarray, step: int = 1024) -> np.ndarray:
+    """counts[:n][keep], compacted in place (a view, no second [P, C] matrix): a kept row only
+    moves up, and every step's source rows lie at or below the rows it writes."""
+    if keep.all():
+        return counts[:n]
+    idx = np.flatnonzero(keep)
+    for lo in range(0, len(idx), step):
+        counts[lo : lo + len(idx[lo : lo + step])] = counts[idx[lo : lo + step]]
+    return counts[: len(idx)]
 
 
 def two_proportion_pvalue(
@@ -459,12 +575,12 @@ def contrast_columns(
     seeded by (seed, contrast index, purpose), so adding a contrast changes no other one.
     """
     keep = sides >= 0
-    if keep.all():  # no copy of the [P, C] matrix when every prompt takes part
-        mat, tok, case = counts.counts, counts.tokens, sides == 1
-    else:
-        mat, tok, case = counts.counts[keep], counts.tokens[keep], sides[keep] == 1
-    a_case = mat[case].sum(0, dtype=np.int64)  # [C]
-    a_ref = mat[~case].sum(0, dtype=np.int64)
+    # the prompts taking part, by index: the [P, C] matrix is never copied (only column blocks)
+    rows = None if keep.all() else np.flatnonzero(keep)
+    tok, case = counts.tokens[keep], sides[keep] == 1
+    mat = counts.counts
+    a_case = column_sums(mat, sides == 1)  # [C]
+    a_ref = column_sums(mat, sides == 0)
     n_case, n_ref = int(tok[case].sum()), int(tok[~case].sum())
     rd = a_case / n_case - a_ref / n_ref
     sizes = {
@@ -478,10 +594,11 @@ def contrast_columns(
     if contrast.inferred:
         index = CONTRASTS.index(contrast)
         perm = permutation_test(
-            mat, tok, case, n_permutations, np.random.default_rng([seed, index, 0])
+            mat, tok, case, n_permutations, np.random.default_rng([seed, index, 0]), rows=rows
         )
         low, high = bootstrap_ci(
-            mat, tok, case, n_bootstrap, np.random.default_rng([seed, index, 1]), ci_level
+            mat, tok, case, n_bootstrap, np.random.default_rng([seed, index, 1]), ci_level,
+            rows=rows,
         )
         p_z = two_proportion_pvalue(a_ref, n_ref, a_case, n_case)
         values = {

@@ -184,16 +184,17 @@ def _shared_meta(shards: Sequence[Path], where: str | Path) -> dict[str, str]:
     return shared
 
 
-def read_routing_meta(path_or_dir: str | Path) -> dict[str, object]:
+def read_routing_meta(path_or_dir: str | Path, check_hashes: bool = True) -> dict[str, object]:
     """Metadata shared by all shards: n_layers, top_k, n_experts (int), model (str), extras (str).
 
     A directory is verified against its manifest first (verify_routing: every listed shard
     present and unchanged, none extra, same capture, shape = the captured model's config).
     Raises one ValueError naming the first disagreeing shard if shards come from different
-    captures (model, shape or any non "shard_" extra key).
+    captures (model, shape or any non "shard_" extra key). `check_hashes=False` leaves out only
+    the SHA-256 pass (a caller that runs verify_routing_hashes itself, e.g. beside its reads).
     """
     if Path(path_or_dir).is_dir():
-        verify_routing(path_or_dir)
+        verify_routing(path_or_dir, check_hashes)
     shards = routing_shards(path_or_dir)
     shared = _shared_meta(shards, path_or_dir)
     out: dict[str, object] = dict(shared)
@@ -355,13 +356,12 @@ def read_routing_manifest(routing_dir: str | Path) -> dict:
     return manifest
 
 
-def verify_routing(routing_dir: str | Path) -> dict:
+def verify_routing(routing_dir: str | Path, check_hashes: bool = True) -> dict:
     """Full check of a routing directory against its manifest: the listed files, their sizes
     and SHA-256, each shard's metadata equal to the manifest's (same model fingerprint, same
     capture) and the shape (n_layers, top_k, n_experts) equal to the model config recorded at
-    capture. Returns the manifest; raises one ValueError naming the file and the fix."""
-    from steerline.io import sha256_file
-
+    capture. Returns the manifest; raises one ValueError naming the file and the fix.
+    `check_hashes=False`: all but the SHA-256 pass (see verify_routing_hashes)."""
     root = Path(routing_dir)
     manifest = read_routing_manifest(root)
     shared = {str(k): str(v) for k, v in manifest.get("metadata", {}).items()}
@@ -380,12 +380,24 @@ def verify_routing(routing_dir: str | Path) -> dict:
             if key in config and int(meta[key]) != int(config[key]):
                 raise _bad(shard, f"metadata says {key}={meta[key]} but the model captured "
                                   f"has {key}={config[key]} (manifest.json model_config)")
+    if check_hashes:
+        verify_routing_hashes(root, manifest)
+    return manifest
+
+
+def verify_routing_hashes(routing_dir: str | Path, manifest: dict | None = None) -> None:
+    """Every listed shard's SHA-256 equals manifest.json's (the costly part of verify_routing:
+    it reads every byte; hashlib releases the GIL, so a reader may run it in a thread beside
+    its own reads). Raises one ValueError naming the first differing file."""
+    from steerline.io import sha256_file
+
+    root = Path(routing_dir)
+    manifest = manifest or read_routing_manifest(root)
     for e in manifest["shards"]:
         f = root / str(e["file"])
         if sha256_file(f) != e["sha256"]:
             raise _bad(f, "content differs from manifest.json (modified after the capture, or "
                           "from another capture)")
-    return manifest
 
 
 def read_generations(generations_path: str | Path, routing_dir: str | Path):
