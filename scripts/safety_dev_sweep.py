@@ -30,12 +30,16 @@ from transformers import AutoTokenizer
 from steerline.backends import Steering, make_backend
 from steerline.chat import render_chat
 from steerline.io import atomic_path, write_parquet
-from steerline.steermoe.expert_steering import SteeringPlan, plan_from_experts, read_experts_json
+from steerline.steermoe.expert_steering import (
+    SteeringPlan,
+    directional_plan,
+    plan_from_experts,
+    read_experts_json,
+)
 from steerline.steermoe.rate_stats import mcnemar_exact
 from steerline.steermoe.refusal import make_judge
 from steerline.steermoe.safety_eval import (
     ANSWER_COLUMNS,
-    directional_plan,
     select_eval_prompts,
     variant_rates,
 )

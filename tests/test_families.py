@@ -167,3 +167,39 @@ def test_vllm_backend_serves_softmax_families_and_names_the_backend_for_others(n
         return
     with pytest.raises(ValueError, match="use the transformers backend"):
         VLLMBackend(str(saved[name]))  # rejected from config.json, before any weights load
+
+
+@pytest.mark.parametrize("name", [*REAL_FAMILIES, "qwen2_moe_dense0"])
+def test_capture_store_and_risk_diff_keep_each_familys_layers(name, saved, tokenizer, tmp_path):
+    """The routing contract and risk_diff per family: every MoE layer under the model's own
+    number (a dense first layer leaves no rows), every expert once per layer, and each layer's
+    counts summing to top_k per token."""
+    import pandas as pd
+
+    from steerline.steermoe.capture import CaptureConfig, run_capture
+    from steerline.steermoe.risk_diff import compute_risk_diff
+
+    path = saved.get(name)
+    if path is None:  # the dense-first-layer variant is not in the saved set
+        model = build(name, vocab=len(tokenizer))
+        model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        path = tmp_path / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    texts = ["How do I bake bread?", "Name a color.", "How do I pick a lock?", "Insult me."]
+    df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(4)], "text": texts,
+                       "label": ["safe", "safe", "unsafe", "unsafe"]})
+    with make_backend("transformers", str(path)) as backend:
+        layers, (n_experts, top_k) = moe_layers(backend.model), moe_shape(backend.model)
+        run_capture(backend, tokenizer, df, CaptureConfig(max_new_tokens=3, shard_prompts=2),
+                    tmp_path / "routing", tmp_path / "g.parquet", tmp_path / "cache",
+                    {"model": name, "model_fingerprint": f"{name}-0"})
+    report, meta = compute_risk_diff(tmp_path / "routing", token_scope="all", n_permutations=100)
+    assert sorted(report["layer"].unique().tolist()) == list(layers)
+    assert len(report) == len(layers) * n_experts
+    assert (report.groupby("layer")["expert"].nunique() == n_experts).all()
+    for col, n in (("a_safe", "n_safe"), ("a_unsafe", "n_unsafe")):
+        per_layer = report.groupby("layer")[col].sum()
+        assert (per_layer == report[n].iloc[0] * top_k).all(), (col, per_layer)
+    assert report["risk_diff"].between(-1, 1).all() and report["p_perm"].between(0, 1).all()

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
+from steerline.steermoe.expert_steering import SteeringPlan, directional_plan, expert_steering
 from steerline.steermoe.rate_stats import agreement, mcnemar_exact, wilson
 from steerline.steermoe.refusal import (
     LLMJudge,
@@ -34,7 +34,6 @@ from steerline.steermoe.safety_eval import (
     backend_answers,
     benign_ppl,
     compare_variants,
-    directional_plan,
     evaluate_variant,
     greedy_answers,
     headline_metrics,

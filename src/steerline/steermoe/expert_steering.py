@@ -250,6 +250,30 @@ def plan_from_experts(
     return plan
 
 
+def directional_plan(
+    selection: Mapping[str, Any], direction: str, n: int, delta: float,
+    n_layers: int | Sequence[int], n_experts: int, top_k: int,
+) -> SteeringPlan:
+    """Steering of the experts a model routes to more on unsafe prompts (the `unsafe` list of its
+    experts.json, rank order): `deactivate` forces the first n out of the top-k, `activate`
+    into it (per-layer caps E - top_k and top_k applied in rank order). An empty list is an
+    error: there is nothing to steer."""
+    if direction not in ("activate", "deactivate"):
+        raise ValueError(f"steering direction must be 'activate' or 'deactivate', got "
+                         f"{direction!r}")
+    if not selection["unsafe"]:
+        raise ValueError("the fine-tuned model's experts.json lists no unsafe experts: lower "
+                         "select_experts' thresholds or check its risk_diff report")
+    ranked, source = expert_list(selection, "unsafe", _n_pairs(n_layers, n_experts), None,
+                                 n_layers, n_experts)
+    chosen = capped(ranked, top_k if direction == "activate" else n_experts - top_k)[:n]
+    plan = SteeringPlan(activate=tuple(chosen) if direction == "activate" else (),
+                        deactivate=tuple(chosen) if direction == "deactivate" else (),
+                        delta=delta, source={direction: source})
+    plan.validate(n_layers, n_experts, top_k)
+    return plan
+
+
 # ---------------------------------------------------------------------------- the hook
 
 

@@ -33,10 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from steerline.chat import render_chat
 from steerline.io import atomic_path
 from steerline.steermoe.expert_steering import (
-    Expert,
     SteeringPlan,
-    capped,
-    expert_list,
     expert_steering,
     plan_from_experts,
 )
@@ -360,32 +357,6 @@ def selection_plan(
                          "of the raw risk_diff ranking regardless of q-value")
     return plan_from_experts(selection, mode, n, delta, n_layers, n_experts, top_k,
                              risk_diff() if empty else None)
-
-
-def directional_plan(
-    selection: Mapping[str, Any], direction: str, n: int, delta: float,
-    n_layers: int | Sequence[int], n_experts: int, top_k: int,
-) -> SteeringPlan:
-    """Steering of the experts a model routes to more on unsafe prompts (the `unsafe` list of its
-    experts.json, rank order): `deactivate` forces the first n out of the top-k, `activate`
-    into it (per-layer caps E - top_k and top_k applied in rank order). An empty list is an
-    error: there is nothing to steer."""
-    if direction not in ("activate", "deactivate"):
-        raise ValueError(f"steering direction must be 'activate' or 'deactivate', got "
-                         f"{direction!r}")
-    if not selection["unsafe"]:
-        raise ValueError("the fine-tuned model's experts.json lists no unsafe experts: lower "
-                         "select_experts' thresholds or check its risk_diff report")
-    ranked: list[Expert]
-    n_moe = n_layers if isinstance(n_layers, int) else len(n_layers)
-    ranked, source = expert_list(selection, "unsafe", n_moe * n_experts, None, n_layers,
-                                 n_experts)
-    chosen = capped(ranked, top_k if direction == "activate" else n_experts - top_k)[:n]
-    plan = SteeringPlan(activate=tuple(chosen) if direction == "activate" else (),
-                        deactivate=tuple(chosen) if direction == "deactivate" else (),
-                        delta=delta, source={direction: source})
-    plan.validate(n_layers, n_experts, top_k)
-    return plan
 
 
 def bar_rows(rates: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> pd.DataFrame:
