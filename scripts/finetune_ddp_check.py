@@ -33,16 +33,17 @@ from steerline.model.load import load_moe
 from steerline.params import load_params
 from steerline.steermoe.distributed import check_world
 from steerline.steermoe.expert_slices import ExpertSlices, compare_state_dicts
+from steerline.steermoe.finetune_run import SLICES, finetune, on_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_module() -> ModuleType:
+    """stages/finetune_experts.py, for its paths (stages are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("stage_finetune_experts",
                                                   ROOT / "stages" / "finetune_experts.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -61,12 +62,12 @@ def main() -> int:
         sys.exit(f"{committed} not found: run `dvc repro finetune_experts` first")
     with tempfile.TemporaryDirectory(prefix="finetune_ddp_check_") as tmp:
         out = Path(tmp) / "moe_finetuned"
-        info, result, _ = stage.finetune(params, out, Path(tmp) / "live",
-                                         Path(tmp) / "checkpoints", "ddp", args.num_processes)
+        info, result, _ = finetune(params, stage.INPUTS, out, Path(tmp) / "live",
+                                   Path(tmp) / "checkpoints", "ddp", args.num_processes)
         ref = read_json(committed / "trained_experts.json")
         same_experts = info["experts"] == ref["experts"]
-        want, got = load_file(committed / stage.SLICES), load_file(out / stage.SLICES)
-        frozen = compare_state_dicts(stage.on_disk(committed), stage.on_disk(out),
+        want, got = load_file(committed / SLICES), load_file(out / SLICES)
+        frozen = compare_state_dicts(on_disk(committed), on_disk(out),
                                      ref["experts"])["identical_outside_slices"]
     diff = rel = None  # null when the two runs trained different experts (nothing to compare)
     if same_experts and set(want) == set(got):
