@@ -52,7 +52,7 @@ from steerline.steermoe.routing_schema import (
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tmp" / "risk_diff_scale"
 FORMAT = 1  # bump when the generator changes, so cached sets are not reused across versions
-GOAL_RATIO, GOAL_RSS_GB = 1.5, 2.0
+GOAL_RSS_GB = 2.0  # the ratio goal is the "goal" string below (ratio <= 1.5)
 
 
 # ---- the synthetic capture ------------------------------------------------------------------
@@ -328,7 +328,7 @@ def main() -> None:
         "bench": "risk_diff_scale",
         "ratio": round(ratio, 3),
         "equal": equal,
-        "goal": f"ratio <= {GOAL_RATIO}",
+        "goal": "ratio <= 1.5",
         "baseline": "read_experts_column",
         "peak_rss_gb": round(run["peak_rss_gb"], 3),
         "goal_peak_rss_gb": f"<= {GOAL_RSS_GB}",
