@@ -9,9 +9,9 @@ import pytest
 import torch
 from families import build
 from test_capture_dp import TEXTS, tiny64  # noqa: F401 (the fixture)
+from test_families_vllm import assert_vllm_matches_and_steers
 
 from steerline.backends import Steering, make_backend
-from steerline.backends.compare import compare_runs
 from steerline.backends.vllm_native import native_unsupported
 from steerline.chat import render_chat
 from steerline.model.families import VLLM_FAMILIES, family_of
@@ -60,19 +60,7 @@ def test_vllm_hooks_capture_and_steer_each_family(name, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / name)
     tokenizer.save_pretrained(tmp_path / name)
     chats = [render_chat(tokenizer, t) for t in TEXTS[:4]]
-    with make_backend("transformers", str(tmp_path / name)) as hf:
-        ref = hf.generate_and_capture(chats, MAX_NEW)
-    with make_backend("vllm", str(tmp_path / name), progress=False,
-                      gpu_memory_utilization=0.3) as vb:
-        got = vb.generate_and_capture(chats, MAX_NEW)
-        c = compare_runs(ref, got, vb.top_k)
-        assert c.topk_agreement >= 0.99 and c.identical >= len(ref) - 1, c
-        last = vb.moe_layers[-1]
-        plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),))
-        steered = vb.generate_and_capture(chats, MAX_NEW, steering=Steering(plan))
-        for r in steered:
-            block = r.experts.reshape(len(r.token_ids), -1, vb.top_k)[:, -1]
-            assert (block == 0).any(-1).all() and not (block == 1).any()
+    assert_vllm_matches_and_steers(tmp_path / name, chats, MAX_NEW, gpu_memory_utilization=0.3)
 
 
 def test_bf16_routers_steer_and_capture(tiny64, tokenizer):  # noqa: F811

@@ -99,10 +99,11 @@ def test_plan_on_a_dense_layer_is_one_clear_error():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer):
-    """name -> a saved tiny checkpoint with the default model's tokenizer."""
+    """name -> a saved tiny checkpoint with the default model's tokenizer (every family and
+    variant)."""
     out = {}
     root = tmp_path_factory.mktemp("families")
-    for name in REAL_FAMILIES:
+    for name in FAMILY_NAMES:
         model = build(name, vocab=len(tokenizer))
         model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -179,14 +180,7 @@ def test_capture_store_and_risk_diff_keep_each_familys_layers(name, saved, token
     from steerline.steermoe.capture import CaptureConfig, run_capture
     from steerline.steermoe.risk_diff import compute_risk_diff
 
-    path = saved.get(name)
-    if path is None:  # the dense-first-layer variant is not in the saved set
-        model = build(name, vocab=len(tokenizer))
-        model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        path = tmp_path / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    path = saved[name]
     texts = ["How do I bake bread?", "Name a color.", "How do I pick a lock?", "Insult me."]
     df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(4)], "text": texts,
                        "label": ["safe", "safe", "unsafe", "unsafe"]})

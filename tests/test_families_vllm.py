@@ -5,14 +5,16 @@ Qwen2-MoE: greedy answers and routing against the transformers reference, and th
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+from typing import Any
+
 import pytest
 from conftest import finish_model
 from families import VLLM_CPU_SIZES, build
 
 from steerline.backends import Steering, make_backend
 from steerline.backends.compare import compare_runs
-from steerline.chat import render_chat
+from steerline.chat import ChatPrompt, render_chat
 from steerline.model.families import VLLM_FAMILIES, family_of
 from steerline.model.gguf import save_model
 from steerline.steermoe.expert_steering import SteeringPlan
@@ -33,15 +35,23 @@ def test_vllm_serves_the_family_like_transformers(name, tokenizer, tmp_path):
     assert family_of(model.config).name in VLLM_FAMILIES
     save_model(model, tokenizer, tmp_path / name)
     chats = [render_chat(tokenizer, t) for t in TEXTS]
-    with make_backend("transformers", str(tmp_path / name)) as hf:
-        ref = hf.generate_and_capture(chats, MAX_NEW)
-    with make_backend("vllm", str(tmp_path / name), progress=False) as vb:
-        got = vb.generate_and_capture(chats, MAX_NEW)
+    assert_vllm_matches_and_steers(tmp_path / name, chats, MAX_NEW)
+
+
+def assert_vllm_matches_and_steers(path: Path, chats: list[ChatPrompt], max_new: int,
+                                   **engine_options: Any) -> None:
+    """vLLM's greedy answers and routing on a saved checkpoint equal transformers' (at most one
+    run may split), and an expert forced in / out of the last MoE layer's top-k per request lands
+    in / out of every token's top-k."""
+    with make_backend("transformers", str(path)) as hf:
+        ref = hf.generate_and_capture(chats, max_new)
+    with make_backend("vllm", str(path), progress=False, **engine_options) as vb:
+        got = vb.generate_and_capture(chats, max_new)
         c = compare_runs(ref, got, vb.top_k)
         assert c.topk_agreement >= 0.99 and c.identical >= len(ref) - 1, c
         last = vb.moe_layers[-1]
         plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),))
-        steered = vb.generate_and_capture(chats, MAX_NEW, steering=Steering(plan))
+        steered = vb.generate_and_capture(chats, max_new, steering=Steering(plan))
     for r in steered:
-        block = np.asarray(r.experts).reshape(len(r.token_ids), -1, vb.top_k)[:, -1]
+        block = r.experts.reshape(len(r.token_ids), -1, vb.top_k)[:, -1]
         assert (block == 0).any(-1).all() and not (block == 1).any()
