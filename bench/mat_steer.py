@@ -6,6 +6,11 @@ per batch and attribute torch.randperm over the full sets, Python lists of label
 MMD with masks, per-pair orthogonality over a list of vectors. Both compute the same losses:
 checked on shared samples to 1e-5 before timing. Goal: ratio >= 3. Last line: one JSON object
 (bench contract: bench, ratio, equal, goal, baseline).
+
+Each runs as it would: the reference-style loop on torch's default threads, ours on its
+TRAIN_THREADS (1: its steps are too small to gain from a second thread that sleeps between ops
+under OMP_WAIT_POLICY=PASSIVE). `ratio_same_threads` times the reference-style loop on
+TRAIN_THREADS as well, so the speedup cannot be read as a thread-count effect alone.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from steerline.mat_steer.losses import LossWeights, mat_steer_losses  # noqa: E402
 from steerline.mat_steer.module import SteeringModule, renormalize  # noqa: E402
-from steerline.mat_steer.train import PosNeg, Stacked, run_epoch  # noqa: E402
+from steerline.mat_steer.train import (  # noqa: E402
+    TRAIN_THREADS,
+    PosNeg,
+    Stacked,
+    intra_op_threads,
+    run_epoch,
+)
 
 D, T, PER_LABEL, BATCH, SIGMA, LR = 4096, 3, 1500, 96, 2.0, 1e-3
 W = LossWeights(mmd=1.0, sparse=0.9, ortho=0.1, pos=0.9)
@@ -124,7 +135,7 @@ def main() -> None:
                                   renormalize(x, x + model.gates(x) @ model.steering_vectors))
     equal = bool(worst < 1e-5 and same_forward)
 
-    ours_t, seed_t = [], []
+    ours_t, seed_t, seed_same_t = [], [], []
     for r in range(REPEATS):
         m1 = SteeringModule(D, T, 0.01, generator=torch.Generator().manual_seed(r))
         o1 = torch.optim.Adam(m1.parameters(), lr=LR)
@@ -137,15 +148,27 @@ def main() -> None:
         t0 = time.perf_counter()
         seed_epoch(m2, o2, tasks, bandwidth)
         seed_t.append(time.perf_counter() - t0)
+        m3 = SteeringModule(D, T, 0.01, generator=torch.Generator().manual_seed(r))
+        o3 = torch.optim.Adam(m3.parameters(), lr=LR)
+        torch.manual_seed(r)
+        with intra_op_threads(TRAIN_THREADS):
+            t0 = time.perf_counter()
+            seed_epoch(m3, o3, tasks, bandwidth)
+            seed_same_t.append(time.perf_counter() - t0)
     ours_s, seed_s = statistics.median(ours_t), statistics.median(seed_t)
+    seed_same_s = statistics.median(seed_same_t)
     print(f"D={D} T={T} {2 * PER_LABEL} examples/attribute, {n_batches} batches of "
           f"{2 * n * T}; losses equal to {worst:.1e} (goal < 1e-5)")
-    print(f"epoch seconds (median of {REPEATS}): reference-style {seed_s:.3f}, ours {ours_s:.3f}")
+    print(f"epoch seconds (median of {REPEATS}): reference-style {seed_s:.3f} "
+          f"({torch.get_num_threads()} threads) / {seed_same_s:.3f} ({TRAIN_THREADS} thread), "
+          f"ours {ours_s:.3f} ({TRAIN_THREADS} thread)")
     print(f"mat_steer epoch speedup: {seed_s / ours_s:.2f}x (goal >= 3)")
     print(json.dumps({
         "bench": "mat_steer", "ratio": round(seed_s / ours_s, 2), "equal": equal,
         "goal": "ratio >= 3", "baseline": "seed_style_loop", "max_loss_diff": worst,
+        "ratio_same_threads": round(seed_same_s / ours_s, 2),
         "ours_epoch_s": round(ours_s, 4), "seed_style_epoch_s": round(seed_s, 4),
+        "seed_style_same_threads_epoch_s": round(seed_same_s, 4), "train_threads": TRAIN_THREADS,
         "repeats": REPEATS, "hidden_size": D, "attributes": T, "batches": n_batches,
         "torch_threads": torch.get_num_threads(),
     }))

@@ -28,6 +28,7 @@ from steerline.mat_steer.module import (
 )
 from steerline.mat_steer.train import (
     PosNeg,
+    Stacked,
     TrainConfig,
     split_pos_neg,
     to_raw_units,
@@ -214,6 +215,35 @@ def test_training_is_deterministic_and_picks_best_dev_epoch() -> None:
     dev_losses = [h["dev/loss/total"] for h in r1.history]
     assert r1.best_epoch == int(np.argmin(dev_losses)) and r1.epochs_run == 4
     assert {"train/mmd", "dev/a0/gate_auroc", "dev/a2/mmd_after"} <= set(r1.history[0])
+
+
+def test_stacked_gather_equals_advanced_indexing() -> None:
+    g = torch.Generator().manual_seed(5)
+    data = {f"a{t}": PosNeg(torch.randn(7 + t, D, generator=g), torch.randn(9 - t, D, generator=g))
+            for t in range(T)}  # unequal counts: padded rows must never be picked
+    stacked = Stacked(data)
+    pos_i, neg_i, _ = stacked.sample(4, 5, torch.Generator().manual_seed(0))  # [4, T, 5]
+    for which, idx, kind in ((stacked.pos, pos_i, "pos"), (stacked.neg, neg_i, "neg")):
+        got = stacked.gather(which, idx)  # [4, T, 5, D]
+        assert torch.equal(got, which[torch.arange(T).unsqueeze(1), idx])
+        for b, t in itertools.product(range(4), range(T)):
+            assert torch.equal(got[b, t], getattr(data[f"a{t}"], kind)[idx[b, t]])
+
+
+def test_training_runs_on_train_threads_and_restores_the_callers() -> None:
+    train, dev = _synthetic(7)
+    cfg = TrainConfig(epochs=2, batch_size=24, seed=3)
+    before = torch.get_num_threads()
+    seen = []
+    r1 = train_mat_steer(train, dev, cfg, on_epoch=lambda *_: seen.append(torch.get_num_threads()))
+    assert torch.get_num_threads() == before and seen == [before, before]
+    torch.set_num_threads(1 if before > 1 else 2)  # the caller's thread count does not matter
+    try:
+        r2 = train_mat_steer(train, dev, cfg)
+    finally:
+        torch.set_num_threads(before)
+    for k, v in r1.module.state_dict().items():
+        assert torch.equal(v, r2.module.state_dict()[k])
 
 
 def test_attribute_without_negatives_is_one_clear_error() -> None:
