@@ -85,6 +85,15 @@ def check_vllm_family(config: Any) -> None:
             f"{fam.name} ({getattr(config, 'model_type', '?')}) routes by {fam.rule}: use the "
             "transformers backend (capture_routing.backend: transformers, or --backend "
             "transformers)")
+    if fam.name == "OLMoE" and getattr(config, "tie_word_embeddings", False):
+        # vLLM's OLMoE always loads its own lm_head: a tied checkpoint has none, and would be
+        # served with an unloaded head (routing right, answers wrong from the first token)
+        raise ValueError(
+            "this OLMoE checkpoint ties its output head to the embeddings, which vLLM's OLMoE "
+            "does not support (it would generate from an unloaded lm_head): save it untied "
+            "(config tie_word_embeddings false, lm_head.weight a copy of the embeddings) or use "
+            "the transformers backend (capture_routing.backend: transformers, or --backend "
+            "transformers)")
 
 
 def family_of(config: Any) -> Family:
