@@ -115,7 +115,8 @@ def test_column_blocks_and_row_subsets_change_nothing(
         prompt_inference.bootstrap_ci(mat[rows], tok[rows], case, 40, np.random.default_rng(2),
                                       0.9),
     )  # fmt: skip
-    monkeypatch.setattr(prompt_inference, "_BLOCK_ELEMENTS", 1)  # 64-column blocks
+    monkeypatch.setattr(prompt_inference, "_BLOCK_BYTES", 1)  # 64-column blocks
+    monkeypatch.setattr(prompt_inference, "_GATHER_ROWS", 3)  # rows converted in steps
     many_blocks = run()
     for a, b in zip(one_block, many_blocks, strict=True):
         assert np.array_equal(a, b)
