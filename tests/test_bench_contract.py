@@ -55,6 +55,14 @@ def test_check_fails_on_a_missed_goal_or_unequal_results():
         ["PASS x: ratio 3.5 vs seed_style_loop (goal ratio >= 3), equal true"], True)
 
 
+def test_check_fails_on_a_missed_second_goal():
+    lines, ok = check({"a": line(meets_rss_goal=False, peak_rss_gb=2.05)})
+    assert not ok and lines == ["FAIL x: ratio 3.5 vs seed_style_loop (goal ratio >= 3), equal "
+                                "true, meets_rss_goal false"]
+    assert check({"a": line(meets_rss_goal=True)})[1] is True
+    assert check({"a": line(meets_rss_goal="yes")})[1] is False  # only a JSON true passes
+
+
 @pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
 def test_every_bench_prints_the_contract_keys(path):
     src = path.read_text()

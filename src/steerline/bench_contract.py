@@ -3,9 +3,11 @@
     {"bench": name, "ratio": number, "equal": bool, "goal": "ratio >= 3", "baseline": name, ...}
 
 `equal` says the compared methods gave the same results; `goal` is "ratio >= X" (a speedup) or
-"ratio <= X" (an overhead). `python -m steerline.bench_contract OUT...` reads saved bench outputs
-(stdout), prints one line per bench and exits 1 when any output breaks the contract, misses its
-goal or is not equal (`make bench` runs it after the benches).
+"ratio <= X" (an overhead). A bench with a second goal reports it as a boolean key named
+`meets_<what>_goal` (e.g. meets_rss_goal); false fails like a missed ratio goal.
+`python -m steerline.bench_contract OUT...` reads saved bench outputs (stdout), prints one line
+per bench and exits 1 when any output breaks the contract, misses a goal or is not equal
+(`make bench` runs it after the benches).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 GOAL = re.compile(r"^ratio\s*(>=|<=)\s*([0-9]+(?:\.[0-9]+)?)$")
+SECOND_GOAL = re.compile(r"^meets_[a-z0-9_]+_goal$")
 REQUIRED = {"bench": str, "ratio": (int, float), "equal": bool, "goal": str, "baseline": str}
 
 
@@ -65,10 +68,13 @@ def check(texts: dict[str, str]) -> tuple[list[str], bool]:
             lines.append(f"FAIL {err}")
             ok = False
             continue
-        good = meets_goal(res) and res["equal"]
+        extra = {k: v for k, v in res.items() if SECOND_GOAL.match(k)}
+        bad_extra = sorted(k for k, v in extra.items() if v is not True)
+        good = meets_goal(res) and res["equal"] and not bad_extra
         ok &= good
         lines.append(f"{'PASS' if good else 'FAIL'} {res['bench']}: ratio {res['ratio']} vs "
-                     f"{res['baseline']} (goal {res['goal']}), equal {str(res['equal']).lower()}")
+                     f"{res['baseline']} (goal {res['goal']}), equal {str(res['equal']).lower()}"
+                     + "".join(f", {k} {str(v).lower()}" for k, v in sorted(extra.items())))
     return lines, ok
 
 
