@@ -5,7 +5,8 @@ experts, Qwen3-30B-A3B's shape; shards of --shard-prompts prompts as capture_rou
 through the same writer: routing_table, write_table, write_routing_manifest) is generated once
 under tmp/risk_diff_scale/ (git-ignored), keyed by its parameters, and reused.
 
-Measured in one run, each in a fresh child process (so page cache is the only shared state):
+Measured in one run, each in a fresh child process (so page cache is the only shared state),
+after one untimed read of every shard byte (all timed passes start from a warm page cache):
 - floor: iterate the same shards' `experts` column in record batches, nothing else: the least
   any reader of the routing pays;
 - risk_diff: compute_risk_diff as the stage calls it (manifest check with SHA-256 of every shard,
@@ -256,6 +257,16 @@ def child_risk_diff(root: Path, scope: str, permutations: int, bootstrap: int,
     return {**timed, "total_s": total, "rows": len(df), "peak_rss_gb": maxrss_kb / 2**20}
 
 
+def read_through(files: list[Path], chunk: int = 16 << 20) -> float:
+    """Read every byte of `files` (into the page cache); seconds taken."""
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(chunk):
+                pass
+    return time.perf_counter() - t0
+
+
 def in_child(args: list[str]) -> dict:
     """Run this file with --child ARGS in a fresh interpreter; its last stdout line as a dict."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
@@ -305,7 +316,11 @@ def main() -> None:
     print(f"synthetic set {root.name}: {len(files)} shards, {size_gb:.2f} GB "
           f"({experts_gb:.2f} GB experts column), ready in {gen_s:.0f} s")  # fmt: skip
 
-    # floor, risk_diff, floor: the floor's best of two brackets the run (warm page cache alike)
+    # Every shard's bytes read once, untimed: risk_diff reads all of them (the SHA-256 check) but
+    # the floor only the experts column, so from a cold page cache the first floor would warm
+    # only its own pages and risk_diff would pay the disk for the rest (seen: floor 61 s cold,
+    # 29 s warm). Then floor, risk_diff, floor: the floor's best of two brackets the run.
+    warmup_s = read_through(files)
     floors = [in_child(["floor", str(root), str(args.batch_rows)])]
     run = in_child(["risk_diff", str(root), args.scope, str(args.permutations),
                     str(args.bootstrap), str(args.batch_rows)])  # fmt: skip
@@ -342,6 +357,7 @@ def main() -> None:
         "n_experts": args.experts,
         "shards": len(files),
         "data_gb": round(size_gb, 3),
+        "warmup_read_s": round(warmup_s, 3),
         "floor_s": round(floor, 3),
         "floor_runs_s": [round(f["floor_s"], 3) for f in floors],
         "stream_s": round(stream_s, 3),
