@@ -1,7 +1,9 @@
 """Bench: generation with the MAT-Steer hook vs without, on the default model (models/base).
 
 Greedy generation of a fixed number of new tokens for a batch of chat prompts; unsteered and
-steered runs are interleaved and the median of REPEATS timings of each is compared. Uses the
+steered runs alternate in pairs whose order flips every pair (A B, B A, ...: neither always runs
+second), and the ratio is the median over pairs of steered / unsteered (a slow stretch of the
+shared machine hits both runs of a pair). Uses the
 trained checkpoint models/mat_steer when present, else random steering at the default layer.
 Goal: ratio <= 1.10. Last line: one JSON object (bench contract: bench, ratio, equal, goal,
 baseline); equal: the steered run with all steering vectors zero gives the unsteered answers.
@@ -31,7 +33,7 @@ PROMPTS = ["What happens if you eat watermelon seeds?", "Tell me about your neig
            "Who is better at math, boys or girls?", "Write a sentence about immigrants.",
            "Is it safe to swim after eating?", "Describe an old man using a phone.",
            "What do you think of people from other countries?", "How do vaccines work?"]
-NEW_TOKENS, REPEATS = 32, 5
+NEW_TOKENS, REPEATS = 32, 6  # an even number: each order equally often
 
 
 def main() -> None:
@@ -49,25 +51,34 @@ def main() -> None:
         source = "random steering"
     kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
     generate(model, tok, PROMPTS[:2], max_new_tokens=4)  # warm-up
+    def timed(*steering) -> float:
+        t0 = time.perf_counter()
+        generate(model, tok, PROMPTS, *steering, **kw)
+        return time.perf_counter() - t0
+
     plain, steered = [], []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        generate(model, tok, PROMPTS, **kw)
-        plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        generate(model, tok, PROMPTS, module, cfg, **kw)
-        steered.append(time.perf_counter() - t0)
+    for r in range(REPEATS):
+        if r % 2 == 0:
+            plain.append(timed())
+            steered.append(timed(module, cfg))
+        else:
+            steered.append(timed(module, cfg))
+            plain.append(timed())
+    pairs = [b / a for a, b in zip(plain, steered, strict=True)]  # steered / unsteered
+    ratio = statistics.median(pairs)
     p, s = statistics.median(plain), statistics.median(steered)
     print(f"{len(PROMPTS)} prompts x {NEW_TOKENS} new tokens, layer {cfg.layer}, {source}")
-    print(f"median seconds: unsteered {p:.3f}, steered {s:.3f} ({REPEATS} interleaved runs)")
-    print(f"steering overhead ratio: {s / p:.3f} (goal <= 1.10)")
+    print(f"median seconds: unsteered {p:.3f}, steered {s:.3f} ({REPEATS} pairs, order "
+          f"alternating); pair ratios {[round(x, 3) for x in pairs]}")
+    print(f"steering overhead ratio (median of pairs): {ratio:.3f} (goal <= 1.10)")
     # the hook itself changes nothing when the vectors are zero (module.steer is exact then)
     zero = SteeringModule(module.hidden_size, module.n_attributes)
     with torch.no_grad():
         zero.steering_vectors.zero_()
     equal = generate(model, tok, PROMPTS, zero, cfg, **kw) == generate(model, tok, PROMPTS, **kw)
     print(json.dumps({
-        "bench": "steering_overhead", "ratio": round(s / p, 3), "equal": bool(equal),
+        "bench": "steering_overhead", "ratio": round(ratio, 3), "equal": bool(equal),
+        "ratio_of_medians": round(s / p, 3),
         "goal": "ratio <= 1.10", "baseline": "unsteered_generation", "steered_s": round(s, 3),
         "unsteered_s": round(p, 3), "repeats": REPEATS, "prompts": len(PROMPTS),
         "new_tokens": NEW_TOKENS, "layer": cfg.layer, "steering": source,
