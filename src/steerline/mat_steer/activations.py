@@ -149,3 +149,15 @@ def load_activations(directory: str | Path, attribute: str) -> tuple[np.ndarray,
     return acts, meta, parquet_metadata(meta_path)
 
 
+
+
+def load_all_activations(directory: str | Path, attributes: Sequence[str]
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                    dict[str, np.ndarray], dict[str, dict[str, str]]]:
+    """Per attribute (load_activations): activations [N, D], labels [N], splits [N] and the
+    key-value metadata."""
+    acts, labels, splits, kvs = {}, {}, {}, {}
+    for name in attributes:
+        acts[name], meta, kvs[name] = load_activations(directory, name)
+        labels[name], splits[name] = meta["label"].to_numpy(), meta["split"].to_numpy()
+    return acts, labels, splits, kvs

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from steerline.io import atomic_path, write_json, write_parquet, write_timings
-from steerline.mat_steer.activations import load_activations
+from steerline.mat_steer.activations import load_all_activations
 from steerline.mat_steer.data import TASKS, task_rng
 from steerline.mat_steer.evaluate import evaluate_items, task_items
 from steerline.mat_steer.hooks import additive_fn, mat_steer_fn
@@ -170,15 +170,12 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
     if missing:
         raise ValueError(f"{inputs.checkpoint}/config.json lacks training {sorted(missing)} "
                          "(written by an older train_steering): re-run train_steering")
-    tables, acts, labels, splits = {}, {}, {}, {}
-    for task in TASKS:
-        tables[task] = pd.read_parquet(inputs.attributes / f"{task}.parquet")
-        a, meta, kv = load_activations(inputs.activations, task)
+    tables = {task: pd.read_parquet(inputs.attributes / f"{task}.parquet") for task in TASKS}
+    acts, labels, splits, kvs = load_all_activations(inputs.activations, TASKS)
+    for task, kv in kvs.items():
         if int(kv.get("layer", -1)) != config.layer:
             raise ValueError(f"{task} activations are from layer {kv.get('layer')} but the "
                              f"checkpoint is for layer {config.layer}: re-run the pipeline")
-        acts[task], labels[task] = a, meta["label"].to_numpy()
-        splits[task] = meta["split"].to_numpy()
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))
     metrics, details, items, hist, seconds = evaluate_all(

@@ -200,31 +200,22 @@ def run_epoch(module: SteeringModule, opt: torch.optim.Optimizer, stacked: Stack
     """One epoch of Adam steps (on TRAIN_THREADS threads); returns the sum over batches of each
     loss."""
     with intra_op_threads(TRAIN_THREADS):
-        return _run_epoch(module, opt, stacked, n, n_batches, gen, weights, bandwidth, objective,
-                          mmd_weights, gate_temperature)
-
-
-def _run_epoch(module: SteeringModule, opt: torch.optim.Optimizer, stacked: Stacked, n: int,
-               n_batches: int, gen: torch.Generator, weights: LossWeights,
-               bandwidth: float | tuple[float, ...], objective: str,
-               mmd_weights: torch.Tensor | None,
-               gate_temperature: float | torch.Tensor) -> dict[str, float]:
-    pos_idx, neg_idx, ref_idx = stacked.sample(n_batches, n, gen)  # [n_batches, T, n] each
-    sums = torch.zeros(len(LOSS_KEYS))
-    for c0 in range(0, n_batches, GATHER_CHUNK):  # one gather per chunk of batches
-        sl = slice(c0, c0 + GATHER_CHUNK)
-        pos = stacked.gather(stacked.pos, pos_idx[sl])
-        neg = stacked.gather(stacked.neg, neg_idx[sl])
-        ref = stacked.gather(stacked.pos, ref_idx[sl])  # [chunk, T, n, D] each
-        for b in range(pos.shape[0]):
-            losses = mat_steer_losses(module, pos[b], neg[b], ref[b], weights, bandwidth,
-                                      objective, mmd_weights, gate_temperature)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            sums += torch.stack([losses[k].detach() if k in losses else torch.zeros(())
-                                 for k in LOSS_KEYS])
-    return dict(zip(LOSS_KEYS, sums.tolist(), strict=True))
+        pos_idx, neg_idx, ref_idx = stacked.sample(n_batches, n, gen)  # [n_batches, T, n] each
+        sums = torch.zeros(len(LOSS_KEYS))
+        for c0 in range(0, n_batches, GATHER_CHUNK):  # one gather per chunk of batches
+            sl = slice(c0, c0 + GATHER_CHUNK)
+            pos = stacked.gather(stacked.pos, pos_idx[sl])
+            neg = stacked.gather(stacked.neg, neg_idx[sl])
+            ref = stacked.gather(stacked.pos, ref_idx[sl])  # [chunk, T, n, D] each
+            for b in range(pos.shape[0]):
+                losses = mat_steer_losses(module, pos[b], neg[b], ref[b], weights, bandwidth,
+                                          objective, mmd_weights, gate_temperature)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                opt.step()
+                sums += torch.stack([losses[k].detach() if k in losses else torch.zeros(())
+                                     for k in LOSS_KEYS])
+        return dict(zip(LOSS_KEYS, sums.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import numpy as np
 from dvclive import Live
 
 from steerline.io import atomic_dir
-from steerline.mat_steer.activations import load_activations
+from steerline.mat_steer.activations import load_all_activations
 from steerline.mat_steer.data import TASKS
 from steerline.mat_steer.losses import LossWeights
 from steerline.mat_steer.module import SteeringConfig, save_steering
@@ -62,12 +62,7 @@ def train_config(params: Params) -> TrainConfig:
 def load_splits(directory: Path) -> tuple[dict[str, PosNeg], dict[str, PosNeg], dict[str, str]]:
     """(train, dev) pos / neg activations per attribute and the extraction's key-value metadata;
     one error when the attributes come from different layers or models."""
-    acts, labels, splits, metas = {}, {}, {}, {}
-    for task in TASKS:
-        a, meta, kv = load_activations(directory, task)
-        acts[task], labels[task] = a, meta["label"].to_numpy()
-        splits[task] = meta["split"].to_numpy()
-        metas[task] = kv
+    acts, labels, splits, metas = load_all_activations(directory, TASKS)
     layers = {m.get("layer") for m in metas.values()}
     models = {m.get("model") for m in metas.values()}
     if len(layers) != 1 or len(models) != 1:
