@@ -53,7 +53,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src stages tests bench
 
-# Every bench prints its JSON result last (steerline.bench_contract); all run, then the check
+# Every bench prints its JSON result last (tools.bench_contract); all run, then the check
 # fails when one crashed, broke the contract, missed its goal or found unequal results.
 bench: setup
 	@rm -rf tmp/bench; mkdir -p tmp/bench; fail=0; for b in bench/*.py; do \
@@ -61,7 +61,7 @@ bench: setup
 	  $(BIN)/python $$b > $$out; rc=$$?; cat $$out; \
 	  [ $$rc -eq 0 ] || { echo "$$b exited with $$rc"; fail=1; }; \
 	done; echo "== bench contract"; \
-	$(BIN)/python -m steerline.bench_contract tmp/bench/*.out || fail=1; exit $$fail
+	$(BIN)/python -m tools.bench_contract tmp/bench/*.out || fail=1; exit $$fail
 
 # reports/report.md (+ reports/report_plots/): metrics diff vs main, experts, safety and MAT-Steer
 # tables with CIs, the plots as images (steerline.report; CI runs it after repro).

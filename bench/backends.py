@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
 from steerline.backends.compare import compare_runs
-from steerline.chat import render_chat
+from steerline.core.chat import render_chat
 
 
 def timed(fn):

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steerline.chat import render_chat
-from steerline.io import write_table
+from steerline.core.chat import render_chat
+from steerline.core.io import write_table
 from steerline.model.load import load_moe
-from steerline.steermoe.capture import shard_table
-from steerline.steermoe.routing import generate_routed_all
+from steerline.steering.capture import generate_routed_all
+from steerline.steermoe.routing.shard import shard_table
 
 
 def timed(fn):

@@ -27,8 +27,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from steerline.mat_steer.checkpoint import renormalize  # noqa: E402
 from steerline.mat_steer.losses import LossWeights, mat_steer_losses  # noqa: E402
-from steerline.mat_steer.module import SteeringModule, renormalize  # noqa: E402
 from steerline.mat_steer.train import (  # noqa: E402
     TRAIN_THREADS,
     PosNeg,
@@ -36,6 +36,7 @@ from steerline.mat_steer.train import (  # noqa: E402
     intra_op_threads,
     run_epoch,
 )
+from steerline.steering.gated import SteeringModule
 
 D, T, PER_LABEL, BATCH, SIGMA, LR = 4096, 3, 1500, 96, 2.0, 1e-3
 W = LossWeights(mmd=1.0, sparse=0.9, ortho=0.1, pos=0.9)

@@ -38,16 +38,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from steerline.io import write_table
-from steerline.steermoe.contrasts import POOLED
-from steerline.steermoe.risk_diff import (
+from steerline.core.io import write_table
+from steerline.steermoe.data.contrasts import POOLED
+from steerline.steermoe.detection.risk_diff import (
     contrast_columns,
     count_batches,
     count_routing,
     permutation_null,
     risk_diff_table,
 )
-from steerline.steermoe.routing_schema import (
+from steerline.steermoe.routing.schema import (
     iter_routing_shard_batches,
     read_routing_meta,
     routing_metadata,

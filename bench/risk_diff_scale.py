@@ -19,7 +19,7 @@ experts) x draws, not with tokens; its time is reported beside (inference_s), an
 peak_rss_gb (goal <= 2) covers the whole computation, inference included.
 equal: on a subset of whole shards (>= --subset-tokens tokens) the streaming result (pooled
 counts, rates, risk_diff and every per-prompt count row) equals a literal per-token Python loop.
-The last line is one JSON object (steerline.bench_contract).
+The last line is one JSON object (tools.bench_contract).
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from steerline.bench_contract import meets_goal, parse_last_line
-from steerline.io import write_table
-from steerline.steermoe import risk_diff as rd
-from steerline.steermoe.routing_schema import (
+from steerline.core.io import write_table
+from steerline.steermoe.detection import risk_diff as rd
+from steerline.steermoe.routing.schema import (
     iter_routing_shard_batches,
     read_routing_manifest,
     routing_metadata,
     routing_table,
     write_routing_manifest,
 )
+from tools.bench_contract import meets_goal, parse_last_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tmp" / "risk_diff_scale"

@@ -24,9 +24,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from steerline.mat_steer.activations import resolve_layer  # noqa: E402
+from steerline.mat_steer.checkpoint import SteeringConfig, load_steering  # noqa: E402
 from steerline.mat_steer.generate import generate  # noqa: E402
-from steerline.mat_steer.module import SteeringConfig, SteeringModule, load_steering  # noqa: E402
 from steerline.model.load import load_causal_lm  # noqa: E402
+from steerline.steering.gated import SteeringModule
 
 BASE, CKPT = Path("models/base"), Path("models/mat_steer")
 PROMPTS = ["What happens if you eat watermelon seeds?", "Tell me about your neighbours.",

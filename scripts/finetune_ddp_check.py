@@ -28,12 +28,12 @@ from types import ModuleType
 import torch
 from safetensors.torch import load_file
 
-from steerline.io import read_json
+from steerline.core.io import read_json
+from steerline.core.params import load_params
 from steerline.model.load import load_moe
-from steerline.params import load_params
-from steerline.steermoe.distributed import check_world
-from steerline.steermoe.expert_slices import ExpertSlices, compare_state_dicts
-from steerline.steermoe.finetune_run import SLICES, finetune, on_disk
+from steerline.pipeline.finetune_experts import SLICES, finetune, on_disk
+from steerline.steermoe.finetuning.distributed import check_world
+from steerline.steermoe.finetuning.expert_slices import ExpertSlices, compare_state_dicts
 
 ROOT = Path(__file__).resolve().parents[1]
 

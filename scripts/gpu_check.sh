@@ -82,7 +82,7 @@ fi
 check pipeline_capture 540 bash -c ".venv/bin/dvc repro build_models prepare_safety && \
 $PY stages/capture_routing.py --routing $OUT/routing --generations $OUT/generations.parquet \
 --cache $OUT/capture_cache && $PY -c 'import sys, pandas as pd; \
-from steerline.steermoe.routing_schema import read_routing_manifest; \
+from steerline.steermoe.routing.schema import read_routing_manifest; \
 m = read_routing_manifest(sys.argv[1]); g = pd.read_parquet(sys.argv[2]); \
 print(m[\"n_prompts\"], \"prompts\", m[\"n_rows\"], \"rows\", m[\"metadata\"][\"backend\"], \
 f\"{g.finished.mean():.0%} finished\")' $OUT/routing $OUT/generations.parquet"

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from steerline.io import atomic_path
+from steerline.core.io import atomic_path
 
 # (package, version, npm integrity of the tarball, file inside it); BSD-3-Clause, all three
 PACKAGES = (

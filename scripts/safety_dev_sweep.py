@@ -28,21 +28,21 @@ import pandas as pd
 from transformers import AutoTokenizer
 
 from steerline.backends import Steering, make_backend
-from steerline.chat import render_chat
-from steerline.io import atomic_path, write_parquet
-from steerline.steermoe.expert_steering import (
+from steerline.core.chat import render_chat
+from steerline.core.io import atomic_path, write_parquet
+from steerline.core.stats import mcnemar_exact
+from steerline.steering.experts import (
     SteeringPlan,
     directional_plan,
     plan_from_experts,
     read_experts_json,
 )
-from steerline.steermoe.rate_stats import mcnemar_exact
-from steerline.steermoe.refusal import make_judge
-from steerline.steermoe.safety_eval import (
+from steerline.steermoe.safety.evaluate import (
     ANSWER_COLUMNS,
     select_eval_prompts,
     variant_rates,
 )
+from steerline.steermoe.safety.refusal import make_judge
 
 log = logging.getLogger("safety_dev_sweep")
 

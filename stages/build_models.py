@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from steerline.chat import render_chat
-from steerline.io import write_json, write_timings
+from steerline.core.chat import render_chat
+from steerline.core.errors import run_stage
+from steerline.core.io import write_json, write_timings
+from steerline.core.params import load_params
 from steerline.model.gguf import find_gguf, load_gguf_dense, save_model
 from steerline.model.moefy import MoeSpec, fidelity, greedy_answers, moefy
-from steerline.params import load_params
-from steerline.stage_main import run_stage
 
 QUESTIONS = Path("data/raw/truthfulqa/mc_task.json")
 BASE, MOE = Path("models/base"), Path("models/moe")

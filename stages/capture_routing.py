@@ -13,13 +13,13 @@ import torch
 from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
+from steerline.core.errors import run_stage
+from steerline.core.params import load_params
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.load import moe_config
-from steerline.params import load_params
-from steerline.stage_main import run_stage
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.capture_dp import CapturePool
-from steerline.steermoe.safety_data import check_prompt_texts
+from steerline.steermoe.data.safety import check_prompt_texts
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing.capture_dp import CapturePool
 
 PROMPTS = Path("data/prompts/safety.parquet")
 ROUTING = Path("data/routing")
@@ -53,7 +53,7 @@ def main() -> None:
                         max_num_seqs=p.max_num_seqs, seed=params.seed)
     options = vllm_options if p.backend == "vllm" else {}
     # data_parallel_size > 1: that many engine processes, each capturing whole shards (the
-    # output is byte-identical to one engine; steerline.steermoe.capture_dp says why not vLLM's)
+    # output is byte-identical to one engine; steerline.steermoe.routing.capture_dp says why not vLLM's)
     dp = int(p.data_parallel_size or 1)
     opened = (CapturePool(dp, p.backend, model, p.dtype, p.batch_size, options, params.seed)
               if dp > 1 else make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,

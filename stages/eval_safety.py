@@ -1,6 +1,6 @@
 """Stage eval_safety: on one split of the safety prompts (test by default, read once; dev for the
 params sweep), base, steered, finetuned, finetuned_deactivate and finetuned_activate answer the
-same prompts (steerline.steermoe.safety_run has the variants and engines).
+same prompts (steerline.pipeline.eval_safety has the variants and engines).
 Writes reports/safety_eval.json (DVC metrics: rates, Wilson 95% bounds, McNemar p vs the
 reference), reports/safety_eval_details.json (every rate with k, n and its interval, the paired
 tests, goals, plans, the judge's agreement on its design labels and on the held-out validation
@@ -13,16 +13,16 @@ import logging
 import time
 from pathlib import Path
 
-from steerline.params import load_params
-from steerline.steermoe import safety_run
+from steerline.core.params import load_params
+from steerline.pipeline import eval_safety as safety_run
 
 INPUTS = safety_run.Inputs(
     prompts=Path("data/prompts/safety.parquet"),
     experts=Path("models/experts.json"),
     experts_finetuned=Path("models/experts_finetuned.json"),  # on the fine-tuned routing
     risk_diff=Path("reports/risk_diff.parquet"),
-    labels=Path("tests/data/refusal_labels.jsonl"),  # the judge's design set
-    judge_validation=Path("tests/data/refusal_validation.jsonl"),  # held out from its design
+    labels=Path("data/judge/refusal_labels.jsonl"),  # the judge's design set
+    judge_validation=Path("data/judge/refusal_validation.jsonl"),  # held out from its design
 )
 OUTPUTS = safety_run.Outputs(
     metrics=Path("reports/safety_eval.json"),
@@ -48,6 +48,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

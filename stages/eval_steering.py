@@ -1,5 +1,5 @@
 """Stage eval_steering: base vs mean-difference baselines vs MAT-Steer on each task's test split
-(steerline.mat_steer.eval_run has the conditions and the dev choices).
+(steerline.pipeline.eval_steering has the conditions and the dev choices).
 Metrics (reports/mat_steer_eval.json, DVC metrics): TruthfulQA MC1/MC2, BBQ and ToxiGen accuracy
 and their average per condition; paired bootstrap 95% CIs over items of the differences; per
 attribute the gate's test AUROC beside an L2 logistic probe's (the linear ceiling), gate medians
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from steerline.mat_steer import eval_run
-from steerline.params import load_params
+from steerline.core.params import load_params
+from steerline.pipeline import eval_steering as eval_run
 
 INPUTS = eval_run.Inputs(attributes=Path("data/attributes"), activations=Path("data/activations"),
                          checkpoint=Path("models/mat_steer"))
@@ -40,6 +40,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

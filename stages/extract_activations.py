@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steerline.io import atomic_dir, write_npy, write_parquet
+from steerline.core.io import atomic_dir, write_npy, write_parquet
+from steerline.core.params import ExtractActivations, load_params
 from steerline.mat_steer.activations import META_COLUMNS, extract_activations, resolve_layer
 from steerline.mat_steer.data import TASKS
 from steerline.model.arch import decoder_layers
 from steerline.model.load import load_causal_lm
-from steerline.params import ExtractActivations, load_params
 
 ATTRIBUTES = Path("data/attributes")
 OUT = Path("data/activations")
@@ -63,6 +63,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

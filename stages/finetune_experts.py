@@ -8,9 +8,9 @@ Only the MLP slices of the unsafe experts in models/experts.json are trained (th
 `max_experts`); an empty list is an error unless `on_empty_selection: risk_diff_ranking`, which
 trains the top `fallback_top_n` experts by risk_diff (regardless of q-value) instead, and
 trained_experts.json says so. The run resumes from tmp/finetune_experts/ (safetensors + JSON
-checkpoints) after a kill; the checks before publishing are in steerline.steermoe.finetune_run.
+checkpoints) after a kill; the checks before publishing are in steerline.pipeline.finetune_experts.
 `finetune_experts.strategy` ddp / fsdp trains on `num_processes` torchrun workers (same global
-batch, gradients summed; steerline.steermoe.distributed); this process writes every output.
+batch, gradients summed; steerline.steermoe.finetuning.distributed); this process writes every output.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
-from steerline.io import write_timings
-from steerline.params import load_params
-from steerline.stage_main import run_stage
-from steerline.steermoe.finetune_run import Inputs, finetune
+from steerline.core.errors import run_stage
+from steerline.core.io import write_timings
+from steerline.core.params import load_params
+from steerline.pipeline.finetune_experts import Inputs, finetune
 
 INPUTS = Inputs(experts=Path("models/experts.json"), risk_diff=Path("reports/risk_diff.parquet"),
                 prompts=Path("data/prompts/safety.parquet"),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerline.io import write_parquet
+from steerline.core.io import write_parquet
+from steerline.core.params import PrepareAttributes, load_params
 from steerline.mat_steer.data import (
     BBQ_CATEGORIES,
     SPLITS,
@@ -27,7 +28,6 @@ from steerline.mat_steer.data import (
     read_toxigen_dir,
     task_rng,
 )
-from steerline.params import PrepareAttributes, load_params
 
 RAW = Path("data/raw")
 OUT = Path("data/attributes")
@@ -74,6 +74,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

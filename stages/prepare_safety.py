@@ -3,9 +3,9 @@ test splits, XSTest look-alike pairs kept within one split)."""
 
 from pathlib import Path
 
-from steerline.io import write_parquet
-from steerline.params import load_params
-from steerline.steermoe.safety_data import build_safety_prompts
+from steerline.core.io import write_parquet
+from steerline.core.params import load_params
+from steerline.steermoe.data.safety import build_safety_prompts
 
 RAW = Path("data/raw")
 OUT = Path("data/prompts/safety.parquet")
@@ -29,6 +29,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

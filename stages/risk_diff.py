@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerline.io import atomic_path, write_json, write_parquet
-from steerline.params import load_params
-from steerline.steermoe.risk_diff import (
+from steerline.core.io import atomic_path, write_json, write_parquet
+from steerline.core.params import load_params
+from steerline.steermoe.detection.risk_diff import (
     compute_risk_diff,
     heatmap_png,
     plot_rows,
@@ -99,6 +99,6 @@ def main(argv: Sequence[str] = ()) -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(lambda: main(sys.argv[1:]))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerline.io import parquet_metadata, write_json
-from steerline.params import load_params
-from steerline.steermoe.select_experts import experts_summary, select_experts
+from steerline.core.io import parquet_metadata, write_json
+from steerline.core.params import load_params
+from steerline.steermoe.detection.select_experts import experts_summary, select_experts
 
 REPORT = Path("reports/risk_diff.parquet")
 EXPERTS = Path("models/experts.json")
@@ -50,6 +50,6 @@ def main(argv: Sequence[str] = ()) -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(lambda: main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 Trains the gated MAT-Steer module on the union of the attributes' train splits with the objective
 `train_steering.objective` ("seed": the published losses; "targeted": sparsity only on the gates
 of attributes an example does not violate, summed-bandwidth MMD; see losses.py); the epoch kept is
-the one with the lowest dev objective (test is never read here; steerline.mat_steer.train_run).
+the one with the lowest dev objective (test is never read here; steerline.pipeline.train_steering).
 dvclive logs, per epoch, the training losses (train/*) and the dev objective and per-attribute
 gate diagnostics (dev/*) to reports/train_steering/ (see `dvc plots show`).
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from steerline.mat_steer import train_run
+from steerline.core.params import load_params
 from steerline.mat_steer.data import TASKS
-from steerline.params import load_params
+from steerline.pipeline import train_steering as train_run
 
 ACTIVATIONS = Path("data/activations")
 OUTPUTS = train_run.Outputs(checkpoint=Path("models/mat_steer"),
@@ -34,6 +34,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from steerline.stage_main import run_stage
+    from steerline.core.errors import run_stage
 
     run_stage(main)

@@ -85,7 +85,7 @@ def real_base(tmp_path_factory):
 def real_moe(real_base):
     """A quick MoEfication of the real default model (the build_models recipe on fewer
     calibration tokens): (dense, moe, tokenizer, held-out greedy sequences)."""
-    from steerline.chat import render_chat
+    from steerline.core.chat import render_chat
     from steerline.model.moefy import MoeSpec, greedy_answers, moefy
 
     _, dense, tok = real_base

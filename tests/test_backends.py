@@ -15,17 +15,17 @@ from pydantic import ValidationError
 from steerline.backends import ActivationSteering, Steering, make_backend
 from steerline.backends.compare import compare_runs, split_at
 from steerline.backends.hf import TransformersBackend
-from steerline.backends.steering import per_prompt
 from steerline.backends.vllm_worker import enforce_topk, engine_topk
-from steerline.chat import render_chat
-from steerline.mat_steer.hooks import steering_hook
-from steerline.mat_steer.module import SteeringModule
+from steerline.core.chat import render_chat
+from steerline.core.params import CaptureRouting, load_params
 from steerline.model.arch import DenseModelError, router_topk
 from steerline.model.families import RouterRule
-from steerline.params import CaptureRouting, load_params
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
-from steerline.steermoe.routing import Routed, generate_routed_all
+from steerline.steering.capture import Routed, generate_routed_all
+from steerline.steering.experts import SteeringPlan, expert_steering
+from steerline.steering.gated import SteeringModule
+from steerline.steering.request import per_prompt
+from steerline.steering.residual import steering_hook
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better"]

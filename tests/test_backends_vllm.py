@@ -15,11 +15,11 @@ import torch
 from steerline.backends import ActivationSteering, Steering, eos_token_ids, make_backend
 from steerline.backends.compare import compare_runs
 from steerline.backends.hf import TransformersBackend
-from steerline.chat import render_chat
-from steerline.mat_steer.module import SteeringModule
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.expert_steering import SteeringPlan
-from steerline.steermoe.routing_schema import ROUTING_SCHEMA
+from steerline.core.chat import render_chat
+from steerline.steering.experts import SteeringPlan
+from steerline.steering.gated import SteeringModule
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing.schema import ROUTING_SCHEMA
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (VLLM=cpu by default)")

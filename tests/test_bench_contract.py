@@ -1,4 +1,4 @@
-"""The bench contract (steerline.bench_contract): the checker, and every bench/*.py declares it."""
+"""The bench contract (tools.bench_contract): the checker, and every bench/*.py declares it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from steerline.bench_contract import check, meets_goal, parse_last_line
+from tools.bench_contract import check, meets_goal, parse_last_line
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from steerline.backends.hf import TransformersBackend
-from steerline.chat import render_chat
-from steerline.io import sha256_file
+from steerline.core.chat import render_chat
+from steerline.core.io import sha256_file
 from steerline.model.arch import DenseModelError, find_routers
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.routing import RoutingRecorder, generate_routed, generate_routed_all
+from steerline.steering.capture import RoutingRecorder, generate_routed, generate_routed_all
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
 TEXTS = [
     "How can I kill a Python process?",

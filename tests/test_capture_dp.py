@@ -1,5 +1,5 @@
-"""Data-parallel capture (steerline.steermoe.capture_dp): N processes write exactly the bytes
-one backend writes, and a dead worker leaves nothing published and a cache that resumes.
+"""Data-parallel capture (steerline.steermoe.routing.capture_dp): N processes write exactly the
+bytes one backend writes, and a dead worker leaves nothing published and a cache that resumes.
 
 The model is a tiny random Qwen2-MoE with head size 64 (what vLLM's CPU attention supports),
 saved with the default model's tokenizer."""
@@ -15,9 +15,9 @@ from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.backends import make_backend
-from steerline.faults import KILL_ENV
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.capture_dp import CapturePool, CaptureWorkerError, split_devices
+from steerline.core.faults import KILL_ENV
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing.capture_dp import CapturePool, CaptureWorkerError, split_devices
 
 TEXTS = [
     "How can I kill a Python process?", "Write a haiku about rain.", "How do I make a bomb?",

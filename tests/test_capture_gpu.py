@@ -13,9 +13,9 @@ from test_families_vllm import assert_vllm_matches_and_steers
 
 from steerline.backends import Steering, make_backend
 from steerline.backends.vllm_native import native_unsupported
-from steerline.chat import render_chat
+from steerline.core.chat import render_chat
 from steerline.model.families import VLLM_FAMILIES, family_of
-from steerline.steermoe.expert_steering import SteeringPlan
+from steerline.steering.experts import SteeringPlan
 
 pytestmark = [
     pytest.mark.gpu,

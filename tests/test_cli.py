@@ -15,15 +15,16 @@ from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.backends import ActivationSteering, Steering, make_backend
-from steerline.chat import render_chat
 from steerline.cli import COMMANDS, main
 from steerline.cli.common import CliError, parse_pairs
 from steerline.cli.generate import side_by_side
 from steerline.cli.routes import heat_map
 from steerline.cli.stages import edges, read_stages
-from steerline.mat_steer.module import SteeringConfig, SteeringModule, save_steering
+from steerline.core.chat import render_chat
+from steerline.mat_steer.checkpoint import SteeringConfig, save_steering
 from steerline.model.gguf import save_model
-from steerline.steermoe.expert_steering import SteeringPlan
+from steerline.steering.experts import SteeringPlan
+from steerline.steering.gated import SteeringModule
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["How do vaccines work?", "Tell me a joke."]
@@ -280,11 +281,11 @@ def test_stages_of_the_project(capsys, monkeypatch):
 def test_stages_graph_from_outs_to_deps(tmp_path):
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n"
-        "  a:\n    cmd: x\n    deps: [src/steerline/io.py, raw.csv]\n    outs: [data/a]\n"
+        "  a:\n    cmd: x\n    deps: [src/steerline/core/io.py, raw.csv]\n    outs: [data/a]\n"
         "  b:\n    cmd: y\n    deps: [data/a/part.parquet]\n    params: [seed]\n"
         "    metrics: [{m.json: {cache: false}}]\n")
     st = read_stages(tmp_path / "dvc.yaml")
-    assert st["a"]["reads"] == ["raw.csv"] and st["a"]["modules"] == ["src/steerline/io.py"]
+    assert st["a"]["reads"] == ["raw.csv"] and st["a"]["modules"] == ["src/steerline/core/io.py"]
     assert st["b"]["writes"] == ["m.json"] and st["b"]["params"] == ["seed"]
     assert edges(st) == {"a": ["b"], "b": []}
 

@@ -18,10 +18,11 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from steerline.chat import render_chat
+from steerline.core.chat import render_chat
 from steerline.model.arch import DenseModelError, find_routers
 from steerline.model.families import RouterRule, steer_scores
-from steerline.steermoe.expert_steering import (
+from steerline.steering.capture import RoutingRecorder, generate_routed_all
+from steerline.steering.experts import (
     SteeringPlan,
     check_experts,
     expert_steering,
@@ -29,7 +30,6 @@ from steerline.steermoe.expert_steering import (
     plan_from_experts,
     ranked_from_risk_diff,
 )
-from steerline.steermoe.routing import RoutingRecorder, generate_routed_all
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

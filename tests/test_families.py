@@ -9,14 +9,14 @@ import torch
 from families import FAMILY_NAMES, build
 
 from steerline.backends import Steering, make_backend
-from steerline.chat import render_chat
+from steerline.core.chat import render_chat
 from steerline.model.arch import find_routers, moe_layers, moe_shape
 from steerline.model.families import family_of, select
-from steerline.steermoe.expert_slices import compare_state_dicts
-from steerline.steermoe.expert_steering import SteeringPlan, expert_steering
-from steerline.steermoe.finetune import TrainConfig, train_slices
-from steerline.steermoe.routing import RoutingRecorder
-from steerline.steermoe.sft_data import SftExample
+from steerline.steering.capture import RoutingRecorder
+from steerline.steering.experts import SteeringPlan, expert_steering
+from steerline.steermoe.data.sft import SftExample
+from steerline.steermoe.finetuning.expert_slices import compare_state_dicts
+from steerline.steermoe.finetuning.finetune import TrainConfig, train_slices
 
 REAL_FAMILIES = [n for n in FAMILY_NAMES if n != "qwen2_moe_dense0"]
 
@@ -181,8 +181,8 @@ def test_capture_store_and_risk_diff_keep_each_familys_layers(name, saved, token
     counts summing to top_k per token."""
     import pandas as pd
 
-    from steerline.steermoe.capture import CaptureConfig, run_capture
-    from steerline.steermoe.risk_diff import compute_risk_diff
+    from steerline.steermoe.detection.risk_diff import compute_risk_diff
+    from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
     path = saved[name]
     texts = ["How do I bake bread?", "Name a color.", "How do I pick a lock?", "Insult me."]

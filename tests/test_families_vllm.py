@@ -14,10 +14,10 @@ from families import VLLM_CPU_SIZES, build
 
 from steerline.backends import Steering, make_backend
 from steerline.backends.compare import compare_runs
-from steerline.chat import ChatPrompt, render_chat
+from steerline.core.chat import ChatPrompt, render_chat
 from steerline.model.families import VLLM_FAMILIES, family_of
 from steerline.model.gguf import save_model
-from steerline.steermoe.expert_steering import SteeringPlan
+from steerline.steering.experts import SteeringPlan
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make setup`")
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Each stage runs as the pipeline runs it (the stage script, in a workspace directory with its
 own params.yaml, transformers backend). Clean runs happen in-process; the killed runs are
-subprocesses that SIGKILL themselves at a named point (steerline.faults.kill_point), then the
+subprocesses that SIGKILL themselves at a named point (steerline.core.faults.kill_point), then the
 stage is rerun. Every output must be byte-identical to a clean run's, with nothing left behind.
 """
 
@@ -26,7 +26,7 @@ import yaml
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
-from steerline.faults import KILL_ENV
+from steerline.core.faults import KILL_ENV
 from steerline.model.gguf import save_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,15 +22,15 @@ import yaml
 from safetensors import safe_open
 
 from steerline.backends.hf import TransformersBackend
-from steerline.io import FILE_MODE, save_safetensors, write_json, write_table
+from steerline.core.errors import run_stage
+from steerline.core.io import FILE_MODE, save_safetensors, write_json, write_table
 from steerline.model import fingerprint as fp_mod
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.gguf import save_model
-from steerline.stage_main import run_stage
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.expert_slices import ExpertSlices, save_expert_slices
-from steerline.steermoe.risk_diff import count_routing
-from steerline.steermoe.routing_schema import (
+from steerline.steermoe.detection.risk_diff import count_routing
+from steerline.steermoe.finetuning.expert_slices import ExpertSlices, save_expert_slices
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing.schema import (
     MANIFEST,
     read_generations,
     read_routing_meta,

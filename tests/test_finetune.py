@@ -14,20 +14,20 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from steerline.model.arch import DenseModelError
-from steerline.steermoe.expert_slices import (
-    ExpertSlices,
-    apply_expert_slices,
-    compare_state_dicts,
-    save_expert_slices,
-)
-from steerline.steermoe.finetune import TrainConfig, linear_warmup_lr, train_slices
-from steerline.steermoe.sft_data import (
+from steerline.steermoe.data.sft import (
     REFUSAL_TEMPLATES,
     build_sft_examples,
     collate,
     end_of_turn_id,
     refusal_for,
 )
+from steerline.steermoe.finetuning.expert_slices import (
+    ExpertSlices,
+    apply_expert_slices,
+    compare_state_dicts,
+    save_expert_slices,
+)
+from steerline.steermoe.finetuning.finetune import TrainConfig, linear_warmup_lr, train_slices
 
 EXPERTS = [[0, 1], [2, 5], [2, 3]]
 CFG = TrainConfig(lr=1e-2, epochs=2, batch_size=3, warmup_ratio=0.2, weight_decay=0.1,

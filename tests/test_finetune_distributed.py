@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_finetune import generations_frame, prompts_frame
 
-from steerline.params import FinetuneExperts
-from steerline.steermoe.distributed import check_world, train_slices_distributed
-from steerline.steermoe.finetune import TrainConfig, train_slices
-from steerline.steermoe.sft_data import build_sft_examples, end_of_turn_id
+from steerline.core.params import FinetuneExperts
+from steerline.steermoe.data.sft import build_sft_examples, end_of_turn_id
+from steerline.steermoe.finetuning.distributed import check_world, train_slices_distributed
+from steerline.steermoe.finetuning.finetune import TrainConfig, train_slices
 
 EXPERTS = [[0, 1], [2, 5], [2, 3]]
 # 10 examples, global batch 4: the last batch of each epoch has 2, so rank 1's share is empty

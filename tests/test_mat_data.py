@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from steerline.core.params import load_params
 from steerline.mat_steer.data import (
     SPLITS,
     build_bbq,
@@ -20,7 +21,6 @@ from steerline.mat_steer.data import (
     split_prompt_line,
     task_rng,
 )
-from steerline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = load_params(ROOT / "params.yaml").prepare_attributes

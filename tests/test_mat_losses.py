@@ -10,6 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from steerline.mat_steer.checkpoint import (
+    SteeringConfig,
+    check_compatible,
+    load_steering,
+    save_steering,
+)
 from steerline.mat_steer.diagnostics import auroc
 from steerline.mat_steer.losses import (
     LossWeights,
@@ -19,13 +25,6 @@ from steerline.mat_steer.losses import (
     preservation_loss,
     sparsity_loss,
 )
-from steerline.mat_steer.module import (
-    SteeringConfig,
-    SteeringModule,
-    check_compatible,
-    load_steering,
-    save_steering,
-)
 from steerline.mat_steer.train import (
     PosNeg,
     Stacked,
@@ -34,6 +33,7 @@ from steerline.mat_steer.train import (
     to_raw_units,
     train_mat_steer,
 )
+from steerline.steering.gated import SteeringModule
 
 T, N, D = 3, 6, 10
 

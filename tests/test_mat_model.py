@@ -9,8 +9,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from steerline.io import write_npy, write_parquet
+from steerline.core.io import write_npy, write_parquet
 from steerline.mat_steer.activations import extract_activations, load_activations, resolve_layer
+from steerline.mat_steer.checkpoint import SteeringConfig, mat_steering
 from steerline.mat_steer.evaluate import (
     MCItem,
     evaluate_items,
@@ -18,9 +19,9 @@ from steerline.mat_steer.evaluate import (
     score_choices_reference,
 )
 from steerline.mat_steer.generate import generate
-from steerline.mat_steer.hooks import additive_fn, mat_steering, steering_hook
-from steerline.mat_steer.module import SteeringConfig, SteeringModule
 from steerline.model.arch import decoder_layers
+from steerline.steering.gated import SteeringModule
+from steerline.steering.residual import additive_fn, steering_hook
 
 WORDS = ("the a is not what who where yes no good bad cat dog sun moon red blue green one two "
          "three four Q: A: ? . , statement hateful answer").split()

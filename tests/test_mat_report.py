@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from steerline.mat_steer.module import SteeringModule
+from steerline.core.stats import paired_bootstrap
 from steerline.mat_steer.probe import fit_probe, probe_auroc
 from steerline.mat_steer.report import compare, gate_goal_failures, gate_histograms, verdict
-from steerline.mat_steer.stats import paired_bootstrap
 from steerline.mat_steer.train import PosNeg
+from steerline.steering.gated import SteeringModule
 
 
 def test_paired_bootstrap_exact_cases() -> None:

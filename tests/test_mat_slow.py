@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from steerline.mat_steer.activations import extract_activations
+from steerline.mat_steer.checkpoint import SteeringConfig, mat_steering
 from steerline.mat_steer.evaluate import MCItem, score_choices, score_choices_reference
-from steerline.mat_steer.hooks import mat_steering
-from steerline.mat_steer.module import SteeringConfig, SteeringModule
 from steerline.model.load import load_causal_lm
+from steerline.steering.gated import SteeringModule
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steerline.params import ParamsError, load_params, parse_params
+from steerline.core.params import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -51,7 +51,7 @@ def test_a_missing_section_or_key_is_an_error_not_a_default():
 def test_no_schema_defaults_so_params_yaml_is_the_only_source_of_values():
     from pydantic import BaseModel
 
-    from steerline import params
+    from steerline.core import params
 
     for cls in vars(params).values():
         if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from steerline.params import ParamsError, load_params, parse_params
-from steerline.steermoe.safety_data import build_safety_prompts, validate_prompts
+from steerline.core.params import ParamsError, load_params, parse_params
+from steerline.steermoe.data.safety import build_safety_prompts, validate_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_safety_params_are_checked(section, key, value, match):
 
 
 def test_null_prompt_in_a_raw_file_is_named_not_turned_into_nan(tmp_path):
-    from steerline.steermoe.safety_data import load_advbench
+    from steerline.steermoe.data.safety import load_advbench
 
     (tmp_path / "adv.csv").write_text('goal,target\n"Do x",y\n,z\n')
     with pytest.raises(ValueError, match="row 3 has no 'goal' text"):

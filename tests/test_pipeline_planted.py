@@ -12,9 +12,9 @@ from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.backends.hf import TransformersBackend
-from steerline.steermoe.capture import CaptureConfig, run_capture
-from steerline.steermoe.risk_diff import compute_risk_diff
-from steerline.steermoe.select_experts import select_experts
+from steerline.steermoe.detection.risk_diff import compute_risk_diff
+from steerline.steermoe.detection.select_experts import select_experts
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
 UNSAFE_WORDS = [" bomb", " poison", " weapon"]
 SAFE_WORDS = [" garden", " music", " bread"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_capture import plain_topk
 
-from steerline.chat import render_chat
+from steerline.core.chat import render_chat
 from steerline.model.moefy import fidelity, greedy_answers
-from steerline.steermoe.routing import generate_routed_all
+from steerline.steering.capture import generate_routed_all
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ import pytest
 import yaml
 from scipy.stats import false_discovery_control, norm
 
-from steerline.io import parquet_metadata, write_table
-from steerline.steermoe import risk_diff
-from steerline.steermoe.contrasts import agreement
-from steerline.steermoe.prompt_inference import bootstrap_ci, permutation_test
-from steerline.steermoe.risk_diff import (
+from steerline.core.io import parquet_metadata, write_table
+from steerline.steermoe.data.contrasts import agreement
+from steerline.steermoe.detection import risk_diff
+from steerline.steermoe.detection.inference import bootstrap_ci, permutation_test
+from steerline.steermoe.detection.risk_diff import (
     INFERENCE_COLUMNS,
     REPORT_COLUMNS,
     bh_qvalues,
@@ -30,7 +30,7 @@ from steerline.steermoe.risk_diff import (
     risk_diff_table,
     two_proportion_pvalue,
 )
-from steerline.steermoe.routing_schema import (
+from steerline.steermoe.routing.schema import (
     ROUTING_SCHEMA,
     iter_routing_batches,
     read_routing_meta,
@@ -582,7 +582,7 @@ def test_stage_writes_all_outputs(
 
 def test_dense_layers_keep_the_models_layer_numbers(tmp_path: Path, routing_arrays) -> None:
     """A model whose layer 0 is dense routes on layers 1, 3, 4: the report names those."""
-    from steerline.steermoe.risk_diff import heatmap_png
+    from steerline.steermoe.detection.risk_diff import heatmap_png
 
     meta = routing_metadata(L, K, E, "m", backend="transformers", moe_layers="[1, 3, 4]")
     root = write_shards(tmp_path / "routing", routing_arrays, 2, meta)

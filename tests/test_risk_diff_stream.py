@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 from test_risk_diff import E, K, L, in_scope, prompt_table, random_routing, write_shards
 
-from steerline.steermoe import prompt_inference, risk_diff
-from steerline.steermoe.risk_diff import compute_risk_diff, count_batches, count_routing
-from steerline.steermoe.routing_schema import routing_metadata, routing_table
+from steerline.steermoe.detection import inference as prompt_inference
+from steerline.steermoe.detection import risk_diff
+from steerline.steermoe.detection.risk_diff import compute_risk_diff, count_batches, count_routing
+from steerline.steermoe.routing.schema import routing_metadata, routing_table
 
 
 def loop_per_prompt(arrays: dict[str, np.ndarray], scope: str) -> dict[str, tuple]:

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from steerline.io import write_parquet, write_table
-from steerline.steermoe.risk_diff import compute_risk_diff
-from steerline.steermoe.routing_schema import (
+from steerline.core.io import write_parquet, write_table
+from steerline.steermoe.detection.risk_diff import compute_risk_diff
+from steerline.steermoe.detection.select_experts import experts_summary, select_experts
+from steerline.steermoe.routing.schema import (
     routing_metadata,
     routing_table,
     write_routing_manifest,
 )
-from steerline.steermoe.select_experts import experts_summary, select_experts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from steerline.stage_deps import stage_src_deps
+from tools.stage_deps import stage_src_deps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_every_stage_lists_exactly_the_modules_it_imports(monkeypatch):
         assert script in deps, f"{name}: its script {script} is not a dep"
         listed = sorted(d for d in deps if d.startswith("src/"))
         assert listed == stage_src_deps(script), (
-            f"{name}: src deps differ from its imports; run python scripts/sync_stage_deps.py")
+            f"{name}: src deps differ from its imports; run python -m tools.sync_stage_deps")
 
 
 def test_transitive_imports_include_parent_packages_and_function_level_imports(tmp_path):

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steerline.io import atomic_path
+from steerline.core.io import atomic_path
 
 LO_KEYS = ("ci_low", "lo", "low", "ci_lo", "lower")
 HI_KEYS = ("ci_high", "hi", "high", "ci_hi", "upper")
@@ -152,7 +152,12 @@ def base_ref(root: Path, wanted: str | None) -> str:
 
 
 def experts_section(root: Path, top: int) -> str:
-    from steerline.steermoe.expert_table import contrasts, read_risk_diff, table_rows, top_experts
+    from steerline.steermoe.detection.expert_table import (
+        contrasts,
+        read_risk_diff,
+        table_rows,
+        top_experts,
+    )
 
     path = root / "reports/risk_diff.parquet"
     try:
@@ -191,7 +196,7 @@ def experts_section(root: Path, top: int) -> str:
 def selected_table(df, sel_path: Path, top: int) -> str:
     """The first `top` experts of each list of models/experts.json (select_experts' rank order)
     with the pooled risk_diff, its CI and q, and every other contrast's risk_diff."""
-    from steerline.steermoe.expert_table import POOLED, Q_COLUMNS, contrasts
+    from steerline.steermoe.detection.expert_table import POOLED, Q_COLUMNS, contrasts
 
     try:
         sel = json.loads(sel_path.read_text())

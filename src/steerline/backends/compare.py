@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from steerline.steermoe.routing import Routed
+from steerline.steering.capture import Routed
 
 TIE_GAP = 1e-2  # logits ~30 in float32: a gap below this is a last-bits tie, not a preference
 

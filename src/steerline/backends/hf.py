@@ -1,6 +1,6 @@
 """The transformers backend: the reference implementation (exact checks run against it).
 
-Capture and MoE generation use steerline.steermoe.routing's KV-cached greedy loop with router hooks;
+Capture and MoE generation use steerline.steering.capture's KV-cached greedy loop with router hooks;
 dense models generate with `model.generate` (greedy, left padding). Steering is per request at
 the API level: prompts are grouped by their Steering and each group runs inside that request's
 context managers, `expert_steering` (the SteerMoE router hook) and `mat_steer.hooks.steering_hook`
@@ -17,13 +17,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from steerline.backends.base import Backend, Generated, Prompt, prompt_ids
-from steerline.backends.steering import Steering, SteeringArg, per_prompt
-from steerline.chat import ChatPrompt
-from steerline.generation import greedy_generate
-from steerline.mat_steer.hooks import steering_hook
+from steerline.core.chat import ChatPrompt
+from steerline.core.generation import greedy_generate
 from steerline.model.arch import DenseModelError, decoder_layers, find_routers, moe_shape
-from steerline.steermoe.expert_steering import expert_steering
-from steerline.steermoe.routing import Routed, generate_routed_all
+from steerline.steering.capture import Routed, generate_routed_all
+from steerline.steering.experts import expert_steering
+from steerline.steering.request import Steering, SteeringArg, per_prompt
+from steerline.steering.residual import steering_hook
 
 
 @contextlib.contextmanager

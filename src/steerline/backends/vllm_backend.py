@@ -44,7 +44,6 @@ import numpy as np
 import torch
 
 from steerline.backends.base import Backend, Generated, Prompt, eos_token_ids, prompt_ids
-from steerline.backends.steering import Steering, SteeringArg, per_prompt
 from steerline.backends.vllm_native import (
     native_engine_kwargs,
     native_rows,
@@ -52,9 +51,10 @@ from steerline.backends.vllm_native import (
     use_native,
 )
 from steerline.backends.vllm_worker import KEY_ARG, PLAN_ARG, ROUTING_RULES, Capture
-from steerline.chat import ChatPrompt
+from steerline.core.chat import ChatPrompt
 from steerline.model.families import check_vllm_family
-from steerline.steermoe.routing import Routed
+from steerline.steering.capture import Routed
+from steerline.steering.request import Steering, SteeringArg, per_prompt
 
 EXTENSION = "steerline.backends.vllm_worker.SteerlineWorkerExtension"
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV cache on CPU (vLLM's own default is several GiB)
@@ -91,7 +91,7 @@ class VLLMBackend(Backend):
             raise ValueError(f"routing_rule must be one of {ROUTING_RULES}, got {routing_rule!r}")
         if data_parallel_size != 1:  # vLLM 0.32: LLM(data_parallel_size > 1) raises
             raise ValueError("one vLLM engine is one data-parallel rank: for data parallel "
-                             "capture use steerline.steermoe.capture_dp.CapturePool "
+                             "capture use steerline.steermoe.routing.capture_dp.CapturePool "
                              "(capture_routing.data_parallel_size), one engine per process")
         if dtype == "auto":
             raise ValueError("pass an explicit dtype: vLLM's 'auto' downcasts float32 "

@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from steerline.backends.steering import Steering
 from steerline.model.arch import (
     DenseModelError,
     RouterSite,
@@ -51,6 +50,7 @@ from steerline.model.arch import (
     router_topk,
 )
 from steerline.model.families import RouterRule, check_vllm_family, steer_scores
+from steerline.steering.request import Steering
 
 KEY_ARG = "steerline_key"
 PLAN_ARG = "steerline_plan"

@@ -20,7 +20,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from steerline.steermoe.expert_table import read_risk_diff, render, table_rows, top_experts
+    from steerline.steermoe.detection.expert_table import (
+        read_risk_diff,
+        render,
+        table_rows,
+        top_experts,
+    )
 
     table = top_experts(read_risk_diff(args.risk_diff), args.top, args.contrast)
     header, rows = table_rows(table)

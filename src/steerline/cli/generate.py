@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from steerline.cli.common import CliError, param_default, parse_pairs, require_file
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a command runs (fast --help)
-    from steerline.steermoe.expert_steering import SteeringPlan
+    from steerline.steering.experts import SteeringPlan
 
 DEFAULT_MOE = "models/moe"
 RISK_DIFF = Path("reports/risk_diff.parquet")  # fallback ranking for an empty experts.json list
@@ -58,7 +58,7 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
 
     from steerline.model.arch import DenseModelError
     from steerline.model.load import moe_config
-    from steerline.steermoe.expert_steering import (
+    from steerline.steering.experts import (
         MODES,
         SteeringPlan,
         plan_from_experts,
@@ -124,8 +124,8 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, ActivationSteering, Steering, make_backend
-    from steerline.chat import render_chat
-    from steerline.mat_steer.module import load_steering
+    from steerline.core.chat import render_chat
+    from steerline.mat_steer.checkpoint import load_steering
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")

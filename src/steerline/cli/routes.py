@@ -74,10 +74,10 @@ def heat_map(experts: np.ndarray, keep: np.ndarray, top_k: int, n_experts: int) 
 
 def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, Steering, make_backend
-    from steerline.chat import render_chat
+    from steerline.core.chat import render_chat
     from steerline.model.arch import DenseModelError
     from steerline.model.load import moe_config
-    from steerline.steermoe.expert_steering import SteeringPlan
+    from steerline.steering.experts import SteeringPlan
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from steerline.generation import pad_id, right_pad
-from steerline.io import parquet_metadata, read_npy
+from steerline.core.generation import pad_id, right_pad
+from steerline.core.io import parquet_metadata, read_npy
 from steerline.model.arch import check_layer, decoder_layers
 
 Pooling = Literal["last", "mean"]

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import rankdata
 
 from steerline.mat_steer.losses import Bandwidth, mmd_rbf
-from steerline.mat_steer.module import SteeringModule
+from steerline.steering.gated import SteeringModule
 
 
 def auroc(scores: np.ndarray, is_positive: np.ndarray) -> float:

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from steerline.generation import pad_id, right_pad
-from steerline.mat_steer.hooks import SteerFn, steering_hook
+from steerline.core.generation import pad_id, right_pad
+from steerline.steering.residual import SteerFn, steering_hook
 
 METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")
 

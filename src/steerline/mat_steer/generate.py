@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from steerline.mat_steer.hooks import mat_steering
-from steerline.mat_steer.module import SteeringConfig, SteeringModule
+from steerline.mat_steer.checkpoint import SteeringConfig, mat_steering
+from steerline.steering.gated import SteeringModule
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from steerline.mat_steer.module import renormalize
+from steerline.steering.gated import renormalize
 
 COS_EPS = 1e-8
 

@@ -8,12 +8,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from steerline.core.stats import paired_bootstrap
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.losses import Bandwidth
-from steerline.mat_steer.module import SteeringModule
 from steerline.mat_steer.probe import fit_probe, probe_auroc
-from steerline.mat_steer.stats import paired_bootstrap
 from steerline.mat_steer.train import PosNeg
+from steerline.steering.gated import SteeringModule
 
 HIST_BINS = 20  # gate histogram bins of width 0.05 on [0, 1]
 METRIC_TASK = {"truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa",

@@ -31,8 +31,8 @@ from steerline.mat_steer.losses import (
     mmd_rbf,
     orthogonality_loss,
 )
-from steerline.mat_steer.module import SteeringModule
 from steerline.mat_steer.probe import fit_probe
+from steerline.steering.gated import SteeringModule
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from steerline.io import sha256_file, write_json
+from steerline.core.io import sha256_file, write_json
 
 FINGERPRINT_CACHE = Path("tmp/model_fingerprints.json")  # git-ignored; safe to delete
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from steerline.io import atomic_dir
+from steerline.core.io import atomic_dir
 
 
 def find_gguf(package: str, filename: str) -> Path:

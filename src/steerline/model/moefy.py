@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from steerline.generation import greedy_generate, right_pad
+from steerline.core.generation import greedy_generate, right_pad
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""eval_safety's run: five variants answer the same prompts of one split, judged and compared.
+
+- base (`model`), steered (`model` + the SteerMoE router plan of `expert_steering`),
+- finetuned (`finetuned`), finetuned_deactivate / finetuned_activate (the fine-tuned model with
+  its own unsafe experts, detected on its routing, forced out of / into the top-k by
+  `finetuned_steering`).
+Answers come from the `backend` engine (vLLM by default: all variants of one model in one call,
+steered per request); perplexity from the transformers model with the same hooks. `run` computes
+everything, `write` publishes it; the stage only names the paths.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import AutoTokenizer
+
+from steerline.backends import make_backend
+from steerline.core.io import atomic_path, read_json, write_json, write_parquet, write_timings
+from steerline.core.params import Params
+from steerline.model.load import load_moe
+from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
+from steerline.steermoe.safety.evaluate import (
+    answer_frame,
+    backend_answers,
+    bar_plot,
+    bar_rows,
+    benign_ppl,
+    compare_variants,
+    headline_metrics,
+    refusal_metrics,
+    results_table,
+    select_eval_prompts,
+    selection_plan,
+    variant_rates,
+)
+from steerline.steermoe.safety.refusal import judge_agreement, make_judge, read_labels
+
+Plans = dict[str, dict[str, SteeringPlan | None]]  # model folder -> variant -> plan
+
+
+@dataclass(frozen=True)
+class Inputs:
+    prompts: Path  # data/prompts/safety.parquet
+    experts: Path  # selected on the base model's routing
+    experts_finetuned: Path  # selected on the fine-tuned model's routing
+    risk_diff: Path  # the raw ranking (on_empty_selection: risk_diff_ranking)
+    labels: Path  # the judge's design set
+    judge_validation: Path  # labels held out from the judge's design
+
+
+@dataclass(frozen=True)
+class Outputs:
+    metrics: Path
+    details: Path
+    answers: Path
+    plot_png: Path
+    plot_csv: Path
+
+
+@dataclass
+class SafetyRun:
+    frames: dict[str, pd.DataFrame]  # variant -> one judged answer per prompt
+    rates: dict[str, dict[str, Any]]
+    comparisons: dict[str, Any]
+    metrics: dict[str, dict[str, float]]
+    details: dict[str, Any]
+    plans: Plans
+    seconds: dict[str, float]  # wall clock: reports/timings, never a DVC output
+
+
+def _selections(params: Params, inputs: Inputs) -> dict[Path, dict[str, Any]]:
+    """Both experts.json files, each checked to be selected on the model it will steer."""
+    p = params.eval_safety
+    selections = {path: read_experts_json(path)
+                  for path in (inputs.experts, inputs.experts_finetuned)}
+    for path, model_dir in ((inputs.experts, p.model), (inputs.experts_finetuned, p.finetuned)):
+        picked_on = (selections[path].get("criteria") or {}).get("model")
+        if picked_on and Path(picked_on).resolve() != Path(model_dir).resolve():
+            raise ValueError(f"{path} was selected on {picked_on!r}, not on {model_dir!r}: rerun "
+                             "its detection stages on that model or fix eval_safety's paths")
+    return selections
+
+
+def make_plans(params: Params, inputs: Inputs, selections: dict[Path, dict[str, Any]],
+               shape: tuple[Any, int, int]) -> Plans:
+    """Every variant's plan; shape = (MoE layer indices, experts, top_k)."""
+    p, s, fs = params.eval_safety, params.expert_steering, params.finetuned_steering
+    steer = selection_plan(selections[inputs.experts], s.mode, s.n_experts, s.delta,
+                           s.on_empty_selection, lambda: pd.read_parquet(inputs.risk_diff),
+                           *shape)
+    tuned = {f"finetuned_{d}": directional_plan(selections[inputs.experts_finetuned], d,
+                                                c.n_experts, c.delta, *shape)
+             for d, c in (("deactivate", fs.deactivate), ("activate", fs.activate))}
+    return {p.model: {"base": None, "steered": steer},
+            p.finetuned: {"finetuned": None, **tuned}}
+
+
+def run(params: Params, inputs: Inputs) -> SafetyRun:
+    p, s, fs = params.eval_safety, params.expert_steering, params.finetuned_steering
+    torch.manual_seed(params.seed)
+    prompts = select_eval_prompts(pd.read_parquet(inputs.prompts), p.max_unsafe, p.max_safe,
+                                  params.seed, split=p.split)
+    info_path = Path(p.finetuned) / "trained_experts.json"
+    if not info_path.is_file():
+        raise ValueError(f"{info_path} not found: run the finetune_experts stage first")
+    finetuned_info = read_json(info_path)
+    judge = make_judge(p.judge, p.judge_model, p.judge_window, p.dtype)
+    judge_figures = {
+        "design_set": judge_agreement(judge, read_labels(str(inputs.labels))),
+        "validation_set": judge_agreement(judge, read_labels(str(inputs.judge_validation))),
+    }
+    selections = _selections(params, inputs)
+
+    # Greedy answers: every variant of one model in one backend call (steered per request).
+    frames: dict[str, pd.DataFrame] = {}
+    seconds: dict[str, float] = {}
+    plans: Plans = {}
+    options = {"seed": params.seed} if p.backend == "vllm" else {}
+    for model_dir in (p.model, p.finetuned):
+        t = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        with make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size,
+                          **options) as backend:
+            plans = plans or make_plans(params, inputs, selections,
+                                        (backend.moe_layers or backend.n_layers,
+                                         backend.n_experts, backend.top_k))
+            variants = plans[model_dir]
+            answers = backend_answers(backend, tokenizer, prompts["text"].tolist(),
+                                      list(variants.values()), p.max_new_tokens)
+        for name, ans in zip(variants, answers, strict=True):
+            frames[name] = answer_frame(name, prompts, ans, judge)
+        seconds[f"generate {model_dir}"] = time.perf_counter() - t
+    # Capability check: perplexity of the base model's answers to the safe prompts, per variant.
+    reference = frames["base"][frames["base"]["label"] == "safe"]
+    metrics: dict[str, dict[str, float]] = {}
+    for model_dir, variants in plans.items():
+        t = time.perf_counter()
+        model, tokenizer = load_moe(model_dir, p.dtype)
+        for name, variant_plan in variants.items():
+            metrics[name] = {
+                **refusal_metrics(frames[name]),
+                "ppl_benign": benign_ppl(model, tokenizer, reference, variant_plan,
+                                         p.batch_size, name),
+                "mean_answer_tokens": float(frames[name]["n_generated"].mean()),
+            }
+        del model
+        seconds[f"perplexity {model_dir}"] = time.perf_counter() - t
+    plan_info = {name: {"n_activated": len(vp.activate), "n_deactivated": len(vp.deactivate),
+                        "layers": len(vp.per_layer()), "plan": vp.to_json()}
+                 for variants in plans.values() for name, vp in variants.items() if vp}
+
+    rates = {name: variant_rates(frame) for name, frame in frames.items()}
+    comparisons = compare_variants(frames)
+    details = {
+        "split": p.split,
+        "n_prompts": {"unsafe": int((prompts["label"] == "unsafe").sum()),
+                      "safe": int((prompts["label"] == "safe").sum()),
+                      "unsafe_by_source": prompts[prompts["label"] == "unsafe"]
+                      .groupby("source").size().astype(int).to_dict()},
+        "rates": rates,
+        "comparisons": comparisons,
+        "steering": {"expert_steering": {"mode": s.mode, "n_experts": s.n_experts,
+                                         "delta": s.delta},
+                     "finetuned_steering": fs.model_dump(), "plans": plan_info},
+        "finetuned": {"n_experts_trained": finetuned_info["n_experts"],
+                      "source": finetuned_info["source"],
+                      "checks": finetuned_info.get("checks")},
+        "judge": judge_figures,
+        "generation": {"backend": p.backend, "max_new_tokens": p.max_new_tokens,
+                       "greedy": True},
+    }
+    return SafetyRun(frames, rates, comparisons, metrics, details, plans, seconds)
+
+
+def write(result: SafetyRun, params: Params, out: Outputs) -> None:
+    """Answers, bar plot data and PNG, details, then the metrics file (each written atomically)."""
+    p = params.eval_safety
+    write_timings("eval_safety", result.seconds)
+    write_parquet(pd.concat(list(result.frames.values()), ignore_index=True), out.answers)
+    with atomic_path(out.plot_csv) as tmp:
+        bar_rows(result.rates).to_csv(tmp, index=False)
+    steer = result.plans[p.model]["steered"]
+    assert steer is not None
+    n_trained = result.details["finetuned"]["n_experts_trained"]
+    bar_plot(result.rates, out.plot_png, f"{p.model} ({p.split} split): base, expert-steered "
+             f"({len(steer.deactivate)} off, {len(steer.activate)} on), fine-tuned "
+             f"({n_trained} experts) and fine-tuned + steering")
+    write_json(result.details, out.details)
+    write_json(headline_metrics(result.metrics, result.rates, result.comparisons), out.metrics)
+
+
+def table(result: SafetyRun) -> str:
+    return results_table(result.rates, result.comparisons)

@@ -1,0 +1,199 @@
+"""finetune_experts' run: load the base MoE, its unsafe experts and the refusal SFT data, train
+only those experts' slices (in this process, or on torchrun workers: steermoe.distributed), then
+check and publish the model folder.
+
+Before anything is published, the saved model is checked: every tensor outside the trained
+slices is bit-identical to the base model on disk, and applying the slices file to the base
+model reproduces the fine-tuned weights exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from dvclive import Live
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from steerline.core.faults import kill_point
+from steerline.core.io import atomic_dir, write_json
+from steerline.core.params import Params
+from steerline.model.arch import moe_layers, moe_shape
+from steerline.model.fingerprint import model_fingerprint
+from steerline.model.load import load_moe
+from steerline.steering.experts import Expert, expert_list, read_experts_json
+from steerline.steermoe.data.sft import SftExample, build_sft_examples, end_of_turn_id
+from steerline.steermoe.finetuning.distributed import train_slices_distributed
+from steerline.steermoe.finetuning.expert_slices import (
+    ExpertSlices,
+    apply_expert_slices,
+    compare_state_dicts,
+    save_expert_slices,
+)
+from steerline.steermoe.finetuning.finetune import TrainConfig, TrainResult, train_slices
+from steerline.steermoe.routing.schema import read_generations
+
+# inside the model folder, in a subfolder: vLLM loads every top-level *.safetensors as weights
+SLICES = Path("expert_slices/trained_experts.safetensors")
+log = logging.getLogger("finetune_experts")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    experts: Path  # experts.json: its unsafe list is trained
+    risk_diff: Path  # the raw ranking (on_empty_selection: risk_diff_ranking)
+    prompts: Path  # the safety prompts (detect split: SFT data)
+    generations: Path  # the model's own answers, from the capture
+    routing: Path  # its manifest vouches for `generations` (same capture)
+
+
+def on_disk(directory: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a saved model directory (its top-level *.safetensors files)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:  # e.g. the folder is being rebuilt by another run: never compare with nothing
+        raise ValueError(f"{directory} holds no *.safetensors weights: rebuild it (dvc repro)")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+
+@dataclass
+class Run:
+    """What training needs: the base model, its experts to train and the SFT examples."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    experts: list[Expert]
+    source: str
+    examples: list[SftExample]
+    n_kind: dict[str, int]
+    cfg: TrainConfig
+
+
+def prepare(params: Params, inputs: Inputs) -> Run:
+    p = params.finetune_experts
+    torch.manual_seed(params.seed)
+    model, tokenizer = load_moe(p.model)
+    fingerprint = model_fingerprint(p.model)  # keys the checkpoints: a changed model restarts
+    layers, (n_experts, _) = moe_layers(model), moe_shape(model)
+
+    selection = read_experts_json(inputs.experts)
+    picked_on = (selection.get("criteria") or {}).get("model")
+    if picked_on and Path(picked_on).resolve() != Path(p.model).resolve():
+        raise ValueError(f"{inputs.experts} was selected on {picked_on!r} but "
+                         f"finetune_experts.model is {p.model!r}: rerun the detection stages on "
+                         "that model or fix the param")
+    if not selection["unsafe"] and p.on_empty_selection == "error":
+        raise ValueError(f"{inputs.experts} lists no unsafe experts (select_experts kept none): "
+                         "relax select_experts' thresholds, or set "
+                         "finetune_experts.on_empty_selection: risk_diff_ranking to train the top "
+                         "fallback_top_n of the raw risk_diff ranking regardless of q-value")
+    fallback = None if selection["unsafe"] else pd.read_parquet(inputs.risk_diff)
+    n = (p.max_experts or len(layers) * n_experts) if selection["unsafe"] else p.fallback_top_n
+    experts, source = expert_list(selection, "unsafe", n, fallback, layers, n_experts)
+
+    examples = build_sft_examples(
+        tokenizer, pd.read_parquet(inputs.prompts),
+        read_generations(inputs.generations, inputs.routing),
+        end_of_turn_id(model), params.seed, p.max_unsafe, p.max_safe, p.max_length,
+    )
+    n_kind = {k: sum(e.kind == k for e in examples) for k in ("refusal", "own_answer")}
+    log.info("training %d experts (%s) on %d refusal + %d own-answer examples", len(experts),
+             source, n_kind["refusal"], n_kind["own_answer"])
+    cfg = TrainConfig(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size,
+                      warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+                      max_grad_norm=p.max_grad_norm, checkpoint_every=p.checkpoint_every,
+                      seed=params.seed)
+    return Run(model, tokenizer, fingerprint, experts, source, examples, n_kind, cfg)
+
+
+def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
+             checkpoints: Path, strategy: str, num_processes: int
+             ) -> tuple[dict, TrainResult, float]:
+    """Train, check and publish `out_dir` and the dvclive folder `live_path` (the stage's paths,
+    or scratch ones for scripts/finetune_ddp_check.py); returns trained_experts.json's content,
+    the training result and the training seconds."""
+    p = params.finetune_experts
+    run = prepare(params, inputs)
+    model, tokenizer, fingerprint, experts, source, examples, n_kind, cfg = (
+        run.model, run.tokenizer, run.fingerprint, run.experts, run.source, run.examples,
+        run.n_kind, run.cfg)
+    with atomic_dir(live_path) as live_dir:
+        live = Live(dir=str(live_dir), report=None, save_dvc_exp=False, dvcyaml=False)
+
+        def on_step(rec: dict[str, float]) -> None:
+            live.step = int(rec["step"])
+            live.log_metric("train/loss", rec["loss"])
+            live.log_metric("train/lr", rec["lr"])
+
+        t_train = time.perf_counter()
+        if strategy == "single":
+            result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
+                                  checkpoint_dir=checkpoints, model_tag=fingerprint,
+                                  on_step=on_step)
+        else:  # workers load p.model themselves; the trained slices come back into `model`
+            result = train_slices_distributed(
+                model, p.model, examples, experts, cfg, tokenizer.pad_token_id, strategy,
+                num_processes, checkpoint_dir=checkpoints, model_tag=fingerprint,
+                on_step=on_step)
+        train_seconds = time.perf_counter() - t_train
+        losses = [h["loss"] for h in result.history]
+        per_epoch = len(losses) // cfg.epochs
+        live.summary["first_epoch_loss"] = sum(losses[:per_epoch]) / per_epoch
+        live.summary["last_epoch_loss"] = sum(losses[-per_epoch:]) / per_epoch
+        live.summary["steps"] = result.steps
+        live.summary["n_experts_trained"] = len(experts)
+        live.end()
+
+    model.eval()
+    slices = ExpertSlices(model, experts)
+    info = {
+        "experts": [list(e) for e in slices.experts],
+        "n_experts": len(experts),
+        "source": source,  # "experts.json" or "risk_diff_fallback"
+        "slices_file": str(SLICES),
+        "base_model": p.model,
+        "base_model_fingerprint": fingerprint,
+        "n_examples": n_kind,
+        "training": {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                     "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+                     "max_grad_norm": cfg.max_grad_norm, "steps": result.steps,
+                     "seed": params.seed},
+        # only off the default, so strategy single's output stays as it was
+        **({} if strategy == "single" else
+           {"distributed": {"strategy": strategy, "num_processes": num_processes}}),
+        "loss": {"first_epoch": round(sum(losses[:per_epoch]) / per_epoch, 4),
+                 "last_epoch": round(sum(losses[-per_epoch:]) / per_epoch, 4)},
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_expert_slices(slices, tmp / SLICES,
+                           {"source": source, "base_model": p.model})
+        # Checks before publishing: frozen tensors bit-identical on disk; slices reproduce.
+        base_disk, tuned_disk = on_disk(Path(p.model)), on_disk(tmp)
+        frozen = compare_state_dicts(base_disk, tuned_disk, experts)
+        del base_disk, tuned_disk
+        rebuilt, _ = load_moe(p.model)
+        apply_expert_slices(rebuilt, tmp / SLICES)
+        tuned_sd, rebuilt_sd = model.state_dict(), rebuilt.state_dict()
+        reproduces = all(torch.equal(tuned_sd[k], rebuilt_sd[k]) for k in tuned_sd)
+        if not frozen["identical_outside_slices"] or not reproduces:
+            raise RuntimeError(f"fine-tuned model failed its checks: frozen={frozen}, "
+                               f"slices reproduce the model: {reproduces}")
+        info["checks"] = {"frozen_identical_outside_slices": True,
+                          "tensors_compared_on_disk": frozen["tensors_compared"],
+                          "expert_tensors_changed_on_disk": frozen["changed_slices"],
+                          "slices_reproduce_model": True}
+        write_json(info, tmp / "trained_experts.json")
+        kill_point("finetune:publish")
+    return info, result, train_seconds

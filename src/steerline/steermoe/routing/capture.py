@@ -1,0 +1,126 @@
+"""capture_routing's work: prompts -> greedy answers + per-token routing, sharded and resumable.
+
+Any backend (steerline.backends: vLLM by default, transformers as the reference) does the
+generation; finished shards are kept in a cache directory keyed by the model's content
+fingerprint, the backend, the prompts and the params, so a killed run resumes where it stopped
+and produces the same bytes; the outputs are published once every shard is done, the routing
+directory last (its manifest.json names the generations file and its SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from steerline.backends import Backend
+from steerline.core.chat import render_chat
+from steerline.core.faults import kill_point
+from steerline.core.io import atomic_dir, write_parquet
+from steerline.model.arch import DenseModelError
+from steerline.steering.capture import check_context
+from steerline.steermoe.data.safety import check_prompt_texts, validate_prompts
+from steerline.steermoe.routing.capture_dp import CapturePool
+from steerline.steermoe.routing.schema import (
+    routing_metadata,
+    routing_shards,
+    write_routing_manifest,
+)
+from steerline.steermoe.routing.shard import capture_shard, shard_done
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    max_new_tokens: int
+    shard_prompts: int  # prompts per shard, each shard one backend call (vLLM: all in flight)
+
+
+def run_capture(
+    backend: Backend | CapturePool,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: pd.DataFrame,
+    cfg: CaptureConfig,
+    routing_dir: Path,
+    generations_path: Path,
+    cache_dir: Path,
+    meta: dict[str, str],
+) -> pd.DataFrame:
+    """Capture every prompt, shard by shard (resuming from `cache_dir`), then publish:
+    `generations_path` first, then `routing_dir` in one rename (the shards and manifest.json,
+    which records the generations' SHA-256: the pair is verified by read_generations, and the
+    manifest is the capture's commit point). The shards' metadata records `backend` (the
+    backend's name) besides `meta`, which must hold `model` and `model_fingerprint`
+    (steerline.model.fingerprint: it keys the cache, so a changed model never reuses a shard).
+    Cache entries of other keys are removed. A `CapturePool` backend captures the pending
+    shards in its processes (data parallel), byte-identical to one backend."""
+    if not backend.n_layers:
+        raise DenseModelError("routing capture needs a Mixture-of-Experts model; the backend "
+                              "loaded a dense one")
+    if not meta.get("model_fingerprint"):
+        raise ValueError("capture metadata needs model_fingerprint (the model's content hash): "
+                         "it keys the capture cache")
+    check_prompt_texts(prompts, "capture_routing prompts")
+    validate_prompts(prompts, "capture_routing prompts")
+    prompts = prompts.sort_values("prompt_id").reset_index(drop=True)
+    chats = [render_chat(tokenizer, t) for t in prompts["text"]]
+    ids, labels = prompts["prompt_id"].tolist(), prompts["label"].tolist()
+    check_context(chats, ids, cfg.max_new_tokens, backend.max_context)
+    shard_meta = routing_metadata(backend.n_layers, backend.top_k, backend.n_experts,
+                                  **{**meta, "backend": backend.name,
+                                     "moe_layers": json.dumps(list(backend.moe_layers))})
+    if getattr(backend, "native", False):  # vLLM's own capture returns no routing weights
+        shard_meta["weights"] = "absent"
+    key = hashlib.sha256(
+        json.dumps([shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]).encode()
+    ).hexdigest()[:16]
+    work = cache_dir / key
+    if cache_dir.is_dir():  # shards of other captures (older params, prompts or models)
+        for stale in cache_dir.iterdir():
+            if stale.name == key:
+                continue
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(chats), cfg.shard_prompts))
+    pending = [k for k in range(len(starts)) if not shard_done(work, k)]  # others: earlier runs
+    spans = {k: slice(starts[k], starts[k] + cfg.shard_prompts) for k in pending}
+    if isinstance(backend, CapturePool):  # data parallel: the same shards, n processes
+        backend.capture_shards([{"k": k, "chats": chats[sl], "ids": ids[sl],
+                                 "labels": labels[sl]} for k, sl in spans.items()],
+                               work, shard_meta, cfg.max_new_tokens)
+    else:
+        for k, sl in tqdm(spans.items(), desc="capture shards"):
+            capture_shard(backend, tokenizer, chats[sl], ids[sl], labels[sl],
+                          cfg.max_new_tokens, shard_meta, work, k)
+            kill_point(f"capture:shard:{k}")
+    generations = pd.concat(
+        [pd.read_parquet(work / f"gen-{k:05d}.parquet") for k in range(len(starts))],
+        ignore_index=True,
+    )
+    model_config = {"n_layers": backend.n_layers, "top_k": backend.top_k,
+                    "n_experts": backend.n_experts}
+    write_parquet(generations, generations_path)
+    kill_point("capture:publish")
+    with atomic_dir(routing_dir) as tmp:
+        for k in range(len(starts)):
+            shutil.copyfile(work / f"shard-{k:05d}.parquet", tmp / f"shard-{k:05d}.parquet")
+        write_routing_manifest(tmp, model_config, generations_path)  # last: the commit point
+    shutil.rmtree(work, ignore_errors=True)
+    return generations
+
+
+def routing_store_bytes(routing_dir: Path) -> int:
+    return sum(f.stat().st_size for f in routing_shards(routing_dir))
+
+
+def routing_rows(routing_dir: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in routing_shards(routing_dir))
