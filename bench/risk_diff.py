@@ -40,13 +40,9 @@ import pyarrow.parquet as pq
 
 from steerline.core.io import write_table
 from steerline.steermoe.data.contrasts import POOLED
-from steerline.steermoe.detection.risk_diff import (
-    contrast_columns,
-    count_batches,
-    count_routing,
-    permutation_null,
-    risk_diff_table,
-)
+from steerline.steermoe.detection.counts import count_batches, count_routing
+from steerline.steermoe.detection.inference import permutation_null
+from steerline.steermoe.detection.table import contrast_columns, risk_diff_table
 from steerline.steermoe.routing.schema import (
     iter_routing_shard_batches,
     read_routing_meta,

@@ -40,7 +40,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from steerline.core.io import write_table
-from steerline.steermoe.detection import risk_diff as rd
+from steerline.steermoe.detection import risk_diff
+from steerline.steermoe.detection.counts import READ_COLUMNS, TOKEN_SCOPES, count_routing
+from steerline.steermoe.detection.inference import two_proportion_pvalue
+from steerline.steermoe.detection.table import risk_diff_table
 from steerline.steermoe.routing.schema import (
     iter_routing_shard_batches,
     read_routing_manifest,
@@ -168,7 +171,7 @@ def loop_prompt_counts(routing: Path, scope: str, n_layers: int, top_k: int, n_e
     """{prompt_id: ([L*E] counts, in-scope tokens, label)} by plain Python over every token."""
     out: dict[str, tuple[list[int], int, str]] = {}
     for shard in sorted(routing.glob("*.parquet")):
-        for row in pq.read_table(shard, columns=list(rd._READ_COLUMNS)).to_pylist():
+        for row in pq.read_table(shard, columns=list(READ_COLUMNS)).to_pylist():
             if (scope == "user" and (row["is_generated"] or row["is_template"])) or (
                 scope == "generated" and not row["is_generated"]
             ):
@@ -187,8 +190,8 @@ def loop_prompt_counts(routing: Path, scope: str, n_layers: int, top_k: int, n_e
 
 def check_equal(routing: Path, scope: str, batch_rows: int) -> tuple[bool, int]:
     """Streaming counts and table on `routing` == the loop's (exactly); and its token count."""
-    counts = rd.count_routing(routing, scope, batch_rows)
-    df = rd.risk_diff_table(counts)
+    counts = count_routing(routing, scope, batch_rows)
+    df = risk_diff_table(counts)
     L, K, E = counts.n_layers, counts.top_k, counts.n_experts
     ref = loop_prompt_counts(routing, scope, L, K, E)
     mat = np.array([ref[p][0] for p in counts.prompt_ids], np.int64)  # [P, L*E]
@@ -205,7 +208,7 @@ def check_equal(routing: Path, scope: str, batch_rows: int) -> tuple[bool, int]:
         and np.array_equal(df["a_unsafe"], a[1])
         and bool((df["n_safe"] == n[0]).all() and (df["n_unsafe"] == n[1]).all())
         and np.array_equal(df["risk_diff"], a[1] / n[1] - a[0] / n[0])
-        and np.array_equal(df["p_token_z"], rd.two_proportion_pvalue(a[0], n[0], a[1], n[1]))
+        and np.array_equal(df["p_token_z"], two_proportion_pvalue(a[0], n[0], a[1], n[1]))
     )
     rows = sum(int(e["rows"]) for e in read_routing_manifest(routing)["shards"])
     return bool(equal), rows
@@ -233,21 +236,20 @@ def child_risk_diff(root: Path, scope: str, permutations: int, bootstrap: int,
                     batch_rows: int) -> dict:  # fmt: skip
     """compute_risk_diff as the stage runs it, with its streaming pass timed apart."""
     timed: dict[str, float] = {}
-    count_routing = rd.count_routing
 
     def count_timed(*a, **kw):  # the part that grows with tokens
         t, c = time.perf_counter(), cpu_s()
         out = count_routing(*a, **kw)
-        rd.risk_diff_table(out)  # the token-level table (compute_risk_diff makes it once more)
+        risk_diff_table(out)  # the token-level table (compute_risk_diff makes it once more)
         timed["stream_s"], timed["stream_cpu_s"] = time.perf_counter() - t, cpu_s() - c
         timed["prompts"] = len(out.prompt_ids)
         timed["tokens_in_scope"] = int(out.tokens.sum())
         return out
 
-    rd.count_routing = count_timed
+    risk_diff.count_routing = count_timed  # the name compute_risk_diff calls
     prompts = pd.read_parquet(root / "prompts.parquet")
     t0 = time.perf_counter()
-    df, _ = rd.compute_risk_diff(
+    df, _ = risk_diff.compute_risk_diff(
         root / "routing", token_scope=scope, n_permutations=permutations,
         null_quantile=0.99 if permutations >= 100 else 0.5, seed=0, batch_rows=batch_rows,
         prompts=prompts, n_bootstrap=bootstrap,
@@ -282,7 +284,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--tokens-per-prompt", type=int, default=250, help="mean, template included")
     ap.add_argument("--shard-prompts", type=int, default=64, help="capture_routing's default")
-    ap.add_argument("--scope", default="all", choices=rd.TOKEN_SCOPES,
+    ap.add_argument("--scope", default="all", choices=TOKEN_SCOPES,
                     help="'all' counts every token: the most counting work per byte read")
     ap.add_argument("--permutations", type=int, default=1000, help="the stage's default")
     ap.add_argument("--bootstrap", type=int, default=1000, help="the stage's default")

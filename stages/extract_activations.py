@@ -1,68 +1,10 @@
-"""Stage extract_activations: models/base + data/attributes -> data/activations/.
+"""Stage extract_activations: the dense model + attribute tables -> residual-stream activations.
 
-Per attribute: {attribute}.npy float32 [N, D] (residual stream after decoder layer `layer`, pooled
-at the last token or over tokens) and {attribute}.parquet (example_id, group_id, label, split),
-rows aligned with each other and with data/attributes/{attribute}.parquet.
+Paths come from dvc.yaml's cmd; the work is steerline.pipeline.extract_activations.
 """
 
-from __future__ import annotations
-
-import logging
-import time
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-
-from steerline.core.io import atomic_dir, write_npy, write_parquet
-from steerline.core.params import ExtractActivations, load_params
-from steerline.mat_steer.activations import META_COLUMNS, extract_activations, resolve_layer
-from steerline.mat_steer.data import TASKS
-from steerline.model.arch import decoder_layers
-from steerline.model.load import load_causal_lm
-
-ATTRIBUTES = Path("data/attributes")
-OUT = Path("data/activations")
-log = logging.getLogger("extract_activations")
-
-
-def extract_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFrame],
-                p: ExtractActivations) -> tuple[int, dict[str, np.ndarray]]:
-    """Pure (given the model): (layer, {attribute: activations [N, D]})."""
-    layer = resolve_layer(len(decoder_layers(model)), p.layer, p.layer_ratio)
-    acts = {task: extract_activations(model, tokenizer, df["text"].tolist(), layer, p.pooling,
-                                      p.batch_size, p.max_length, desc=f"extract {task}")
-            for task, df in tables.items()}
-    return layer, acts
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    t0 = time.perf_counter()
-    params = load_params()
-    p = params.extract_activations
-    torch.manual_seed(params.seed)
-    tables = {}
-    for task in TASKS:
-        path = ATTRIBUTES / f"{task}.parquet"
-        if not path.is_file():
-            raise ValueError(f"{path} not found: run the prepare_attributes stage first")
-        tables[task] = pd.read_parquet(path)
-    model, tokenizer = load_causal_lm(p.model, p.dtype)
-    layer, acts = extract_all(model, tokenizer, tables, p)
-    meta = {"layer": str(layer), "pooling": p.pooling, "model": p.model,
-            "hidden_size": str(model.config.hidden_size),
-            "n_layers": str(len(decoder_layers(model)))}
-    with atomic_dir(OUT) as tmp:
-        for task, df in tables.items():
-            write_npy(acts[task], tmp / f"{task}.npy")
-            write_parquet(df[META_COLUMNS], tmp / f"{task}.parquet", metadata=meta)
-    log.info("layer %d, %s pooling: %s in %.1f s", layer, p.pooling,
-             {t: a.shape for t, a in acts.items()}, time.perf_counter() - t0)
-
+from steerline.pipeline import extract_activations
+from steerline.pipeline.stage import stage_cli
 
 if __name__ == "__main__":
-    from steerline.core.errors import run_stage
-
-    run_stage(main)
+    stage_cli(extract_activations.main, extract_activations.Inputs, extract_activations.Outputs)

@@ -275,7 +275,8 @@ def test_stages_of_the_project(capsys, monkeypatch):
     assert code == 0
     stages = read_stages(ROOT / "dvc.yaml")
     assert [ln for ln in out.splitlines() if not ln.startswith(" ")] == list(stages)
-    assert "capture_routing" in edges(stages)["build_models"]
+    assert "capture_routing@base" in edges(stages)["build_models"]
+    assert "capture_routing@finetuned" in edges(stages)["finetune_experts"]
 
 
 def test_stages_graph_from_outs_to_deps(tmp_path):

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 from conftest import finish_model, tiny_moe_config
+from stage_cmd import stage_argv
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.core.faults import KILL_ENV
@@ -111,7 +112,7 @@ def copy_ws(src: Path, dst: Path) -> Path:
 def run_inprocess(ws: Path, stage: str) -> None:
     cwd, argv = os.getcwd(), sys.argv
     os.chdir(ws)
-    sys.argv = [str(REPO / "stages" / f"{stage}.py")]
+    sys.argv = list(stage_argv(stage))
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
@@ -121,7 +122,7 @@ def run_inprocess(ws: Path, stage: str) -> None:
 
 def run_killed(ws: Path, stage: str, point: str) -> None:
     env = {**os.environ, KILL_ENV: point, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=ws,
+    proc = subprocess.run([sys.executable, *stage_argv(stage)], cwd=ws,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
 
@@ -132,7 +133,7 @@ def clean(template, tmp_path_factory):
     runs = []
     for i in range(2):
         ws = copy_ws(template, tmp_path_factory.mktemp("clean") / f"ws{i}")
-        run_inprocess(ws, "capture_routing")
+        run_inprocess(ws, "capture_routing@base")
         run_inprocess(ws, "finetune_experts")
         runs.append(ws)
     return runs
@@ -153,9 +154,9 @@ def test_two_clean_runs_give_identical_bytes(clean):
 @pytest.mark.parametrize("point", ["capture:shard:0", "capture:publish"])
 def test_capture_killed_then_rerun_gives_identical_bytes(template, clean, tmp_path, point):
     ws = copy_ws(template, tmp_path / "ws")
-    run_killed(ws, "capture_routing", point)
+    run_killed(ws, "capture_routing@base", point)
     assert not (ws / "data/routing").exists()  # nothing published before the commit point
-    run_inprocess(ws, "capture_routing")
+    run_inprocess(ws, "capture_routing@base")
     assert tree_digest(ws, CAPTURE_OUTS) == tree_digest(clean[0], CAPTURE_OUTS)
     assert leftovers(ws) == []
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from stage_cmd import stage_argv
 
 from steerline.backends.hf import TransformersBackend
 from steerline.core.errors import run_stage
@@ -27,7 +28,7 @@ from steerline.core.io import FILE_MODE, save_safetensors, write_json, write_tab
 from steerline.model import fingerprint as fp_mod
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.gguf import save_model
-from steerline.steermoe.detection.risk_diff import count_routing
+from steerline.steermoe.detection.counts import count_routing
 from steerline.steermoe.finetuning.expert_slices import ExpertSlices, save_expert_slices
 from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 from steerline.steermoe.routing.schema import (
@@ -247,17 +248,19 @@ def stage_ws(tmp_path, moe_dir, tiny_dense, tokenizer):
 
 def run_capture_stage(ws: Path, model: str) -> str:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["capture_routing"].update(model=model, backend="vllm", max_new_tokens=4)
+    params["capture_routing"].update(backend="vllm", max_new_tokens=4)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cwd, argv = os.getcwd(), sys.argv
+    cwd, old_argv = os.getcwd(), sys.argv
     os.chdir(ws)
-    sys.argv = [str(REPO / "stages/capture_routing.py")]
+    argv = list(stage_argv("capture_routing@base"))
+    argv[argv.index("--model") + 1] = model  # what dvc.yaml passes from capture_routing.model
+    sys.argv = argv
     try:
         with pytest.raises(SystemExit) as exit_:
             runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
         os.chdir(cwd)
-        sys.argv = argv
+        sys.argv = old_argv
     return str(exit_.value)
 
 

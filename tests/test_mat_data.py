@@ -21,25 +21,20 @@ from steerline.mat_steer.data import (
     split_prompt_line,
     task_rng,
 )
+from steerline.pipeline.prepare_attributes import Inputs, prepare_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = load_params(ROOT / "params.yaml").prepare_attributes
 RAW = ROOT / "data" / "raw"
 
 
-def _prepare():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prepare_attributes",
-                                                  ROOT / "stages" / "prepare_attributes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.prepare_attributes
+RAW_INPUTS = Inputs(truthfulqa=RAW / "truthfulqa" / "mc_task.json", toxigen=RAW / "toxigen",
+                    bbq=RAW / "bbq")
 
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pd.DataFrame]:
-    return _prepare()(RAW, REPO_PARAMS, seed=0)
+    return prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=0)
 
 
 def test_grouped_split_keeps_groups_and_fractions() -> None:
@@ -68,8 +63,8 @@ def test_no_group_item_or_text_crosses_splits(tables: dict[str, pd.DataFrame]) -
 
 
 def test_prepare_is_deterministic(tables: dict[str, pd.DataFrame]) -> None:
-    again = _prepare()(RAW, REPO_PARAMS, seed=0)
-    other = _prepare()(RAW, REPO_PARAMS, seed=1)
+    again = prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=0)
+    other = prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=1)
     for task in tables:
         pd.testing.assert_frame_equal(tables[task], again[task])
     assert not tables["truthfulqa"]["split"].equals(other["truthfulqa"]["split"])

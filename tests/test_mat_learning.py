@@ -42,11 +42,12 @@ def data() -> tuple[dict, dict, dict]:
 
 
 def config(objective: str, sparse: float = 0.9) -> TrainConfig:
-    """params.yaml's training settings for either objective (as stages/train_steering.py maps
+    """params.yaml's training settings for either objective (as pipeline/train_steering.py maps
     them), with fewer epochs."""
     targeted = objective == "targeted"
     return TrainConfig(lr=1e-3, batch_size=96, epochs=EPOCHS, sigma=2.0,
                        weights=LossWeights(mmd=1.0, sparse=sparse, ortho=0.1, pos=0.9, gate=1.0),
+                       scale="median_distance", patience=0, init_scale=0.01,
                        objective=objective, bandwidths=BANDWIDTHS,
                        gate_init="probe" if targeted else "random",
                        mmd_weighting="relative" if targeted else "equal",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_cmd import stage_argv
 
 from steerline.core.params import ParamsError, load_params, parse_params
 
@@ -77,7 +78,7 @@ def test_stage_without_params_fails_before_writing(tmp_path):
     import sys
 
     (tmp_path / "params.yaml").write_text("seed: 0\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages/select_experts.py")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, *stage_argv("select_experts@base")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "is missing: every key is required" in proc.stderr

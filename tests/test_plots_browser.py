@@ -26,6 +26,8 @@ import pytest
 import yaml
 from browser import Browser, find_or_install
 
+from steerline.cli.stages import expand_stages
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".svg", ".gif"}
@@ -74,7 +76,9 @@ def plot_definitions(dvc_yaml: dict[str, Any]) -> list[tuple[str, dict[str, Any]
     """(file or directory, its properties) for every plot source in dvc.yaml, stage-level and
     top-level (a top-level plot with `y: {file: column(s)}` gives one entry per file)."""
     out: list[tuple[str, dict[str, Any]]] = []
-    entries = [e for st in dvc_yaml.get("stages", {}).values() for e in st.get("plots") or []]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = expand_stages(dvc_yaml.get("stages", {}), params)
+    entries = [e for st in stages.values() for e in st.get("plots") or []]
     for entry in entries:
         path, props = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
         out.append((path, dict(props or {})))

@@ -3,7 +3,6 @@ level and prompt level), contrasts, errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,21 +13,25 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from scipy.stats import false_discovery_control, norm
+from stage_cmd import call_stage
 
 from steerline.core.io import parquet_metadata, write_table
 from steerline.steermoe.data.contrasts import agreement
-from steerline.steermoe.detection import risk_diff
-from steerline.steermoe.detection.inference import bootstrap_ci, permutation_test
-from steerline.steermoe.detection.risk_diff import (
+from steerline.steermoe.detection import counts as routing_counts
+from steerline.steermoe.detection.counts import count_routing
+from steerline.steermoe.detection.inference import (
+    bh_qvalues,
+    bootstrap_ci,
+    permutation_null,
+    permutation_test,
+    two_proportion_pvalue,
+)
+from steerline.steermoe.detection.risk_diff import compute_risk_diff
+from steerline.steermoe.detection.table import (
     INFERENCE_COLUMNS,
     REPORT_COLUMNS,
-    bh_qvalues,
-    compute_risk_diff,
-    count_routing,
-    permutation_null,
     risk_diff_summary,
     risk_diff_table,
-    two_proportion_pvalue,
 )
 from steerline.steermoe.routing.schema import (
     ROUTING_SCHEMA,
@@ -176,7 +179,7 @@ def test_prompt_table_growth_does_not_change_results(
     routing_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = count_routing(routing_dir, "all")
-    monkeypatch.setattr(risk_diff._PromptAccumulator, "initial_capacity", 3)  # regrow often
+    monkeypatch.setattr(routing_counts._PromptAccumulator, "initial_capacity", 3)  # regrow often
     got = count_routing(routing_dir, "all", batch_rows=50)
     assert got.prompt_ids == expected.prompt_ids
     for name in ("unsafe", "counts", "tokens"):
@@ -505,13 +508,6 @@ BAD = {
 }
 
 
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 STAGE_RISK_DIFF = {"n_permutations": 40, "null_quantile": 0.95, "n_bootstrap": 30, "ci_level": 0.9}
 
 
@@ -538,7 +534,7 @@ def test_bad_input_one_clear_error_nothing_written(
     stage_workdir(tmp_path, scope)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=BAD[case]):
-        load_stage("risk_diff").main()
+        call_stage("risk_diff@base")
     assert not (tmp_path / "reports").exists()
 
 
@@ -553,7 +549,7 @@ def test_stage_writes_all_outputs(
     prompts = prompt_table(routing_arrays)
     stage_workdir(tmp_path, "all", prompts)
     monkeypatch.chdir(tmp_path)
-    load_stage("risk_diff").main()
+    call_stage("risk_diff@base")
     df = pd.read_parquet("reports/risk_diff.parquet")
     meta = parquet_metadata("reports/risk_diff.parquet")
     expected, expected_meta = compute_risk_diff(
@@ -582,7 +578,7 @@ def test_stage_writes_all_outputs(
 
 def test_dense_layers_keep_the_models_layer_numbers(tmp_path: Path, routing_arrays) -> None:
     """A model whose layer 0 is dense routes on layers 1, 3, 4: the report names those."""
-    from steerline.steermoe.detection.risk_diff import heatmap_png
+    from steerline.steermoe.detection.plots import heatmap_png
 
     meta = routing_metadata(L, K, E, "m", backend="transformers", moe_layers="[1, 3, 4]")
     root = write_shards(tmp_path / "routing", routing_arrays, 2, meta)

@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 from test_risk_diff import E, K, L, in_scope, prompt_table, random_routing, write_shards
 
+from steerline.steermoe.detection import counts as routing_counts
 from steerline.steermoe.detection import inference as prompt_inference
-from steerline.steermoe.detection import risk_diff
-from steerline.steermoe.detection.risk_diff import compute_risk_diff, count_batches, count_routing
+from steerline.steermoe.detection.counts import count_batches, count_routing
+from steerline.steermoe.detection.risk_diff import compute_risk_diff
 from steerline.steermoe.routing.schema import routing_metadata, routing_table
 
 
@@ -32,7 +33,7 @@ def loop_per_prompt(arrays: dict[str, np.ndarray], scope: str) -> dict[str, tupl
     return out
 
 
-def assert_counts_equal(got: risk_diff.PromptCounts, ref: dict[str, tuple]) -> None:
+def assert_counts_equal(got: routing_counts.PromptCounts, ref: dict[str, tuple]) -> None:
     assert sorted(got.prompt_ids) == sorted(ref)
     for i, pid in enumerate(got.prompt_ids):
         counts, n, label = ref[pid]
@@ -66,8 +67,8 @@ def test_batch_n_equals_batch_1_and_the_loop(long_dir: Path, long_arrays, scope:
 
 def test_both_counting_paths_agree(long_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     per_prompt = count_routing(long_dir, "all", batch_rows=10**6)
-    monkeypatch.setattr(risk_diff, "_MIN_RUN", 10**9)  # force the whole-batch bincount
-    monkeypatch.setattr(risk_diff, "_MAX_BINS", 2 * L * E)  # in groups of two prompts
+    monkeypatch.setattr(routing_counts, "_MIN_RUN", 10**9)  # force the whole-batch bincount
+    monkeypatch.setattr(routing_counts, "_MAX_BINS", 2 * L * E)  # in groups of two prompts
     whole = count_routing(long_dir, "all", batch_rows=10**6)
     assert np.array_equal(per_prompt.counts, whole.counts)
 
@@ -146,10 +147,10 @@ def test_prefetch_passes_errors_and_stops() -> None:
 
     got = []
     with pytest.raises(pa.ArrowInvalid, match="bad batch"):
-        for x in risk_diff._prefetch(items()):
+        for x in routing_counts._prefetch(items()):
             got.append(x)
     assert got == [1]
-    gen = risk_diff._prefetch(iter(range(10**6)))
+    gen = routing_counts._prefetch(iter(range(10**6)))
     assert next(gen) == 0
     gen.close()  # stops the producer thread (joins it) without reading the rest
 
@@ -159,6 +160,6 @@ def test_keep_rows_compacts_in_place() -> None:
     counts = rng.integers(0, 9, (40, 6)).astype(np.int32)
     keep = rng.random(37) < 0.6  # rows 37..39: capacity not yet used
     expected = counts[:37][keep].copy()
-    got = risk_diff._keep_rows(counts, 37, keep, step=2)
+    got = routing_counts._keep_rows(counts, 37, keep, step=2)
     assert np.array_equal(got, expected) and np.shares_memory(got, counts)
-    assert risk_diff._keep_rows(counts, 3, np.ones(3, bool)).base is counts  # all kept: a view
+    assert routing_counts._keep_rows(counts, 3, np.ones(3, bool)).base is counts  # all kept: a view

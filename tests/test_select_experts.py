@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from stage_cmd import call_stage
 
 from steerline.core.io import write_parquet, write_table
 from steerline.steermoe.detection.risk_diff import compute_risk_diff
@@ -212,10 +212,7 @@ def test_stage_writes_experts_json(
     params["select_experts"].update(threshold=0.05, top_k=2, alpha=0.05, require="pooled")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("stage_se", ROOT / "stages/select_experts.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    stage.main()
+    call_stage("select_experts@base")
     experts = json.loads(Path("models/experts.json").read_text())
     assert set(experts) == {"unsafe", "safe", "criteria"} and len(experts["unsafe"]) == 2
     assert experts["criteria"]["token_scope"] == "user"

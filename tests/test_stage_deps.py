@@ -14,6 +14,7 @@ def test_every_stage_lists_exactly_the_modules_it_imports(monkeypatch):
     monkeypatch.chdir(ROOT)
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage: one definition for every item
         deps = [d for d in stage["deps"] if isinstance(d, str)]
         # the script its cmd runs (a stage may reuse another's script with path options)
         found = re.search(r"stages/\w+\.py", stage["cmd"])
@@ -23,6 +24,28 @@ def test_every_stage_lists_exactly_the_modules_it_imports(monkeypatch):
         listed = sorted(d for d in deps if d.startswith("src/"))
         assert listed == stage_src_deps(script), (
             f"{name}: src deps differ from its imports; run python -m tools.sync_stage_deps")
+
+
+def _src_deps(stage: str) -> set[str]:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return {d for d in spec.get("do", spec)["deps"] if d.startswith("src/")}
+
+
+STEERMOE = ["capture_routing", "risk_diff", "select_experts", "finetune_experts", "eval_safety"]
+MAT_STEER = ["prepare_attributes", "extract_activations", "train_steering", "eval_steering"]
+
+
+def test_a_method_edit_reruns_no_stage_of_the_other_method():
+    """Editing mat_steer/ leaves every SteerMoE stage (the 20-minute capture first) up to date,
+    and editing steermoe/ leaves every MAT-Steer stage up to date: no stage of one method lists
+    a module of the other among its deps."""
+    for stage in STEERMOE:
+        assert not {d for d in _src_deps(stage) if "/mat_steer/" in d}, stage
+    for stage in MAT_STEER:
+        assert not {d for d in _src_deps(stage) if "/steermoe/" in d}, stage
+    # the detection stages do not import a backend either: a vLLM edit reruns only generation
+    for stage in ["risk_diff", "select_experts"]:
+        assert not {d for d in _src_deps(stage) if "/backends/" in d}, stage
 
 
 def test_transitive_imports_include_parent_packages_and_function_level_imports(tmp_path):

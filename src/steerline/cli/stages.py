@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -24,19 +25,59 @@ def _paths(entries: list[Any] | None) -> list[str]:
     return out
 
 
+_VAR = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+
+def _render(value: Any, ctx: dict[str, Any]) -> Any:
+    """DVC's `${a.b}` interpolation of strings inside `value` (lists and dicts walked)."""
+    if isinstance(value, str):
+        def look(m: re.Match) -> str:
+            node: Any = ctx
+            for part in m[1].split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise CliError(f"dvc.yaml: ${{{m[1]}}} is not defined (params.yaml or the "
+                                   "foreach item)")
+                node = node[part]
+            return str(node)
+        return _VAR.sub(look, value)
+    if isinstance(value, list):
+        return [_render(v, ctx) for v in value]
+    if isinstance(value, dict):
+        return {_render(k, ctx): _render(v, ctx) for k, v in value.items()}
+    return value
+
+
+def expand_stages(stages: dict[str, Any], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's `stages` as DVC runs them: a `foreach` stage becomes one `name@key` stage per
+    item, and `${...}` is filled from the item and params.yaml."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in stages.items():
+        if isinstance(st, dict) and "foreach" in st:
+            items = _render(st["foreach"], params)
+            pairs = items.items() if isinstance(items, dict) else ((str(v), v) for v in items)
+            for key, item in pairs:
+                out[f"{name}@{key}"] = _render(st["do"], {**params, "item": item, "key": key})
+        else:
+            out[name] = _render(st, params)
+    return out
+
+
 def read_stages(path: Path) -> dict[str, dict[str, list[str]]]:
-    """stage -> {"cmd", "reads", "params", "modules", "writes"} from a dvc.yaml."""
+    """stage -> {"cmd", "reads", "params", "modules", "writes"} from a dvc.yaml (and the
+    params.yaml beside it, for `${...}`)."""
     if not path.is_file():
         raise CliError(f"{path} not found: run from the project root or pass --dvc-yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+        params_file = path.parent / "params.yaml"
+        params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
     except yaml.YAMLError as err:
         raise CliError(f"{path} is not valid YAML: {err}") from None
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise CliError(f"{path} has no stages")
     out = {}
-    for name, st in stages.items():
+    for name, st in expand_stages(stages, params).items():
         deps = _paths(st.get("deps"))
         params = []
         for p in st.get("params") or []:

@@ -120,11 +120,13 @@ def gate_detection_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor,
 
 @dataclass(frozen=True)
 class LossWeights:
-    mmd: float = 1.0
-    sparse: float = 0.9
-    ortho: float = 0.1
-    pos: float = 0.9
-    gate: float = 0.0  # objective "targeted" only: the gate detection (cross-entropy) term
+    """The four losses' weights (params.yaml's top-level lambda_*; no defaults here)."""
+
+    mmd: float
+    sparse: float
+    ortho: float
+    pos: float
+    gate: float  # objective "targeted" only: the gate detection (cross-entropy) term
 
 
 def mat_steer_losses(module: torch.nn.Module, pos: torch.Tensor, neg: torch.Tensor,

@@ -15,7 +15,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,26 +63,29 @@ def split_pos_neg(acts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarra
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1e-3
-    batch_size: int = 96
-    epochs: int = 100
-    sigma: float = 2.0  # objective "seed": the RBF bandwidth (units of `scale`)
-    weights: LossWeights = field(default_factory=LossWeights)
-    scale: str = "median_distance"  # train on a / s, s = median distance ("none": s = 1)
-    patience: int = 0  # epochs without dev improvement before stopping; 0 = never stop early
-    init_scale: float = 0.01
-    seed: int = 0
-    objective: str = "seed"  # "seed" | "targeted" (see losses.py)
-    bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0)  # objective "targeted": summed RBF kernels
-    gate_init: str = "random"  # "random" | "probe": gates start as L2 logistic probes
-    probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # probe C grid, chosen by dev AUROC
+    """train_steering's values come from params.yaml (pipeline.train_steering.train_config); no
+    defaults here to drift from them."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    sigma: float  # objective "seed": the RBF bandwidth (units of `scale`)
+    weights: LossWeights
+    scale: str  # "median_distance": train on a / s, s = median distance; "none": s = 1
+    patience: int  # epochs without dev improvement before stopping; 0 = never stop early
+    init_scale: float
+    seed: int
+    objective: str  # "seed" | "targeted" (see losses.py)
+    bandwidths: tuple[float, ...]  # objective "targeted": summed RBF kernels
+    gate_init: str  # "random" | "probe": gates start as L2 logistic probes
+    probe_cs: tuple[float, ...]  # probe C grid, chosen by dev AUROC
     # "equal": MMD averaged over attributes; "relative": each attribute's MMD divided by its
     # MMD(neg, pos) before steering on train (times their mean), so every attribute counts
-    mmd_weighting: str = "equal"
+    mmd_weighting: str
     # gate_init "probe": rescale each probe gate so that its dev medians are gate_target on
     # negatives and 1 - gate_target on positives (None: the probe as fitted); the factor is the
     # gate's temperature in the detection term, which then keeps that sharpness
-    gate_target: float | None = None
+    gate_target: float | None
 
     def kernel_bandwidths(self) -> tuple[float, ...]:
         """The RBF bandwidths of the MMD term, in units of `scale`."""

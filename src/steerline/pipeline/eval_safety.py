@@ -6,11 +6,16 @@
   `finetuned_steering`).
 Answers come from the `backend` engine (vLLM by default: all variants of one model in one call,
 steered per request); perplexity from the transformers model with the same hooks. `run` computes
-everything, `write` publishes it; the stage only names the paths.
+everything, `write` publishes it. On the test split (read once) or dev (the params sweep):
+metrics (rates, Wilson 95% bounds, McNemar p vs the reference), details (every rate with k, n and
+its interval, the paired tests, goals, plans, the judge's agreement on its design labels and on
+the held-out validation labels), per-prompt answers, a bar plot PNG with the intervals and the
+DVC bar-plot data.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,7 @@ from steerline.steermoe.safety.evaluate import (
 from steerline.steermoe.safety.refusal import judge_agreement, make_judge, read_labels
 
 Plans = dict[str, dict[str, SteeringPlan | None]]  # model folder -> variant -> plan
+log = logging.getLogger("eval_safety")
 
 
 @dataclass(frozen=True)
@@ -197,3 +203,13 @@ def write(result: SafetyRun, params: Params, out: Outputs) -> None:
 
 def table(result: SafetyRun) -> str:
     return results_table(result.rates, result.comparisons)
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    t0 = time.perf_counter()
+    result = run(params, inputs)
+    write(result, params, out)
+    print(table(result))
+    val = result.details["judge"]["validation_set"]
+    log.info("judge on %d held-out labels: accuracy %.3f, kappa %.3f, %s; %.1f s", val["n"],
+             val["accuracy"], val["cohen_kappa"], val["confusion"], time.perf_counter() - t0)

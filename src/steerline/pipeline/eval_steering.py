@@ -10,7 +10,12 @@ Conditions, each applied by a hook at the checkpoint's layer to every token:
 - mat_steer: the gated MAT-Steer module (steering vectors times a scale chosen on dev from
   `mat_scales`; 1.0 = as trained).
 `run` computes everything (test items are scored once per condition, after every dev choice),
-`write` publishes it; the stage only names the paths.
+`write` publishes it. Metrics: TruthfulQA MC1/MC2, BBQ and ToxiGen accuracy and their average per
+condition; paired bootstrap 95% CIs over items of the differences; per attribute the gate's test
+AUROC beside an L2 logistic probe's (the linear ceiling), gate medians on pos / neg,
+MMD(steered neg, pos) before / after; per-item values, the gate histograms (`dvc plots`) and
+details (dev sweeps, item counts, interference verdicts); wall-clock seconds in reports/timings/
+(not a DVC output).
 """
 
 from __future__ import annotations
@@ -188,3 +193,15 @@ def write(result: EvalRun, out: Outputs) -> None:
         pd.DataFrame(result.hist).to_csv(tmp, index=False)
     write_json(result.metrics, out.metrics)
     write_json(result.details, out.details)
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    result = run(params, inputs)
+    write(result, out)
+    m = result.metrics
+    log.info("gate AUROC %s (probe %s); average %s; done in %.0f s",
+             {k: round(v["gate_auroc"], 3) for k, v in m["gates"].items()},
+             {k: round(v["probe_auroc"], 3) for k, v in m["gates"].items()},
+             {c: round(m[c]["average"], 4) for c in
+              ("base", "mean_diff", "single_attribute", "mat_steer")},
+             result.seconds["total"])

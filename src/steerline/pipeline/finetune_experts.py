@@ -1,6 +1,14 @@
-"""finetune_experts' run: load the base MoE, its unsafe experts and the refusal SFT data, train
-only those experts' slices (in this process, or on torchrun workers: steermoe.distributed), then
-check and publish the model folder.
+"""Stage finetune_experts: the base MoE + its selected experts + refusal SFT data -> a complete
+fine-tuned model folder (plus trained_experts.json and expert_slices/trained_experts.safetensors:
+only the trained slices, in a subfolder so that vLLM, which loads every *.safetensors file of a
+model folder, does not read it as weights) and a dvclive loss curve.
+
+Only the MLP slices of the unsafe experts in experts.json are trained (the first `max_experts`);
+an empty list is an error unless `on_empty_selection: risk_diff_ranking`, which trains the top
+`fallback_top_n` experts by risk_diff (regardless of q-value) instead, and trained_experts.json
+says so. Training runs in this process, or with `strategy` ddp / fsdp on `num_processes` torchrun
+workers (same global batch, gradients summed; steermoe/finetuning/distributed.py); this process
+writes every output, and resumes from the checkpoints folder (safetensors + JSON) after a kill.
 
 Before anything is published, the saved model is checked: every tensor outside the trained
 slices is bit-identical to the base model on disk, and applying the slices file to the base
@@ -10,6 +18,7 @@ model reproduces the fine-tuned weights exactly.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from steerline.core.faults import kill_point
-from steerline.core.io import atomic_dir, write_json
+from steerline.core.io import atomic_dir, write_json, write_timings
 from steerline.core.params import Params
 from steerline.model.arch import moe_layers, moe_shape
 from steerline.model.fingerprint import model_fingerprint
@@ -51,6 +60,13 @@ class Inputs:
     prompts: Path  # the safety prompts (detect split: SFT data)
     generations: Path  # the model's own answers, from the capture
     routing: Path  # its manifest vouches for `generations` (same capture)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    model: Path  # the fine-tuned model folder
+    live: Path  # dvclive folder: the loss curve
+    checkpoints: Path  # resumable training checkpoints (not a DVC output; removed on success)
 
 
 def on_disk(directory: Path) -> dict[str, torch.Tensor]:
@@ -197,3 +213,18 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         write_json(info, tmp / "trained_experts.json")
         kill_point("finetune:publish")
     return info, result, train_seconds
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    t0 = time.perf_counter()
+    p = params.finetune_experts
+    info, result, train_seconds = finetune(params, inputs, out.model, out.live, out.checkpoints,
+                                           p.strategy, p.num_processes)
+    shutil.rmtree(out.checkpoints, ignore_errors=True)
+    # wall-clock figures and the resume point differ between runs: outside every DVC output
+    write_timings("finetune_experts", {"train_seconds": train_seconds,
+                                       "total_seconds": time.perf_counter() - t0,
+                                       "resumed_from_step": result.resumed_from})
+    log.info("trained %d experts in %d steps (loss %.3f -> %.3f); checks passed; %.1f s total",
+             info["n_experts"], result.steps, info["loss"]["first_epoch"],
+             info["loss"]["last_epoch"], time.perf_counter() - t0)

@@ -1,12 +1,18 @@
 """train_steering's run: the train and dev splits of every attribute's activations -> a trained
 MAT-Steer module, its checkpoint config and per-epoch dvclive curves.
 
+Trains the gated MAT-Steer module on the union of the attributes' train splits with the objective
+`train_steering.objective` ("seed": the published losses; "targeted": sparsity only on the gates
+of attributes an example does not violate, summed-bandwidth MMD; see mat_steer/losses.py).
 `run` trains, logging each epoch to the dvclive folder (published atomically when training ends),
-then saves the checkpoint (atomically too); the stage only names the paths.
+then saves the checkpoint (atomically too); the epoch kept is the one with the lowest dev
+objective (test is never read here). dvclive logs, per epoch, the training losses (train/*) and
+the dev objective and per-attribute gate diagnostics (dev/*) (see `dvc plots show`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,13 @@ from steerline.mat_steer.train import (
     split_pos_neg,
     train_mat_steer,
 )
+
+log = logging.getLogger("train_steering")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    activations: Path  # folder: {task}.npy + {task}.parquet
 
 
 @dataclass(frozen=True)
@@ -72,12 +85,12 @@ def load_splits(directory: Path) -> tuple[dict[str, PosNeg], dict[str, PosNeg], 
             split_pos_neg(acts, labels, splits, "dev"), metas[TASKS[0]])
 
 
-def run(params: Params, activations: Path, out: Outputs) -> TrainRun:
+def run(params: Params, inputs: Inputs, out: Outputs) -> TrainRun:
     """Train on the train split (the epoch kept is the lowest dev objective; test is never read),
     logging train/* and dev/* per epoch to `out.live`, then save the checkpoint."""
     t0 = time.perf_counter()
     cfg = train_config(params)
-    train, dev, meta = load_splits(activations)
+    train, dev, meta = load_splits(inputs.activations)
     with atomic_dir(out.live) as live_dir:
         result = _train_logged(train, dev, cfg, live_dir)
     config = SteeringConfig(attributes=list(TASKS), layer=int(meta["layer"]),
@@ -85,6 +98,14 @@ def run(params: Params, activations: Path, out: Outputs) -> TrainRun:
                             training=_training_record(cfg, result, meta, train))
     save_steering(result.module, config, out.checkpoint)
     return TrainRun(result, config, time.perf_counter() - t0)
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    r = run(params, inputs, out).result
+    best = r.history[r.best_epoch]
+    log.info("best epoch %d of %d (dev loss %.4f); dev gate AUROC %s", r.best_epoch,
+             r.epochs_run, best["dev/loss/total"],
+             {t: round(best[f"dev/{t}/gate_auroc"], 3) for t in TASKS})
 
 
 def _train_logged(train: dict[str, PosNeg], dev: dict[str, PosNeg], cfg: TrainConfig,

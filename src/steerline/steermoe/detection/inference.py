@@ -1,4 +1,6 @@
-"""Prompt-level inference for a risk difference: label permutations and a bootstrap over prompts.
+"""The statistics of a risk difference: prompt-level inference (label permutations and a bootstrap
+over prompts), the token-level two-proportion z-test, Benjamini-Hochberg q-values and the
+quantiles of the permutation null.
 
 Tokens of one prompt share that prompt's words, so they are not independent draws: the prompt is
 the unit that is exchanged under the null and resampled for a confidence interval. Inputs are
@@ -15,18 +17,27 @@ subset of prompts (`rows`) gathers only that block's rows, so the memory beyond 
 generator's state, never on `chunk` or the block width: draws are made one replicate at a time
 in a fixed order, every sum is of integers exact in the float type used (_matmul_dtype), and
 the max over columns is the max over blocks.
+
+The z-test over tokens (two_proportion_pvalue) is anti-conservative: it counts every token as an
+independent draw. It is reported beside the prompt-level p-values, not instead of them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
+
+from steerline.steermoe.detection.counts import PromptCounts, column_sums
 
 # |risk difference| of a permutation counts as "at least as extreme" as the observed one within
 # this absolute tolerance (identical float operations give identical values; this absorbs the
 # last-bit differences between summation orders).
 _TIE_TOL = 1e-12
+# Quantiles of the null's max |risk_diff| always reported (if the permutations resolve them).
+REPORTED_QUANTILES = (0.95, 0.99, 0.999)
 
 
 def _matmul_dtype(bound: int) -> type:
@@ -54,17 +65,6 @@ def _gather(counts: np.ndarray, rows: np.ndarray | None, c0: int, c1: int, dtype
     for lo in range(0, n, _GATHER_ROWS):
         hi = min(lo + _GATHER_ROWS, n)
         out[lo:hi] = counts[lo:hi, c0:c1] if rows is None else counts[rows[lo:hi], c0:c1]
-    return out
-
-
-def column_sums(counts: np.ndarray, select: np.ndarray, rows_per_step: int = 1024) -> np.ndarray:
-    """[C] int64: counts[select].sum(0) (select: [P] bool) in steps of rows, so the selected
-    rows are never copied at once (a [P, C] matrix can be most of the memory)."""
-    out = np.zeros(counts.shape[1], np.int64)
-    for lo in range(0, len(counts), rows_per_step):
-        pick = select[lo : lo + rows_per_step]
-        if pick.any():
-            out += counts[lo : lo + rows_per_step][pick].sum(0, dtype=np.int64)
     return out
 
 
@@ -208,3 +208,75 @@ def bootstrap_ci(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [tail, 1.0 - tail], axis=0)
     return low, high
+
+
+def two_proportion_pvalue(
+    a1: np.ndarray, n1: np.ndarray | int, a2: np.ndarray, n2: np.ndarray | int
+) -> np.ndarray:
+    """Two-sided pooled-variance z-test of a1/n1 == a2/n2; p = 1 where the variance is 0."""
+    a1, a2 = np.asarray(a1, np.float64), np.asarray(a2, np.float64)
+    n1, n2 = np.asarray(n1, np.float64), np.asarray(n2, np.float64)
+    pooled = (a1 + a2) / (n1 + n2)
+    var = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)
+    ok = var > 0
+    z = np.divide(
+        a2 / n2 - a1 / n1,
+        np.sqrt(var, where=ok, out=np.ones_like(var)),
+        where=ok,
+        out=np.zeros_like(var),
+    )
+    return np.where(ok, 2.0 * norm.sf(np.abs(z)), 1.0)
+
+
+def bh_qvalues(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values: q_(i) = min_{j>=i} p_(j) m / j, capped at 1."""
+    p = np.asarray(p, np.float64)
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q_sorted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    q = np.empty(m)
+    q[order] = q_sorted
+    return q
+
+
+def permutation_null(
+    counts: PromptCounts, n_permutations: int, seed: int, chunk: int = 128
+) -> np.ndarray:
+    """Max |risk_diff| over all (layer, expert) under shuffled prompt labels: [n_permutations].
+
+    Labels are permuted among the prompts (the number of unsafe prompts is kept; token counts
+    then follow the prompts). Each chunk of permutations is one matmul
+    [chunk, P] @ [P, L*E]. Deterministic given `seed`, whatever `chunk`.
+    """
+    rng = np.random.default_rng(seed)
+    return permutation_test(
+        counts.counts, counts.tokens, counts.unsafe, n_permutations, rng, chunk
+    ).null_max
+
+
+def check_null_quantile(n_permutations: int, null_quantile: float) -> None:
+    """A quantile q needs >= 1/(1-q) permutations to be more than the null's sample maximum."""
+    if not 0.0 < null_quantile < 1.0:
+        raise ValueError(f"null_quantile must be in (0, 1), got {null_quantile}")
+    if n_permutations > 0 and n_permutations * (1.0 - null_quantile) < 1.0 - 1e-9:
+        need = math.ceil(1.0 / (1.0 - null_quantile) - 1e-9)
+        raise ValueError(
+            f"risk_diff.null_quantile={null_quantile} needs at least {need} permutations, got "
+            f"risk_diff.n_permutations={n_permutations}: raise n_permutations or lower "
+            "null_quantile in params.yaml"
+        )
+
+
+def null_quantiles(null: np.ndarray, null_quantile: float) -> dict[str, float]:
+    """{quantile: max |risk_diff|} for the reported quantiles the permutations resolve."""
+    if not null.size:
+        return {}
+    wanted = sorted(
+        {*(q for q in REPORTED_QUANTILES if null.size * (1 - q) >= 1 - 1e-9), float(null_quantile)}
+    )
+    out = {f"{q:g}": float(np.quantile(null, q)) for q in wanted}  # 0.99 -> "0.99"
+    out["max"] = float(null.max())
+    return out

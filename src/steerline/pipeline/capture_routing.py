@@ -1,0 +1,73 @@
+"""Stage capture_routing: an MoE + the detect-split safety prompts -> per-token routing shards and
+the greedy answers, through the backend the params name (vLLM by default). One stage definition
+serves the base and the fine-tuned model (dvc.yaml's foreach)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import AutoTokenizer
+
+from steerline.backends import make_backend
+from steerline.core.params import Params
+from steerline.model.fingerprint import model_fingerprint
+from steerline.model.load import moe_config
+from steerline.steermoe.data.safety import check_prompt_texts
+from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+from steerline.steermoe.routing.capture_dp import CapturePool
+
+
+@dataclass(frozen=True)
+class Inputs:
+    model: str  # a local MoE directory (recorded as given in the routing metadata)
+    prompts: Path  # safety.parquet; only its detect split is read
+
+
+@dataclass(frozen=True)
+class Outputs:
+    routing: Path  # routing shards folder (+ manifest.json)
+    generations: Path  # answers Parquet file
+    cache: Path  # resumable shard cache folder (not a DVC output)
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    p = params.capture_routing
+    model = inputs.model
+    torch.manual_seed(params.seed)
+    prompts = pd.read_parquet(inputs.prompts)
+    if "split" in prompts.columns:
+        prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
+    check_prompt_texts(prompts, str(inputs.prompts))
+    moe_config(model)  # a missing or dense model is rejected before any weight is loaded
+    fingerprint = model_fingerprint(model)
+    vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
+                        gpu_memory_utilization=p.gpu_memory_utilization,
+                        max_num_seqs=p.max_num_seqs, seed=params.seed)
+    options = vllm_options if p.backend == "vllm" else {}
+    # data_parallel_size > 1: that many engine processes, each capturing whole shards (the
+    # output is byte-identical to one engine; routing/capture_dp.py says why not vLLM's own)
+    dp = int(p.data_parallel_size or 1)
+    opened = (CapturePool(dp, p.backend, model, p.dtype, p.batch_size, options, params.seed)
+              if dp > 1 else make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,
+                                          **options))
+    with opened as backend:
+        gens = run_capture(
+            backend,
+            AutoTokenizer.from_pretrained(model),
+            prompts,
+            CaptureConfig(p.max_new_tokens, p.shard_prompts),
+            out.routing,
+            out.generations,
+            out.cache,
+            meta={"model": model, "model_fingerprint": fingerprint,
+                  "dtype": p.dtype},
+        )
+    print(
+        f"captured {len(gens)} prompts with {p.backend}"
+        f"{f' ({dp} processes)' if dp > 1 else ''}, "
+        f"{int(gens['n_generated_tokens'].sum())} generated tokens "
+        f"({float(gens['finished'].mean()):.0%} stopped at end-of-turn)"
+    )

@@ -1,0 +1,85 @@
+"""Stage risk_diff: routing shards + the safety prompts (each prompt's source, for the contrasts)
+-> the per-(layer, expert) risk-difference table, its heatmap, plot data and summary.
+
+Everything is computed (and the PNG rendered in memory) before the first write, so a failure
+leaves the previous outputs untouched; each write is atomic. One stage definition serves the
+base and the fine-tuned model's routing (dvc.yaml's foreach).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from steerline.core.io import atomic_path, write_json, write_parquet
+from steerline.core.params import Params
+from steerline.steermoe.detection.plots import heatmap_png, plot_rows
+from steerline.steermoe.detection.risk_diff import compute_risk_diff
+from steerline.steermoe.detection.table import risk_diff_summary
+
+log = logging.getLogger("risk_diff")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    routing: Path  # routing shards folder
+    prompts: Path  # safety.parquet (prompt_id, label, source)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    report: Path  # risk_diff.parquet, one row per (layer, expert)
+    heatmap: Path  # PNG
+    plot_data: Path  # top / bottom pairs, CSV for `dvc plots`
+    summary: Path  # JSON metrics
+
+
+def main(params: Params, inputs: Inputs, out: Outputs) -> None:
+    p = params.risk_diff
+    if not inputs.prompts.is_file():
+        raise ValueError(
+            f"{inputs.prompts} not found: run prepare_safety first (dvc repro prepare_safety)"
+        )
+    prompts = pd.read_parquet(inputs.prompts, columns=["prompt_id", "label", "source"])
+    df, meta = compute_risk_diff(
+        inputs.routing,
+        token_scope=p.token_scope,
+        n_permutations=p.n_permutations,
+        null_quantile=p.null_quantile,
+        seed=params.seed,
+        progress=True,
+        prompts=prompts,
+        n_bootstrap=p.n_bootstrap,
+        ci_level=p.ci_level,
+    )
+    summary = risk_diff_summary(df, meta)
+    png = heatmap_png(df, meta)
+    plot_csv = plot_rows(df).to_csv(index=False, float_format="%.6g")
+
+    write_parquet(df, out.report, metadata=meta)
+    with atomic_path(out.heatmap) as tmp:
+        tmp.write_bytes(png)
+    with atomic_path(out.plot_data) as tmp:
+        tmp.write_text(plot_csv)
+    write_json(summary, out.summary)
+    sig = summary["significant"]
+    log.info(
+        "scope %s: %s safe / %s unsafe tokens, max |risk_diff| %.4f; pairs with q <= %g: pooled "
+        "%d prompt-level / %d token-level, matched %d / %d; %s beyond the null's q%s; "
+        "agreement %s",
+        meta["token_scope"],
+        meta["n_tokens_safe"],
+        meta["n_tokens_unsafe"],
+        summary["max_abs_risk_diff"],
+        summary["alpha"],
+        sig["pooled"]["q_perm"],
+        sig["pooled"]["q_token_z"],
+        sig["matched"]["q_perm"],
+        sig["matched"]["q_token_z"],
+        meta.get("n_beyond_null", "n/a"),
+        meta["null_quantile"],
+        summary["agreement"],
+    )
