@@ -14,7 +14,7 @@ PLOTS_PAGE := .dvc/plots.html
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test lint bench report clean-venv
+.PHONY: setup repro test lint bench report docs clean-venv
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -67,6 +67,11 @@ bench: setup
 # tables with CIs, the plots as images (steerline.report; CI runs it after repro).
 report: setup
 	$(BIN)/python -m steerline.report
+
+# README.md and docs/*.md: every generated results block rewritten from reports/ (nothing is
+# written when a report or key is missing). `python -m tools.docs_results --check` only checks.
+docs: setup
+	$(BIN)/python -m tools.docs_results
 
 clean-venv:
 	rm -rf $(VENV)

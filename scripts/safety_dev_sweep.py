@@ -12,8 +12,9 @@ SPEC.json: a list of runs, each {"name", "model", optional "reference" (an earli
 optional steering: "experts" (an experts.json) with either "mode" (expert_steering's modes) or
 "direction" ("activate" / "deactivate" the unsafe list, as finetuned_steering), "n_experts",
 "delta"}. Runs already in the CSV are skipped (a killed sweep resumes); the answers of every run
-are kept in --answers (Parquet) for the judge's validation set. The params sweep the README lists
-(`dvc exp run --queue -S eval_safety.split=dev ...`) does the same through the pipeline.
+are kept in --answers (Parquet) for the judge's validation set. The params sweep that
+docs/choices.md lists (`dvc exp run --queue -S eval_safety.split=dev ...`) does the same through
+the pipeline.
 """
 
 from __future__ import annotations

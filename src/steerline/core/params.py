@@ -222,7 +222,7 @@ class FinetuneExperts(Strict):
 class EvalSafety(Strict):
     model: str  # "base" and, with the steering hook, "steered"
     finetuned: str
-    split: Literal["dev", "test"]  # dev: choosing params (README's sweep); test: read once
+    split: Literal["dev", "test"]  # dev: choosing params (docs/choices.md); test: read once
     # generation engine (every variant of a model in one call); perplexity uses transformers
     backend: Literal["vllm", "transformers"]
     # Test-split prompts evaluated (null = all): unsafe (AdvBench + XSTest contrast prompts,
@@ -272,7 +272,7 @@ def _format(err: ValidationError) -> str:
             lines.append(f"unknown params key {key!r}: remove it or fix its spelling")
         elif e["type"] == "missing":
             lines.append(f"params key {key!r} is missing: every key is required, add it to "
-                         "params.yaml (README's Params section lists them)")
+                         "params.yaml (README, "Params and your own model")")
         else:
             lines.append(f"params key {key!r}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)

@@ -14,7 +14,7 @@ Shapes: T attributes, n examples per attribute in a batch, D hidden size.
 - gate detection (objective "targeted" only) = cross-entropy of each attribute's own gate as a
   detector of its negatives (0 on its positives, 1 on its negatives).
 
-Why "targeted" (README, MAT-Steer ablation): under the `seed` objective nothing rewards a gate for
+Why "targeted" (docs/ablations.md): under the `seed` objective nothing rewards a gate for
 being open on its own negatives except MMD, whose gradient is of the order of MMD itself (~1e-2
 on the default model), while L1 sparsity pulls every gate of a negative down with a constant
 lambda_sparse and preservation pulls positives' gates with only 2 lambda_pos g: the gates learn
