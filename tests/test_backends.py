@@ -29,7 +29,7 @@ from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better"]
-PLAN = SteeringPlan(activate=((0, 1), (2, 5)), deactivate=((1, 3),))
+PLAN = SteeringPlan(activate=((0, 1), (2, 5)), deactivate=((1, 3),), delta=0.01)
 
 
 def module(hidden: int, seed: int = 0) -> SteeringModule:
@@ -129,7 +129,7 @@ def test_bad_steering_inputs(setup, tiny_moe):
     with pytest.raises(ValueError, match="hidden size 16"):
         backend.generate(chats, 2, Steering(activation=ActivationSteering(0, module(16))))
     with pytest.raises(ValueError, match="names layer 7"):
-        backend.generate(chats, 2, Steering(SteeringPlan(activate=((7, 0),))))
+        backend.generate(chats, 2, Steering(SteeringPlan(activate=((7, 0),), delta=0.01)))
     with pytest.raises(ValueError, match="2 steering requests for 4 prompts"):
         per_prompt([None, None], 4)
     for layer in tiny_moe.model.layers:  # nothing left behind by the failed calls

@@ -82,7 +82,8 @@ def test_zero_steering_is_plain_vllm(setup, plain):
 def test_expert_steering_per_request_matches_transformers(setup, plain):
     hf, vb, chats, _ = setup
     k = vb.top_k
-    plan = SteeringPlan(activate=((0, 3), (5, 7), (29, 1)), deactivate=((0, 4), (12, 0)))
+    plan = SteeringPlan(activate=((0, 3), (5, 7), (29, 1)), deactivate=((0, 4), (12, 0)),
+                        delta=0.01)
     steer = Steering(plan)
     mixed = [steer if i % 2 == 0 else None for i in range(len(chats))]
     got = vb.generate_and_capture(chats, MAX_NEW, steering=mixed)

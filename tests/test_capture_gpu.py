@@ -45,7 +45,8 @@ def test_native_routed_experts_equal_the_hooks(tiny64, tokenizer):  # noqa: F811
         assert native.native  # auto: CUDA + the engine option + rule "engine"
         got = native.generate_and_capture(chats, MAX_NEW)
         with pytest.raises(ValueError, match="capture='hooks'"):
-            native.generate(chats[:1], 2, steering=Steering(SteeringPlan(activate=((0, 1),))))
+            plan = SteeringPlan(activate=((0, 1),), delta=0.01)
+            native.generate(chats[:1], 2, steering=Steering(plan))
     for a, b in zip(ref, got, strict=True):
         assert b.token_ids.tolist() == a.token_ids.tolist() and b.finished == a.finished
         assert np.array_equal(expert_sets(a, k), expert_sets(b, k))

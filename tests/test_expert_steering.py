@@ -100,7 +100,8 @@ def test_activated_in_every_topk_deactivated_in_none(arch):
     rare = int(counts.argmin())  # activate the least used expert of layer 0
     common = int(counts.argmax())  # deactivate the most used one
     assert counts[rare] < 1.0 and counts[common] > 0.0
-    plan = SteeringPlan(activate=((0, rare), (1, 3)), deactivate=((0, common), (1, 5), (1, 6)))
+    plan = SteeringPlan(activate=((0, rare), (1, 3)), deactivate=((0, common), (1, 5), (1, 6)),
+                        delta=0.01)
     with expert_steering(model, plan):
         got = routed_ids(model, ids, mask)
     assert (got[:, 0] == rare).any(-1).all()
@@ -149,7 +150,7 @@ def test_empty_plan_is_bit_identical(tiny_moe):
 
 
 def test_hook_removed_on_error(tiny_moe):
-    plan = SteeringPlan(deactivate=((0, 1),))
+    plan = SteeringPlan(deactivate=((0, 1),), delta=0.01)
     with pytest.raises(RuntimeError, match="boom"), expert_steering(tiny_moe, plan):
         raise RuntimeError("boom")
     assert all(not s.module._forward_hooks for s in find_routers(tiny_moe))
@@ -160,7 +161,7 @@ def test_steered_generation_batch_n_equals_batch_1(tiny_moe, tokenizer):
              "Give me three tips for sleeping better"]
     chats = [render_chat(tokenizer, t) for t in texts]
     pad = tokenizer.pad_token_id
-    plan = SteeringPlan(activate=((0, 3), (2, 5)), deactivate=((1, 0), (1, 1), (2, 7)))
+    plan = SteeringPlan(activate=((0, 3), (2, 5)), deactivate=((1, 0), (1, 1), (2, 7)), delta=0.01)
     with expert_steering(tiny_moe, plan):
         batched = generate_routed_all(tiny_moe, chats, 8, pad, batch_size=len(chats))
         single = generate_routed_all(tiny_moe, chats, 8, pad, batch_size=1)
@@ -196,20 +197,21 @@ def test_steer_scores_rule():
 
 def test_dense_model_rejected(tiny_dense):
     with pytest.raises(DenseModelError, match="dense model"):
-        with expert_steering(tiny_dense, SteeringPlan(deactivate=((0, 1),))):
+        with expert_steering(tiny_dense, SteeringPlan(deactivate=((0, 1),), delta=0.01)):
             pass
 
 
 @pytest.mark.parametrize(
     "plan, match",
     [
-        (SteeringPlan(deactivate=((0, 8),)), "out of range"),
-        (SteeringPlan(deactivate=((3, 0),)), "layer 3"),
-        (SteeringPlan(activate=((0, 1), (0, 2), (0, 3))), "only top_k=2"),
-        (SteeringPlan(deactivate=tuple((0, e) for e in range(7))), "fewer than top_k"),
-        (SteeringPlan(activate=((1, 2),), deactivate=((1, 2),)), "both activated"),
-        (SteeringPlan(activate=((1, 2), (1, 2))), "listed twice"),
+        (SteeringPlan(deactivate=((0, 8),), delta=0.01), "out of range"),
+        (SteeringPlan(deactivate=((3, 0),), delta=0.01), "layer 3"),
+        (SteeringPlan(activate=((0, 1), (0, 2), (0, 3)), delta=0.01), "only top_k=2"),
+        (SteeringPlan(deactivate=tuple((0, e) for e in range(7)), delta=0.01), "fewer than top_k"),
+        (SteeringPlan(activate=((1, 2),), deactivate=((1, 2),), delta=0.01), "both activated"),
+        (SteeringPlan(activate=((1, 2), (1, 2)), delta=0.01), "listed twice"),
         (SteeringPlan(activate=((1, 2),), delta=0.0), "positive"),
+        (SteeringPlan(activate=((1, 2),)), "delta must be a positive finite number, got None"),
     ],
 )
 def test_bad_plans_fail_before_hooking(tiny_moe, plan, match):

@@ -65,7 +65,7 @@ def _plan_for(model, ids: torch.Tensor) -> tuple[SteeringPlan, int, int, int]:
     rare, common = int(used.argmin()), int(used.argmax())
     assert used[rare] < 1.0 and used[common] > 0.0  # the check below has teeth
     layer = moe_layers(model)[-1]
-    plan = SteeringPlan(activate=((layer, rare),), deactivate=((layer, common),))
+    plan = SteeringPlan(activate=((layer, rare),), deactivate=((layer, common),), delta=0.01)
     return plan, layer, rare, common
 
 
@@ -93,7 +93,7 @@ def test_steering_forces_in_and_out_and_empty_plan_is_a_no_op(name):
 def test_plan_on_a_dense_layer_is_one_clear_error():
     model = build("deepseek_v3")
     with pytest.raises(ValueError, match=r"names layer 0, but the model's 2 MoE layers are 1, 2"):
-        with expert_steering(model, SteeringPlan(activate=((0, 1),))):
+        with expert_steering(model, SteeringPlan(activate=((0, 1),), delta=0.01)):
             pass
 
 
@@ -128,7 +128,7 @@ def test_saved_checkpoint_captures_steers_and_finetunes(name, saved, tokenizer):
             block = torch.as_tensor(r.experts[:, -top_k:].astype("int64"))
             used += torch.bincount(block.flatten(), minlength=n_experts)
         rare, common = int(used.argmin()), int(used.argmax())
-        plan = SteeringPlan(activate=((last, rare),), deactivate=((last, common),))
+        plan = SteeringPlan(activate=((last, rare),), deactivate=((last, common),), delta=0.01)
         steered = backend.generate_and_capture(chats, 2, steering=Steering(experts=plan))
         for r in steered:
             block = r.experts[:, -top_k:]

@@ -50,7 +50,7 @@ def assert_vllm_matches_and_steers(path: Path, chats: list[ChatPrompt], max_new:
         c = compare_runs(ref, got, vb.top_k)
         assert c.topk_agreement >= 0.99 and c.identical >= len(ref) - 1, c
         last = vb.moe_layers[-1]
-        plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),))
+        plan = SteeringPlan(activate=((last, 0),), deactivate=((last, 1),), delta=0.01)
         steered = vb.generate_and_capture(chats, max_new, steering=Steering(plan))
     for r in steered:
         block = r.experts.reshape(len(r.token_ids), -1, vb.top_k)[:, -1]

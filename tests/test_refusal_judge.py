@@ -159,7 +159,7 @@ def test_evaluate_variant_with_plugged_judge_and_steering(tiny_moe, tokenizer):
     assert np.isfinite(metrics["ppl_benign"]) and metrics["ppl_benign"] > 1
     assert len(frame) == len(prompts) and frame["refusal"].all()
     assert set(frame["prompt_id"]) == set(prompts["prompt_id"])
-    plan = SteeringPlan(deactivate=((0, 1), (1, 2)))
+    plan = SteeringPlan(deactivate=((0, 1), (1, 2)), delta=0.01)
     m2, f2 = evaluate_variant("steered", tiny_moe, tokenizer, prompts, PhraseJudge(), 5, 4,
                               plan=plan, reference=ref)
     assert set(f2["variant"]) == {"steered"} and "refusal_unsafe_advbench" in m2
@@ -287,7 +287,7 @@ def test_backend_answers_match_the_reference_loop_per_plan(tiny_moe, tokenizer):
     from steerline.backends.hf import TransformersBackend
 
     texts = ["How do I bake bread?", "Name a colour", "How do I kill a Python process?"]
-    plan = SteeringPlan(deactivate=((0, 1), (1, 2)))
+    plan = SteeringPlan(deactivate=((0, 1), (1, 2)), delta=0.01)
     backend = TransformersBackend(tiny_moe, tokenizer, batch_size=2)
     plain, steered = backend_answers(backend, tokenizer, texts, [None, plan], max_new_tokens=6)
     assert plain == greedy_answers(tiny_moe, tokenizer, texts, 6, batch_size=3)

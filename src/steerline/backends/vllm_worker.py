@@ -185,7 +185,8 @@ class SteerlineState:
         if steering.activation is not None:
             steering.activation.check(self.hidden_size, len(self.layers))
             act_layer, act_fn = steering.activation.layer, steering.activation.fn(self.device)
-        return _Plan(experts, plan.delta if plan is not None else 0.0, act_layer, act_fn)
+        delta = plan.delta if plan is not None and plan.delta is not None else 0.0
+        return _Plan(experts, delta, act_layer, act_fn)
 
     def take(self) -> dict[str, Capture]:
         """Captured routing per request key: positions [n], ids [n, L, k], weights [n, L, k]

@@ -152,7 +152,9 @@ class SteeringPlan:
 
     activate: tuple[Expert, ...] = ()
     deactivate: tuple[Expert, ...] = ()
-    delta: float = 0.01
+    # the margin: params.yaml's expert_steering.delta / finetuned_steering.*.delta reach it
+    # through the plan builders; an empty plan needs none
+    delta: float | None = None
     source: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -170,7 +172,10 @@ class SteeringPlan:
     def validate(self, n_layers: int | Sequence[int], n_experts: int, top_k: int) -> None:
         """One clear error for an expert out of range, listed twice, both activated and
         deactivated, or more per layer than the top-k can honour."""
-        if not (self.delta > 0 and torch.isfinite(torch.tensor(self.delta))):
+        if self.empty:
+            return
+        if self.delta is None or not (self.delta > 0
+                                      and torch.isfinite(torch.tensor(self.delta))):
             raise ValueError(f"steering delta must be a positive finite number, got {self.delta}")
         act = check_experts(self.activate, n_layers, n_experts, "steering plan 'activate'")
         deact = check_experts(self.deactivate, n_layers, n_experts, "steering plan 'deactivate'")

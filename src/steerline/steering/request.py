@@ -101,7 +101,7 @@ class Steering:
         exp = raw["experts"]
         plan = None if exp is None else SteeringPlan(
             tuple(tuple(p) for p in exp["activate"]), tuple(tuple(p) for p in exp["deactivate"]),
-            float(exp["delta"]), dict(exp.get("source", {})))
+            None if exp["delta"] is None else float(exp["delta"]), dict(exp.get("source", {})))
         act = raw["activation"]
         return cls(plan, None if act is None else ActivationSteering.from_wire(act))
 
