@@ -51,7 +51,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff check src stages tests bench tools scripts
 
 # Every bench prints its JSON result last (tools.bench_contract); all run, then the check
 # fails when one crashed, broke the contract, missed its goal or found unequal results.
