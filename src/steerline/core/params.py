@@ -272,7 +272,7 @@ def _format(err: ValidationError) -> str:
             lines.append(f"unknown params key {key!r}: remove it or fix its spelling")
         elif e["type"] == "missing":
             lines.append(f"params key {key!r} is missing: every key is required, add it to "
-                         "params.yaml (README, "Params and your own model")")
+                         "params.yaml (README, 'Params and your own model')")
         else:
             lines.append(f"params key {key!r}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
