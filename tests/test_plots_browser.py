@@ -149,6 +149,7 @@ def fixture_workspace(ws: Path) -> int:
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     (ws / ".dvc").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", ws / "params.yaml")  # dvc.yaml's ${...} come from it
     shutil.copy(plots_page(), ws / ".dvc/plots.html")
     if (ROOT / ".dvc/plots").is_dir():
         shutil.copytree(ROOT / ".dvc/plots", ws / ".dvc/plots")
