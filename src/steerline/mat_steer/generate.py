@@ -1,4 +1,4 @@
-"""Generate text with a trained MAT-Steer checkpoint applied (steerline.core.generation's loop).
+"""Generate text with a trained MAT-Steer checkpoint applied (transformers `model.generate`).
 
 Library: `generate(model, tokenizer, prompts, module, config)`; the hook lives only inside
 `mat_steering(...)` and is removed on exit, also on errors. From the command line:
@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from steerline.core.generation import greedy_generate, pad_id
 from steerline.mat_steer.checkpoint import SteeringConfig, mat_steering
 from steerline.steering.gated import SteeringModule
 
@@ -27,11 +27,11 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                                           add_generation_prompt=True) for p in prompts]
 
 
+@torch.inference_mode()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              module: SteeringModule | None = None, config: SteeringConfig | None = None,
-             max_new_tokens: int = 64, chat: bool = True, min_new_tokens: int = 0) -> list[str]:
-    """Greedy continuations of `prompts` (one batch, left-padded), steered when `module` is
-    given; `min_new_tokens` bars end tokens from the first that many steps (fixed-length timing).
+             max_new_tokens: int = 64, chat: bool = True, **gen_kwargs: object) -> list[str]:
+    """Greedy continuations of `prompts` (batched, left-padded), steered when `module` is given.
 
     The steering hook edits every token of every sequence at the checkpoint's layer: the prompt
     tokens in the first forward and each new token afterwards."""
@@ -40,10 +40,18 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     if (module is None) != (config is None):
         raise ValueError("pass both the steering module and its config, or neither")
     texts = render_prompts(tokenizer, prompts, chat)
-    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    finally:
+        tokenizer.padding_side = old_side
+    enc = enc.to(next(model.parameters()).device)
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False,
+              "pad_token_id": tokenizer.pad_token_id, **gen_kwargs}
     ctx = (mat_steering(model, module, config) if module is not None
            else contextlib.nullcontext())
     with ctx:
-        answers = greedy_generate(model, ids, max_new_tokens, pad_id(tokenizer),
-                                  min_new_tokens=min_new_tokens)
-    return tokenizer.batch_decode([a for a, _ in answers], skip_special_tokens=True)
+        out = model.generate(**enc, **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
