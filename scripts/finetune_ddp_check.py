@@ -17,35 +17,23 @@ Usage (after `dvc repro`): python scripts/finetune_ddp_check.py [--num-processes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from safetensors.torch import load_file
 
+from steerline.cli.stages import stage_argv
 from steerline.core.io import read_json
 from steerline.core.params import load_params
 from steerline.model.load import load_moe
-from steerline.pipeline.finetune_experts import SLICES, finetune, on_disk
+from steerline.pipeline.finetune_experts import SLICES, Inputs, Outputs, finetune, on_disk
+from steerline.pipeline.stage import parse_paths
 from steerline.steermoe.finetuning.distributed import check_world
 from steerline.steermoe.finetuning.expert_slices import ExpertSlices, compare_state_dicts
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage_module() -> ModuleType:
-    """stages/finetune_experts.py, for its paths (stages are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("stage_finetune_experts",
-                                                  ROOT / "stages" / "finetune_experts.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> int:
@@ -54,15 +42,16 @@ def main() -> int:
     ap.add_argument("--rel-tol", type=float, default=0.1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    stage = stage_module()
+    # the stage's own paths, as dvc.yaml's cmd gives them (run from the project root)
+    inputs, stage_out = parse_paths([Inputs, Outputs], stage_argv("finetune_experts"))
     params = load_params()
     check_world("ddp", args.num_processes, params.finetune_experts.batch_size)
-    committed = stage.OUT
+    committed = stage_out.model
     if not (committed / "trained_experts.json").is_file():
         sys.exit(f"{committed} not found: run `dvc repro finetune_experts` first")
     with tempfile.TemporaryDirectory(prefix="finetune_ddp_check_") as tmp:
         out = Path(tmp) / "moe_finetuned"
-        info, result, _ = finetune(params, stage.INPUTS, out, Path(tmp) / "live",
+        info, result, _ = finetune(params, inputs, out, Path(tmp) / "live",
                                    Path(tmp) / "checkpoints", "ddp", args.num_processes)
         ref = read_json(committed / "trained_experts.json")
         same_experts = info["experts"] == ref["experts"]
@@ -76,7 +65,7 @@ def main() -> int:
         diff = max(float((want[k] - got[k]).abs().max()) for k in want)
         moved = torch.sqrt(sum(((want[k] - start[k]) ** 2).sum() for k in want))
         rel = float(torch.sqrt(sum(((want[k] - got[k]) ** 2).sum() for k in want)) / moved)
-    single_loss = [float(line.split("\t")[1]) for line in (stage.LIVE / "plots" / "metrics" /
+    single_loss = [float(line.split("\t")[1]) for line in (stage_out.live / "plots" / "metrics" /
                    "train" / "loss.tsv").read_text().splitlines()[1:]]
     ddp_loss = [h["loss"] for h in result.history]
     loss_diff = (max(abs(a - b) for a, b in zip(single_loss, ddp_loss, strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import textwrap
 from pathlib import Path
@@ -90,6 +91,21 @@ def read_stages(path: Path) -> dict[str, dict[str, list[str]]]:
             "writes": _paths(st.get("outs")) + _paths(st.get("metrics")) + _paths(st.get("plots")),
         }
     return out
+
+
+def stage_argv(name: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The options dvc.yaml's cmd gives stage `name` ('risk_diff@finetuned' for a foreach item),
+    `${...}` filled in: what a script passes to pipeline.stage.parse_paths to use the stage's
+    own paths (scripts/finetune_ddp_check.py), none restated."""
+    stages = read_stages(dvc_yaml)
+    if name not in stages:
+        raise CliError(f"{dvc_yaml} has no stage {name!r} (stages: {', '.join(stages)})")
+    words = shlex.split(stages[name]["cmd"][0])
+    while words and "=" in words[0]:  # environment assignments (OMP_WAIT_POLICY=PASSIVE)
+        words.pop(0)
+    if words[:1] != ["python"] or not words[1:2] or not words[1].startswith("stages/"):
+        raise CliError(f"stage {name!r}: cmd is not `python stages/<script>.py ...`")
+    return words[2:]
 
 
 def _produces(out: str, dep: str) -> bool:
