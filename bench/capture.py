@@ -1,6 +1,8 @@
 """Benchmark: batched routing capture vs one prompt at a time on the default MoE (models/moe).
 
-Also prints the capture overhead against the same greedy generation without router hooks, and
+Also prints the capture overhead against the same greedy generation without router hooks
+(steerline.core.generation, same batches; capture also feeds each batch's last token once more,
+for its routing), and
 the routing store size against fp16 full router logits. Goal: ratio >= 4. Last line: one JSON
 object (bench contract: bench, ratio, equal, goal, baseline).
 """
@@ -18,6 +20,7 @@ import pandas as pd
 import torch
 
 from steerline.core.chat import render_chat
+from steerline.core.generation import greedy_generate_all
 from steerline.core.io import write_table
 from steerline.model.load import load_moe
 from steerline.steering.capture import generate_routed_all
@@ -63,8 +66,8 @@ def main() -> None:
     # capture-vs-plain overhead by more than the overhead itself.
     t_batched = t_plain = float("inf")
     for _ in range(args.repeats):
-        _, t = timed(lambda: generate_routed_all(model, chats, m, pad, args.batch_size,
-                                                 capture=False))
+        _, t = timed(lambda: greedy_generate_all(model, [c.ids for c in chats], m, pad,
+                                                 args.batch_size, by_length=True))
         t_plain = min(t_plain, t)
         batched, t = timed(lambda: generate_routed_all(model, chats, m, pad, args.batch_size))
         t_batched = min(t_batched, t)

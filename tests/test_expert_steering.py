@@ -84,7 +84,6 @@ def routed_ids(model, ids, mask) -> torch.Tensor:
     """Top-k ids per layer [B*T, L, k] as the experts see them (recorded after any steering)."""
     rec = RoutingRecorder(model)
     with rec.recording():
-        rec.begin()
         model(input_ids=ids, attention_mask=mask)
         got, _ = rec.collect(ids.shape[0], ids.shape[1])
     return got.reshape(ids.numel(), len(rec.sites), rec.top_k)

@@ -51,7 +51,6 @@ def _routed(model, ids: torch.Tensor) -> torch.Tensor:
     """Top-k ids [B*T, L_moe, k] as the experts see them (after any steering)."""
     rec = RoutingRecorder(model)
     with rec.recording():
-        rec.begin()
         model(input_ids=ids)
         got, _ = rec.collect(ids.shape[0], ids.shape[1])
     return got.reshape(ids.numel(), len(rec.sites), rec.top_k)

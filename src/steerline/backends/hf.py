@@ -1,7 +1,7 @@
 """The transformers backend: the reference implementation (exact checks run against it).
 
-Capture and MoE generation use steerline.steering.capture's KV-cached greedy loop with router hooks;
-dense models generate with `model.generate` (greedy, left padding). Steering is per request at
+Generation is steerline.core.generation's greedy loop (KV cache, left padding); capture runs the
+same loop with router hooks (steerline.steering.capture). Steering is per request at
 the API level: prompts are grouped by their Steering and each group runs inside that request's
 context managers, `expert_steering` (the SteerMoE router hook) and `mat_steer.hooks.steering_hook`
 (activation steering on one decoder layer), which remove their hooks on exit.
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from steerline.backends.base import Backend, Generated, Prompt, prompt_ids
 from steerline.core.chat import ChatPrompt
-from steerline.core.generation import greedy_generate
+from steerline.core.generation import greedy_generate_all
 from steerline.model.arch import DenseModelError, decoder_layers, find_routers, moe_shape
 from steerline.steering.capture import Routed, generate_routed_all
 from steerline.steering.experts import expert_steering
@@ -82,15 +82,12 @@ class TransformersBackend(Backend):
 
     def generate_and_capture(self, prompts: Sequence[ChatPrompt], max_new_tokens: int,
                              steering: SteeringArg = None) -> list[Routed]:
-        return self._run(self._as_chats(prompts), max_new_tokens, steering, capture=True)
-
-    def _run(self, chats: list[ChatPrompt], max_new_tokens: int, steering: SteeringArg,
-             capture: bool) -> list[Routed]:
+        chats = self._as_chats(prompts)
         out: list[Routed | None] = [None] * len(chats)
         for plan, idx in self._groups(len(chats), steering):
             with hf_steering(self.model, plan):
                 res = generate_routed_all(self.model, [chats[i] for i in idx], max_new_tokens,
-                                          self.pad_id, self.batch_size, capture=capture)
+                                          self.pad_id, self.batch_size)
             for i, r in zip(idx, res, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
@@ -98,20 +95,14 @@ class TransformersBackend(Backend):
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int,
                  steering: SteeringArg = None) -> list[Generated]:
         chats = self._as_chats(prompts)
-        if self.n_layers:
-            routed = self._run(chats, max_new_tokens, steering, capture=False)
-            return [Generated(r.token_ids[r.n_prompt:].copy(), r.finished) for r in routed]
         out: list[Generated | None] = [None] * len(chats)
         for plan, idx in self._groups(len(chats), steering):
             with hf_steering(self.model, plan):
-                for s in range(0, len(idx), self.batch_size):
-                    chunk = idx[s:s + self.batch_size]
-                    res = self._dense_generate([chats[i].ids for i in chunk], max_new_tokens)
-                    for i, g in zip(chunk, res, strict=True):
-                        out[i] = g
+                # A MoE's prompts are batched by length like its capture, a dense model's in
+                # request order: each prompt keeps the batch mates it always had.
+                res = greedy_generate_all(self.model, [chats[i].ids for i in idx],
+                                          max_new_tokens, self.pad_id, self.batch_size,
+                                          by_length=self.n_layers > 0)
+            for i, (answer, finished) in zip(idx, res, strict=True):
+                out[i] = Generated(np.asarray(answer, dtype=np.int32), finished)
         return out  # type: ignore[return-value]
-
-    def _dense_generate(self, ids: list[list[int]], max_new_tokens: int) -> list[Generated]:
-        return [Generated(np.asarray(answer, dtype=np.int32), finished)
-                for answer, finished in greedy_generate(self.model, ids, max_new_tokens,
-                                                        self.pad_id)]

@@ -22,7 +22,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from steerline.core.generation import greedy_generate, right_pad
+from steerline.core.generation import greedy_generate_all, right_pad
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,9 @@ def greedy_answers(
     batch_size: int,
 ) -> list[list[int]]:
     """prompt + greedy answer token ids (answer cut after its end token) for each prompt."""
-    out_seqs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy answers", leave=False):
-        batch = prompts[start : start + batch_size]
-        for p, (answer, _) in zip(batch, greedy_generate(model, batch, max_new_tokens, pad_id),
-                                  strict=True):
-            out_seqs.append(p + answer)
-    return out_seqs
+    answers = greedy_generate_all(model, prompts, max_new_tokens, pad_id, batch_size,
+                                  desc="greedy answers")
+    return [p + answer for p, (answer, _) in zip(prompts, answers, strict=True)]
 
 
 @torch.no_grad()

@@ -1,9 +1,9 @@
 """Batched greedy generation that records the routing of every real token (transformers backend).
 
-Generation is a plain KV-cached greedy loop (left padding) so that every row a router sees maps
-to exactly one (sequence, position): the prefill step covers the prompt, step s covers generated
-token s-1, and one extra decode step covers the last generated token, which generation itself
-never feeds back. Padding rows and rows after a sequence's end are dropped.
+Generation is steerline.core.generation.greedy_generate with a RoutingRecorder called after each
+forward, so that every row a router sees maps to exactly one (sequence, position): the prefill
+covers the prompt, step s covers generated token s-1, and the loop feeds the last generated
+token once more (for its routing only). Padding rows and rows after a sequence's end are dropped.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
-from transformers import DynamicCache
 
 from steerline.core.chat import ChatPrompt
-from steerline.core.generation import batched, eos_ids
+from steerline.core.generation import greedy_generate, map_batches
 from steerline.model.arch import find_routers, moe_shape, router_topk
 
 
@@ -38,13 +36,15 @@ class Routed:
 
 
 class RoutingRecorder:
-    """Forward hooks on every router; `steps` collects per-forward [rows, L, k] ids/weights."""
+    """Forward hooks on every router. `collect` returns the last forward's routing;
+    `after_forward` (greedy_generate's callback) appends it to `steps`."""
 
     def __init__(self, model: nn.Module) -> None:
         self.sites = find_routers(model)
         self.n_experts, self.top_k = moe_shape(model)
-        self._ids: list[torch.Tensor | None] = []
-        self._weights: list[torch.Tensor | None] = []
+        self._ids: list[torch.Tensor | None] = [None] * len(self.sites)
+        self._weights: list[torch.Tensor | None] = [None] * len(self.sites)
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per forward [B, T, L*k]
 
     def _hook(self, layer: int):
         rule = self.sites[layer].rule
@@ -58,6 +58,8 @@ class RoutingRecorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RoutingRecorder]:
+        self.steps = []
+        self._clear()
         handles = [s.module.register_forward_hook(self._hook(i)) for i, s in enumerate(self.sites)]
         try:
             yield self
@@ -65,7 +67,7 @@ class RoutingRecorder:
             for h in handles:
                 h.remove()
 
-    def begin(self) -> None:
+    def _clear(self) -> None:
         self._ids = [None] * len(self.sites)
         self._weights = [None] * len(self.sites)
 
@@ -75,26 +77,11 @@ class RoutingRecorder:
             raise RuntimeError("a router did not run in the last forward")
         ids = torch.stack(self._ids, dim=1).reshape(batch, seq, -1)  # [B, T, L*k]
         w = torch.stack(self._weights, dim=1).reshape(batch, seq, -1)
+        self._clear()  # the next forward must fill every layer again
         return ids, w
 
-
-class _NoRecorder:
-    """Stands in for RoutingRecorder when timing generation without capture (empty routing)."""
-
-    def __init__(self, rec: RoutingRecorder, batch: int) -> None:
-        self.width = len(rec.sites) * rec.top_k
-        self.batch = batch
-
-    @contextlib.contextmanager
-    def recording(self):
-        yield self
-
-    def begin(self) -> None:
-        pass
-
-    def collect(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        empty = torch.zeros((batch, seq, self.width), dtype=torch.int16)
-        return empty, empty.to(torch.float16)
+    def after_forward(self, batch: int, seq: int) -> None:
+        self.steps.append(self.collect(batch, seq))
 
 
 def check_context(prompts: Sequence[ChatPrompt], ids: Sequence[str], max_new: int, ctx: int):
@@ -113,73 +100,30 @@ def generate_routed(
     max_new_tokens: int,
     pad_id: int,
     recorder: RoutingRecorder | None = None,
-    capture: bool = True,
 ) -> list[Routed]:
-    """Greedy-generate one batch (left padded) and capture its routing (`capture=False`: the
-    same loop with no hooks, the baseline for the capture overhead)."""
-    recorder = recorder or RoutingRecorder(model)
-    if not capture:
-        recorder = _NoRecorder(recorder, len(prompts))
-    eos = eos_ids(model)
-    b = len(prompts)
-    lens = torch.tensor([len(p.ids) for p in prompts])
-    width = int(lens.max())
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p.ids) :] = torch.tensor(p.ids)
-        mask[i, width - len(p.ids) :] = 1
-    cache = DynamicCache()
-    eos_t = torch.tensor(sorted(eos))
-    alive = torch.ones(b, dtype=torch.bool)  # [B] still generating
-    gen_tokens: list[torch.Tensor] = []  # per step [B]
-    gen_real: list[torch.Tensor] = []  # per step [B]: the token belongs to the answer
-    step_ids: list[torch.Tensor] = []  # per step [B, L*k]: routing of that token
-    step_w: list[torch.Tensor] = []
-    with recorder.recording():
-        recorder.begin()
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True)
-        p_ids, p_w = recorder.collect(b, width)  # [B, T, L*k]
-        logits = out.logits[:, -1]
-        next_pos = lens.clone()
-        for _ in range(max_new_tokens):
-            if not bool(alive.any()):
-                break
-            nxt = torch.where(alive, logits.argmax(-1), torch.full((b,), pad_id))
-            gen_real.append(alive.clone())
-            gen_tokens.append(nxt)
-            alive = alive & ~torch.isin(nxt, eos_t)
-            # Feed the new token: this records its routing (and gives the next logits), so the
-            # last answer token is routed too.
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
-            recorder.begin()
-            out = model(input_ids=nxt[:, None], attention_mask=mask,
-                        position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            s_ids, s_w = recorder.collect(b, 1)
-            step_ids.append(s_ids[:, 0])
-            step_w.append(s_w[:, 0])
-            logits = out.logits[:, -1]
-            next_pos = next_pos + 1
+    """Greedy-generate one batch (left padded) and capture its routing."""
+    rec = recorder or RoutingRecorder(model)
+    with rec.recording():
+        answers = greedy_generate(model, [p.ids for p in prompts], max_new_tokens, pad_id,
+                                  after_forward=rec.after_forward)
+    (p_ids, p_w), *steps = rec.steps  # prefill [B, W, L*k], then per step [B, 1, L*k]
+    width = p_ids.shape[1]
     results = []
-    for i, p in enumerate(prompts):
-        n_p = len(p.ids)
+    for i, (p, (gen, finished)) in enumerate(zip(prompts, answers, strict=True)):
+        n_p, n_g = len(p.ids), len(gen)
         real = slice(width - n_p, width)
-        n_g = sum(int(r[i]) for r in gen_real)  # real tokens form a prefix of the steps
-        gen = [int(gen_tokens[s][i]) for s in range(n_g)]
-        g_ids = torch.stack([step_ids[s][i] for s in range(n_g)]) if n_g else p_ids[i, :0]
-        g_w = torch.stack([step_w[s][i] for s in range(n_g)]) if n_g else p_w[i, :0]
+        ids = torch.cat([p_ids[i, real], *(steps[s][0][i] for s in range(n_g))])  # [n, L*k]
+        w = torch.cat([p_w[i, real], *(steps[s][1][i] for s in range(n_g))])
         results.append(
             Routed(
                 token_ids=np.asarray(p.ids + gen, dtype=np.int32),
                 is_generated=np.r_[np.zeros(n_p, bool), np.ones(n_g, bool)],
                 is_template=np.r_[np.asarray(p.is_template, bool), np.zeros(n_g, bool)],
-                experts=torch.cat([p_ids[i, real], g_ids]).to(torch.int16).numpy(),
-                weights=torch.cat([p_w[i, real], g_w]).to(torch.float16).numpy(),
+                experts=ids.to(torch.int16).cpu().numpy(),
+                weights=w.to(torch.float16).cpu().numpy(),
                 n_prompt=n_p,
                 n_generated=n_g,
-                finished=bool(n_g and gen[-1] in eos),
+                finished=finished,
             )
         )
     return results
@@ -192,16 +136,8 @@ def generate_routed_all(
     pad_id: int,
     batch_size: int,
     desc: str = "capture",
-    capture: bool = True,
 ) -> list[Routed]:
     """generate_routed over many prompts, in batches of similar length (less padding)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
-    recorder = RoutingRecorder(model)
-    out: list[Routed | None] = [None] * len(prompts)
-    for _, chunk in tqdm(list(batched(order, batch_size)), desc=desc, leave=False):
-        res = generate_routed(
-            model, [prompts[i] for i in chunk], max_new_tokens, pad_id, recorder, capture
-        )
-        for i, r in zip(chunk, res, strict=True):
-            out[i] = r
-    return out  # type: ignore[return-value]
+    rec = RoutingRecorder(model)
+    return map_batches(lambda chunk: generate_routed(model, chunk, max_new_tokens, pad_id, rec),
+                       prompts, batch_size, key=lambda p: len(p.ids), desc=desc)

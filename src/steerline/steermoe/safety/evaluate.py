@@ -9,8 +9,8 @@ the detect split used for detection and training):
 - `ppl_benign`: capability check, perplexity of the unsteered model's own greedy answers to the
   safe prompts under each model (teacher forced, answer tokens only): how far an intervention
   moves the model off its original benign behaviour (1.0x base = untouched);
-Generation is the batched greedy loop of steerline.steering.capture (KV cache, left padding, no
-capture); the steering hook, when given, is active for every prompt and generated token.
+Generation is steerline.core.generation's greedy loop (KV cache, left padding, batches of similar
+prompt length); the steering hook, when given, is active for every prompt and generated token.
 
 Uncertainty is at the prompt level (steerline.core.stats): a Wilson 95% interval on
 every rate and an exact McNemar test of each variant against its reference (`REFERENCES`) on the
@@ -31,9 +31,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from steerline.core.chat import render_chat
+from steerline.core.generation import greedy_generate_all
 from steerline.core.io import atomic_path
 from steerline.core.stats import mcnemar_exact, rate
-from steerline.steering.capture import check_context, generate_routed_all
+from steerline.steering.capture import check_context
 from steerline.steering.experts import (
     SteeringPlan,
     expert_steering,
@@ -107,13 +108,10 @@ def greedy_answers(
     chats = [render_chat(tokenizer, t) for t in texts]
     ctx = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     check_context(chats, [str(i) for i in range(len(chats))], max_new_tokens, ctx)
-    routed = generate_routed_all(model, chats, max_new_tokens, tokenizer.pad_token_id,
-                                 batch_size, desc=desc, capture=False)
-    return [
-        Answer(tokenizer.decode(r.token_ids[r.n_prompt:], skip_special_tokens=True).strip(),
-               r.n_generated, r.finished)
-        for r in routed
-    ]
+    answers = greedy_generate_all(model, [c.ids for c in chats], max_new_tokens,
+                                  tokenizer.pad_token_id, batch_size, by_length=True, desc=desc)
+    return [Answer(tokenizer.decode(a, skip_special_tokens=True).strip(), len(a), finished)
+            for a, finished in answers]
 
 
 @torch.inference_mode()
