@@ -27,11 +27,11 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from steerline.mat_steer.activations import PosNeg  # noqa: E402
 from steerline.mat_steer.checkpoint import renormalize  # noqa: E402
 from steerline.mat_steer.losses import LossWeights, mat_steer_losses  # noqa: E402
 from steerline.mat_steer.train import (  # noqa: E402
     TRAIN_THREADS,
-    PosNeg,
     Stacked,
     intra_op_threads,
     run_epoch,

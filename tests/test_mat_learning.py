@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.losses import LossWeights
 from steerline.mat_steer.report import gate_goal_failures
-from steerline.mat_steer.train import PosNeg, TrainConfig, train_mat_steer
+from steerline.mat_steer.train import TrainConfig, train_mat_steer
 from steerline.steering.gated import SteeringModule
 
 D, T, SHIFT, SEP = 16, 3, 3.0, 4.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from steerline.mat_steer.activations import PosNeg, split_pos_neg
 from steerline.mat_steer.checkpoint import (
     SteeringConfig,
     check_compatible,
@@ -25,14 +26,7 @@ from steerline.mat_steer.losses import (
     preservation_loss,
     sparsity_loss,
 )
-from steerline.mat_steer.train import (
-    PosNeg,
-    Stacked,
-    TrainConfig,
-    split_pos_neg,
-    to_raw_units,
-    train_mat_steer,
-)
+from steerline.mat_steer.train import Stacked, TrainConfig, to_raw_units, train_mat_steer
 from steerline.steering.gated import SteeringModule
 
 T, N, D = 3, 6, 10

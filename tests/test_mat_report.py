@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from steerline.core.stats import paired_bootstrap
+from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.probe import fit_probe, probe_auroc
 from steerline.mat_steer.report import compare, gate_goal_failures, gate_histograms, verdict
-from steerline.mat_steer.train import PosNeg
 from steerline.steering.gated import SteeringModule
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from steerline.cli.stages import read_stages, reruns
 from tools.stage_deps import stage_src_deps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,8 @@ def _src_deps(stage: str) -> set[str]:
 
 
 STEERMOE = ["capture_routing", "risk_diff", "select_experts", "finetune_experts", "eval_safety"]
-MAT_STEER = ["prepare_attributes", "extract_activations", "train_steering", "eval_steering"]
+MAT_STEER = ["prepare_attributes", "extract_activations", "train_steering", "eval_baselines",
+             "eval_steering"]
 
 
 def test_a_method_edit_reruns_no_stage_of_the_other_method():
@@ -62,3 +64,25 @@ def test_transitive_imports_include_parent_packages_and_function_level_imports(t
     rel = sorted(str(Path(p).relative_to(tmp_path / "src")) for p in got)
     assert rel == ["steerline/__init__.py", "steerline/b.py", "steerline/sub/__init__.py",
                    "steerline/sub/a.py"]
+
+
+# params key -> (stages `dvc repro` reruns, stages after them that rerun only on a changed input)
+RERUNS = {
+    # a MAT-Steer training change: the baselines' ~5 minutes of scoring come from the cache
+    "lambda_sparse": (["train_steering"], ["eval_steering"]),
+    "train_steering.lr": (["train_steering"], ["eval_steering"]),
+    "eval_steering.mat_scales": (["eval_steering"], []),
+    "eval_steering.n_bootstrap": (["eval_steering"], []),
+    "eval_steering.mean_diff_scales": (["eval_baselines", "eval_steering"], []),
+    "select_experts.threshold": (["select_experts@base", "select_experts@finetuned"],
+                                 ["capture_routing@finetuned", "risk_diff@finetuned",
+                                  "finetune_experts", "eval_safety"]),
+    "expert_steering.delta": (["eval_safety"], []),
+    "finetuned_steering.activate.delta": (["eval_safety"], []),
+}
+
+
+def test_each_params_key_reruns_only_the_stages_that_read_it():
+    stages = read_stages(ROOT / "dvc.yaml")
+    for key, want in RERUNS.items():
+        assert reruns(stages, key) == (want[0], want[1]), key

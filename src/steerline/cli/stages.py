@@ -119,15 +119,45 @@ def edges(stages: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
             for a in stages}
 
 
+def reads_param(stage: dict[str, list[str]], key: str) -> bool:
+    """Whether a change of params key `key` (`a.b`) changes a param the stage lists: the key
+    itself, a section holding it, or a key inside it."""
+    return any(p == key or key.startswith(p + ".") or p.startswith(key + ".")
+               for p in stage["params"])
+
+
+def reruns(stages: dict[str, dict[str, list[str]]], key: str) -> tuple[list[str], list[str]]:
+    """(stages `dvc repro` reruns when params key `key` changes, stages downstream of them that
+    rerun only if an output they read changes), each in dvc.yaml's order."""
+    direct = [n for n, st in stages.items() if reads_param(st, key)]
+    down, seen, todo = edges(stages), set(direct), list(direct)
+    while todo:
+        for nxt in down[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return direct, [n for n in stages if n in seen and n not in direct]
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="the stage graph: what each stage reads and writes",
                        description="Stages of dvc.yaml in order, each with the files and params "
                                    "it reads, what it writes and the stages that use it.")
     p.add_argument("--dvc-yaml", default="dvc.yaml", metavar="PATH")
+    p.add_argument("--param", action="append", metavar="KEY",
+                   help="only say which stages a change of this params key reruns "
+                        "(e.g. lambda_sparse, select_experts.threshold); repeatable")
 
 
 def run(args: argparse.Namespace) -> None:
     stages = read_stages(Path(args.dvc_yaml))
+    if args.param:
+        for key in args.param:
+            direct, then = reruns(stages, key)
+            print(f"{key}: reruns {', '.join(direct) or 'no stage'}"
+                  + (f"; then, if an output they read changes: {', '.join(then)}" if then
+                     else ""))
+        return
     down = edges(stages)
     width = shutil.get_terminal_size((100, 24)).columns
 

@@ -13,7 +13,8 @@ Contract (data/activations/): `{attribute}.npy` float32 [N, D] + `{attribute}.pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -161,3 +162,34 @@ def load_all_activations(directory: str | Path, attributes: Sequence[str]
         acts[name], meta, kvs[name] = load_activations(directory, name)
         labels[name], splits[name] = meta["label"].to_numpy(), meta["split"].to_numpy()
     return acts, labels, splits, kvs
+
+
+@dataclass(frozen=True)
+class PosNeg:
+    """One attribute's activations on one split: pos [P, D], neg [Q, D] (float32)."""
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+
+
+def split_pos_neg(acts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                  splits: Mapping[str, np.ndarray], split: str) -> dict[str, PosNeg]:
+    """Per attribute: rows of `split` with label pos / neg. Raises if a class is empty."""
+    out = {}
+    for name in acts:
+        in_split = np.asarray(splits[name]) == split
+        lab = np.asarray(labels[name])
+        pos, neg = acts[name][in_split & (lab == "pos")], acts[name][in_split & (lab == "neg")]
+        for kind, arr in (("positive", pos), ("negative", neg)):
+            if len(arr) == 0:
+                raise ValueError(f"attribute {name!r} has no {kind} examples in the {split} "
+                                 "split: fix data/attributes (prepare_attributes) so that every "
+                                 "attribute has both labels in train and dev")
+        out[name] = PosNeg(torch.from_numpy(np.ascontiguousarray(pos, dtype=np.float32)),
+                           torch.from_numpy(np.ascontiguousarray(neg, dtype=np.float32)))
+    return out
+
+
+def mean_difference_vectors(train: Mapping[str, PosNeg]) -> torch.Tensor:
+    """[T, D]: mean(pos) - mean(neg) of each attribute's train activations."""
+    return torch.stack([d.pos.mean(0) - d.neg.mean(0) for d in train.values()])

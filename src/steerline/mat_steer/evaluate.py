@@ -215,3 +215,10 @@ def evaluate_condition(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     """All task metrics (means over items) with `fn` hooked at `layer` (see evaluate_items)."""
     values = evaluate_items(model, tokenizer, items_by_task, layer, fn, max_rows, name)
     return {k: float(v.mean()) for k, v in values.items()}
+
+
+def means(values: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per-metric means and their average ("average")."""
+    out = {k: float(np.mean(v)) for k, v in values.items()}
+    out["average"] = float(np.mean(list(out.values())))
+    return out

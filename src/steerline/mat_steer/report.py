@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from steerline.core.stats import paired_bootstrap
+from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.losses import Bandwidth
 from steerline.mat_steer.probe import fit_probe, probe_auroc
-from steerline.mat_steer.train import PosNeg
 from steerline.steering.gated import SteeringModule
 
 HIST_BINS = 20  # gate histogram bins of width 0.05 on [0, 1]
@@ -96,10 +96,3 @@ def verdict(ci: Mapping[str, float]) -> str:
     if ci["lo"] > 0:
         return "helps"
     return "no significant difference"
-
-
-def means(values: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Per-metric means and their average ("average")."""
-    out = {k: float(np.mean(v)) for k, v in values.items()}
-    out["average"] = float(np.mean(list(out.values())))
-    return out

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.losses import (
     OBJECTIVES,
@@ -33,32 +34,6 @@ from steerline.mat_steer.losses import (
 )
 from steerline.mat_steer.probe import fit_probe
 from steerline.steering.gated import SteeringModule
-
-
-@dataclass(frozen=True)
-class PosNeg:
-    """One attribute's activations on one split: pos [P, D], neg [Q, D] (float32)."""
-
-    pos: torch.Tensor
-    neg: torch.Tensor
-
-
-def split_pos_neg(acts: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
-                  splits: Mapping[str, np.ndarray], split: str) -> dict[str, PosNeg]:
-    """Per attribute: rows of `split` with label pos / neg. Raises if a class is empty."""
-    out = {}
-    for name in acts:
-        in_split = np.asarray(splits[name]) == split
-        lab = np.asarray(labels[name])
-        pos, neg = acts[name][in_split & (lab == "pos")], acts[name][in_split & (lab == "neg")]
-        for kind, arr in (("positive", pos), ("negative", neg)):
-            if len(arr) == 0:
-                raise ValueError(f"attribute {name!r} has no {kind} examples in the {split} "
-                                 "split: fix data/attributes (prepare_attributes) so that every "
-                                 "attribute has both labels in train and dev")
-        out[name] = PosNeg(torch.from_numpy(np.ascontiguousarray(pos, dtype=np.float32)),
-                           torch.from_numpy(np.ascontiguousarray(neg, dtype=np.float32)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -384,10 +359,5 @@ def init_gates_from_probes(module: SteeringModule, train: Mapping[str, PosNeg],
         module.gate_weight[t].copy_(weight)
         module.gate_bias[t] = bias
     return factors
-
-
-def mean_difference_vectors(train: Mapping[str, PosNeg]) -> torch.Tensor:
-    """[T, D]: mean(pos) - mean(neg) of each attribute's train activations."""
-    return torch.stack([d.pos.mean(0) - d.neg.mean(0) for d in train.values()])
 
 

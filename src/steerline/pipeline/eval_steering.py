@@ -1,21 +1,14 @@
-"""eval_steering's run: base vs mean-difference baselines vs MAT-Steer on each task's test split.
+"""Stage eval_steering: MAT-Steer on each task's test split beside the baselines that
+eval_baselines scored (base, mean_diff, single_attribute: see that stage), paired item by item.
 
-Conditions, each applied by a hook at the checkpoint's layer to every token:
-- base: the unsteered model;
-- mean_diff: the sum over attributes of mean(pos) - mean(neg) of the train activations, times a
-  scale chosen on dev (`mean_diff_scales`);
-- single_attribute: each task steered only by its own attribute's mean-difference vector (scale
-  chosen on dev), the interference reference: mean_diff - single_attribute is what steering the
-  other attributes costs;
-- mat_steer: the gated MAT-Steer module (steering vectors times a scale chosen on dev from
-  `mat_scales`; 1.0 = as trained).
-`run` computes everything (test items are scored once per condition, after every dev choice),
-`write` publishes it. Metrics: TruthfulQA MC1/MC2, BBQ and ToxiGen accuracy and their average per
-condition; paired bootstrap 95% CIs over items of the differences; per attribute the gate's test
-AUROC beside an L2 logistic probe's (the linear ceiling), gate medians on pos / neg,
-MMD(steered neg, pos) before / after; per-item values, the gate histograms (`dvc plots`) and
-details (dev sweeps, item counts, interference verdicts); wall-clock seconds in reports/timings/
-(not a DVC output).
+MAT-Steer is the gated module applied by a hook at the checkpoint's layer to every token, its
+steering vectors times a scale chosen on dev from `mat_scales` (1.0 = as trained); the test
+items are scored once, after every dev choice. Metrics: TruthfulQA MC1/MC2, BBQ and ToxiGen
+accuracy and their average per condition; paired bootstrap 95% CIs over items of the
+differences; per attribute the gate's test AUROC beside an L2 logistic probe's (the linear
+ceiling), gate medians on pos / neg, MMD(steered neg, pos) before / after; per-item values, the
+gate histograms (`dvc plots`) and details (dev sweeps, item counts, interference verdicts);
+wall-clock seconds in reports/timings/ (not a DVC output).
 """
 
 from __future__ import annotations
@@ -26,24 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
-from steerline.core.io import atomic_path, write_json, write_parquet, write_timings
+from steerline.core.io import atomic_path, read_json, write_json, write_parquet, write_timings
 from steerline.core.params import EvalSteering, Params
-from steerline.mat_steer.activations import load_all_activations
+from steerline.mat_steer.activations import load_all_activations, split_pos_neg
 from steerline.mat_steer.checkpoint import check_compatible, load_steering
-from steerline.mat_steer.data import TASKS, task_rng
-from steerline.mat_steer.evaluate import evaluate_items, task_items
-from steerline.mat_steer.report import compare, gate_histograms, gate_report, means, verdict
-from steerline.mat_steer.train import mean_difference_vectors, split_pos_neg
+from steerline.mat_steer.data import TASKS
+from steerline.mat_steer.evaluate import means
+from steerline.mat_steer.report import compare, gate_histograms, gate_report, verdict
 from steerline.model.arch import decoder_layers
 from steerline.model.load import load_causal_lm
+from steerline.pipeline.steering_eval import (
+    CHOICES,
+    VALUES,
+    Scorer,
+    Values,
+    eval_items,
+    item_rows,
+    values_from_rows,
+)
 from steerline.steering.gated import SteeringModule, with_vector_scale
-from steerline.steering.residual import additive_fn, mat_steer_fn
+from steerline.steering.residual import mat_steer_fn
 
-TASK_ATTRIBUTE = {"truthfulqa": "truthfulqa", "toxigen": "toxigen", "bbq": "bbq"}
 log = logging.getLogger("eval_steering")
 
 
@@ -52,6 +51,7 @@ class Inputs:
     attributes: Path  # data/attributes: one Parquet per task
     activations: Path  # data/activations: the layer's activations, row-aligned
     checkpoint: Path  # models/mat_steer
+    baselines: Path  # eval_baselines' folder: the baselines' per-item test values and choices
 
 
 @dataclass(frozen=True)
@@ -73,54 +73,21 @@ class EvalRun:
 
 def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFrame],
                  acts: dict, labels: dict, splits: dict, module: SteeringModule, layer: int,
-                 attributes: list[str], training: dict, p: EvalSteering, seed: int
+                 attributes: list[str], training: dict, p: EvalSteering, seed: int,
+                 baselines: dict[str, Values], choices: dict
                  ) -> tuple[dict, dict, pd.DataFrame, list[dict], dict[str, float]]:
-    """Pure given the model: (metrics, details, per-item values, gate histogram rows, seconds per
-    condition)."""
-    timings: dict[str, float] = {}
-    test_items = {t: task_items(tables[t], "test", p.max_test_items[t],
-                                task_rng(seed, t + ":test")) for t in TASKS}
-    dev_items = {t: task_items(tables[t], "dev", p.max_dev_items, task_rng(seed, t + ":dev"))
-                 for t in TASKS}
-
-    def run(name: str, items: dict, fn) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        out = evaluate_items(model, tokenizer, items, layer, fn, p.max_rows, name)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log.info("%s: %s (%.0f s)", name, {k: round(float(v.mean()), 4) for k, v in out.items()},
-                 timings[name])
-        return out
-
-    def pick(name: str, scales: list[float], make_fn) -> tuple[float, dict]:
-        """The scale with the best dev average over the metrics (no dev run for one scale)."""
-        if len(scales) == 1:
-            return scales[0], {}
-        sweep = {f"{s:g}": means(run(f"{name} dev x{s:g}", dev_items, make_fn(s)))
-                 for s in scales}
-        return max(scales, key=lambda s: sweep[f"{s:g}"]["average"]), sweep
-
-    train = split_pos_neg(acts, labels, splits, "train")
-    vectors = mean_difference_vectors({a: train[a] for a in attributes})  # [T, D]
-    direction = vectors.sum(0)  # [D]
-    own = {t: vectors[attributes.index(TASK_ATTRIBUTE[t])] for t in TASKS}  # task -> [D]
-
-    def all_fn(s: float):
-        return additive_fn(s * direction)
-
-    def single_fn(s: float):
-        return {t: additive_fn(s * v) for t, v in own.items()}
+    """Pure given the model and the baselines: (metrics, details, per-item values, gate
+    histogram rows, seconds per condition)."""
+    test_items, dev_items = eval_items(tables, p, seed)
+    scorer = Scorer(model, tokenizer, layer, p.max_rows, dev_items)
 
     def mat_fn(s: float):
         return mat_steer_fn(with_vector_scale(module, s))
 
-    md_scale, md_sweep = pick("mean_diff", p.mean_diff_scales, all_fn)
-    single_scale, single_sweep = pick("single_attribute", p.mean_diff_scales, single_fn)
-    mat_scale, mat_sweep = pick("mat_steer", p.mat_scales, mat_fn)
-    values = {"base": run("base", test_items, None),
-              "mean_diff": run("mean_diff", test_items, all_fn(md_scale)),
-              "single_attribute": run("single_attribute", test_items, single_fn(single_scale)),
-              "mat_steer": run("mat_steer", test_items, mat_fn(mat_scale))}
+    mat_scale, mat_sweep = scorer.pick("mat_steer", p.mat_scales, mat_fn)
+    values = {**baselines, "mat_steer": scorer.run("mat_steer", test_items, mat_fn(mat_scale))}
 
+    train = split_pos_neg(acts, labels, splits, "train")
     dev = split_pos_neg(acts, labels, splits, "dev")
     test = split_pos_neg(acts, labels, splits, "test")
     bandwidths = [float(b) for b in training["bandwidths"]]
@@ -139,12 +106,10 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
                                  "mat_steer_minus_single_attribute")}
     metrics = {**{c: means(v) for c, v in values.items()}, "paired": paired, "gates": gates}
     details = {
-        "layer": layer, "scales": {"mean_diff": md_scale, "single_attribute": single_scale,
-                                   "mat_steer": mat_scale},
-        "dev_sweeps": {"mean_diff": md_sweep, "single_attribute": single_sweep,
-                       "mat_steer": mat_sweep},
+        "layer": layer, "scales": {**choices["scales"], "mat_steer": mat_scale},
+        "dev_sweeps": {**choices["dev_sweeps"], "mat_steer": mat_sweep},
         "interference": interference,
-        "mean_diff_direction_norm": float(direction.norm()),
+        "mean_diff_direction_norm": choices["mean_diff_direction_norm"],
         "steering_vector_norms": dict(zip(attributes,
                                           module.steering_vectors.norm(dim=1).tolist(),
                                           strict=True)),
@@ -152,14 +117,8 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
         "n_dev_items": {t: len(v) for t, v in dev_items.items()},
         "n_test_activations": {a: [len(test[a].pos), len(test[a].neg)] for a in attributes},
     }
-    rows = []
-    for cond, vals in values.items():
-        for metric, v in vals.items():
-            ids = test_items[next(t for t in TASKS if metric.startswith(t))]["item_id"]
-            rows.append(pd.DataFrame({"condition": cond, "metric": metric,
-                                      "item_id": ids.to_numpy(), "value": v}))
-    items = pd.concat(rows, ignore_index=True)
-    return metrics, details, items, gate_histograms(module, attributes, test), timings
+    items = item_rows(values, test_items)
+    return metrics, details, items, gate_histograms(module, attributes, test), scorer.seconds
 
 
 def run(params: Params, inputs: Inputs) -> EvalRun:
@@ -177,11 +136,18 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
         if int(kv.get("layer", -1)) != config.layer:
             raise ValueError(f"{task} activations are from layer {kv.get('layer')} but the "
                              f"checkpoint is for layer {config.layer}: re-run the pipeline")
+    choices = read_json(inputs.baselines / CHOICES)
+    if choices["layer"] != config.layer or choices["model"] != config.model:
+        raise ValueError(f"{inputs.baselines} was scored at layer {choices['layer']} of "
+                         f"{choices['model']}, the checkpoint steers layer {config.layer} of "
+                         f"{config.model}: re-run eval_baselines")
+    test_items, _ = eval_items(tables, p, params.seed)
+    baselines = values_from_rows(pd.read_parquet(inputs.baselines / VALUES), test_items)
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))
     metrics, details, items, hist, seconds = evaluate_all(
         model, tokenizer, tables, acts, labels, splits, module, config.layer, config.attributes,
-        config.training, p, params.seed)
+        config.training, p, params.seed, baselines, choices)
     seconds["total"] = time.perf_counter() - t0
     return EvalRun(metrics, details, items, hist, seconds)
 

@@ -23,17 +23,11 @@ from dvclive import Live
 
 from steerline.core.io import atomic_dir
 from steerline.core.params import Params
-from steerline.mat_steer.activations import load_all_activations
+from steerline.mat_steer.activations import PosNeg, load_all_activations, split_pos_neg
 from steerline.mat_steer.checkpoint import SteeringConfig, save_steering
 from steerline.mat_steer.data import TASKS
 from steerline.mat_steer.losses import LossWeights
-from steerline.mat_steer.train import (
-    PosNeg,
-    TrainConfig,
-    TrainResult,
-    split_pos_neg,
-    train_mat_steer,
-)
+from steerline.mat_steer.train import TrainConfig, TrainResult, train_mat_steer
 
 log = logging.getLogger("train_steering")
 

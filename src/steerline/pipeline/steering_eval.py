@@ -1,0 +1,89 @@
+"""What eval_baselines and eval_steering share: the dev and test items each task is scored on,
+and the scorer (per-item values of every metric with a steering function hooked at one layer,
+timed; a scale picked on dev). Both stages draw the same items from the same seed, so their
+per-item values pair up item by item."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from steerline.core.params import EvalSteering
+from steerline.mat_steer.data import TASKS, task_rng
+from steerline.mat_steer.evaluate import evaluate_items, means, task_items
+
+log = logging.getLogger("eval_steering")
+Values = dict[str, np.ndarray]  # metric -> per-item values
+# eval_baselines' folder: per-item test values and the dev choices
+VALUES, CHOICES = "values.parquet", "choices.json"
+
+
+def eval_items(tables: dict[str, pd.DataFrame], p: EvalSteering, seed: int
+               ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """(test items, dev items) per task: the whole split or a seeded sample of it."""
+    test = {t: task_items(tables[t], "test", p.max_test_items[t], task_rng(seed, t + ":test"))
+            for t in TASKS}
+    dev = {t: task_items(tables[t], "dev", p.max_dev_items, task_rng(seed, t + ":dev"))
+           for t in TASKS}
+    return test, dev
+
+
+@dataclass
+class Scorer:
+    model: torch.nn.Module
+    tokenizer: Any
+    layer: int
+    max_rows: int
+    dev_items: dict[str, pd.DataFrame]
+    seconds: dict[str, float] = field(default_factory=dict)  # wall clock per run: timings only
+
+    def run(self, name: str, items: dict[str, pd.DataFrame], fn: Any) -> Values:
+        t0 = time.perf_counter()
+        out = evaluate_items(self.model, self.tokenizer, items, self.layer, fn, self.max_rows,
+                             name)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        log.info("%s: %s (%.0f s)", name, {k: round(float(v.mean()), 4) for k, v in out.items()},
+                 self.seconds[name])
+        return out
+
+    def pick(self, name: str, scales: list[float], make_fn: Callable[[float], Any]
+             ) -> tuple[float, dict]:
+        """The scale with the best dev average over the metrics (no dev run for one scale)."""
+        if len(scales) == 1:
+            return scales[0], {}
+        sweep = {f"{s:g}": means(self.run(f"{name} dev x{s:g}", self.dev_items, make_fn(s)))
+                 for s in scales}
+        return max(scales, key=lambda s: sweep[f"{s:g}"]["average"]), sweep
+
+
+def item_rows(values: dict[str, Values], test_items: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per (condition, metric, test item), in the conditions' and metrics' order."""
+    rows = []
+    for cond, vals in values.items():
+        for metric, v in vals.items():
+            ids = test_items[next(t for t in TASKS if metric.startswith(t))]["item_id"]
+            rows.append(pd.DataFrame({"condition": cond, "metric": metric,
+                                      "item_id": ids.to_numpy(), "value": v}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def values_from_rows(rows: pd.DataFrame, test_items: dict[str, pd.DataFrame]
+                     ) -> dict[str, Values]:
+    """item_rows read back: condition -> metric -> values, in the rows' order; one error when
+    the rows were scored on other test items than `test_items` (other seed or item caps)."""
+    out: dict[str, Values] = {}
+    for (cond, metric), g in rows.groupby(["condition", "metric"], sort=False):
+        want = test_items[next(t for t in TASKS if str(metric).startswith(t))]["item_id"]
+        if not np.array_equal(g["item_id"].to_numpy(), want.to_numpy()):
+            raise ValueError(f"the baselines' {cond} {metric} values are for other test items "
+                             "than this run's (seed or max_test_items changed): re-run "
+                             "eval_baselines")
+        out.setdefault(str(cond), {})[str(metric)] = g["value"].to_numpy()
+    return out
