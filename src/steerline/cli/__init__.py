@@ -3,6 +3,7 @@
     steerline generate --model models/moe --prompt "..." --experts models/experts.json --compare
     steerline experts --top 10 [--contrast matched]
     steerline routes --model models/moe --prompt "..."
+    steerline detect --model models/moe --unsafe unsafe.txt --safe safe.txt --out experts.json
     steerline stages
 
 Bad input ends with one line on stderr saying what to fix (exit status 2), never a traceback.
@@ -15,10 +16,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from steerline.cli import experts, generate, routes, stages
+from steerline.cli import detect, experts, generate, routes, stages
 from steerline.cli.common import CliError
+from steerline.core.errors import UserError
 
-COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "stages": stages}
+COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "detect": detect,
+            "stages": stages}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_progress()
     try:
         COMMANDS[args.command].run(args)
-    except CliError as err:
+    except (CliError, UserError) as err:  # UserError: the library's own (e.g. a prompt file)
         print(f"steerline {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -1,0 +1,238 @@
+"""`steerline detect`: the experts of an MoE whose routing differs between your own unsafe and
+safe prompts, by the pipeline's own code: greedy answers with routing capture
+(steermoe.routing.capture.run_capture, as capture_routing), the prompt-level risk difference
+(steermoe.detection.risk_diff.compute_risk_diff, as risk_diff: pooled contrast, permutation p /
+BH q, bootstrap CIs) and the selection rule (steermoe.detection.select_experts, as
+select_experts), written as an experts.json that `steerline generate --experts` and
+finetune_experts read.
+
+Params come from params.yaml's capture_routing / risk_diff / select_experts sections and `seed`
+when run in the project (else DEFAULTS, the committed params.yaml's values), flags override.
+The selection is on the pooled contrast only: your files carry no look-alike pairs (the matched
+contrast of select_experts.require: matched / both needs prepare_safety's XSTest sources).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from steerline.cli.common import PARAMS, CliError, params_section, require_file
+
+DEFAULT_MOE = "models/moe"
+SCOPES = ("user", "generated", "all")
+# params.yaml's committed values, used outside the project (no params.yaml in the cwd)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "capture_routing": {"max_new_tokens": 32, "batch_size": 16, "shard_prompts": 64,
+                        "dtype": "float32"},
+    "risk_diff": {"token_scope": "user", "n_permutations": 1000, "null_quantile": 0.99,
+                  "n_bootstrap": 1000, "ci_level": 0.95},
+    "select_experts": {"threshold": 0.05, "top_k": 50, "alpha": 0.05},
+}
+TABLE_HEADER = ["side", "#", "layer", "expert", "risk_diff", "a_safe_n", "a_unsafe_n", "p_perm",
+                "q_perm", "95% CI", "selected"]
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(
+        name, help="find the experts that route your unsafe vs safe prompts differently",
+        description="Greedy answers to the prompts of --unsafe and --safe with routing capture, "
+                    "then the pipeline's risk difference per (layer, expert) (prompt-level "
+                    "permutation p / q, bootstrap CI) and its expert selection: prints the "
+                    "ranking and writes an experts.json for `steerline generate --experts`.",
+        epilog="example: steerline detect --model models/moe --unsafe unsafe.txt --safe safe.txt "
+               "--top 10 --out my_experts.json   (files: .txt one prompt per line, or .csv / "
+               ".jsonl / .parquet with a text column)")
+    p.add_argument("--model", default=DEFAULT_MOE, help=f"MoE model directory (default "
+                   f"{DEFAULT_MOE})")
+    p.add_argument("--unsafe", required=True, metavar="FILE", help="prompts of the behaviour to "
+                   "find (.txt, .csv, .jsonl, .parquet)")
+    p.add_argument("--safe", required=True, metavar="FILE", help="the reference prompts")
+    p.add_argument("--text-column", default="text", metavar="NAME", help="the prompt column of "
+                   ".csv / .jsonl / .parquet files (default: text)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="pairs per side in the "
+                   "printed ranking (default 10)")
+    p.add_argument("--out", default="experts.json", metavar="JSON", help="the selected experts "
+                   "(default: experts.json)")
+    p.add_argument("--report", metavar="PARQUET", help="also write the full risk_diff table "
+                   "(read by `steerline experts --risk-diff`)")
+    p.add_argument("--backend", default="transformers", help="transformers (the reference, "
+                   "default) or vllm")
+    p.add_argument("--scope", choices=SCOPES, help="tokens counted: the user's text, the "
+                   "generated answer, or all (default: params.yaml risk_diff.token_scope)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (default: "
+                   "params.yaml capture_routing.max_new_tokens)")
+    p.add_argument("--threshold", type=float, help="|risk_diff| an expert must exceed (default: "
+                   "params.yaml select_experts.threshold)")
+    p.add_argument("--alpha", type=float, help="largest prompt-level q-value selected (default: "
+                   "params.yaml select_experts.alpha)")
+    p.add_argument("--n-permutations", type=int, metavar="N", help="label shuffles of the "
+                   "permutation test (default: params.yaml risk_diff.n_permutations)")
+    p.add_argument("--seed", type=int, help="permutations, bootstrap and generation (default: "
+                   "params.yaml seed, else 0)")
+
+
+def settings(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int]:
+    """(RiskDiff, SelectExperts, capture dict, seed): DEFAULTS < params.yaml < flags, checked
+    by the params schema (same ranges as the pipeline's)."""
+    from pydantic import ValidationError
+
+    from steerline.core.params import RiskDiff, SelectExperts
+
+    def section(name: str, flags: dict[str, Any]) -> dict[str, Any]:
+        found = params_section(name)
+        merged = {k: found.get(k, v) for k, v in DEFAULTS[name].items()}
+        return {**merged, **{k: v for k, v in flags.items() if v is not None}}
+
+    capture = section("capture_routing", {"max_new_tokens": args.max_new_tokens})
+    rd = section("risk_diff", {"token_scope": args.scope, "n_permutations": args.n_permutations})
+    sel = section("select_experts", {"threshold": args.threshold, "alpha": args.alpha})
+    if capture["max_new_tokens"] < (1 if rd["token_scope"] == "generated" else 0):
+        raise CliError("--scope generated needs --max-new-tokens >= 1")
+    try:
+        risk, select = RiskDiff(**rd), SelectExperts(**sel, require="pooled")
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "value"
+        raise CliError(f"{where}: {first['msg']} (a flag or {PARAMS})") from None
+    seed = args.seed if args.seed is not None else params_seed()
+    return risk, select, capture, int(seed)
+
+
+def params_seed() -> int:
+    import yaml
+
+    if not PARAMS.is_file():
+        return 0
+    raw = yaml.safe_load(PARAMS.read_text()) or {}
+    return int(raw.get("seed", 0)) if isinstance(raw, dict) else 0
+
+
+def min_p_value(n_unsafe: int, n_safe: int, n_permutations: int) -> float:
+    """About the smallest p-value the label-permutation test can give: the observed labelling is
+    one of C(n, n_unsafe) labellings, so about 1 / C(n, n_unsafe) of the shuffles match it (2 /
+    C(n, n_unsafe) with as many prompts of each label: swapping the labels gives -risk_diff, as
+    extreme for a two-sided test), and never below 1 / (1 + n_permutations)."""
+    ties = 2 if n_unsafe == n_safe else 1
+    return max(ties / math.comb(n_unsafe + n_safe, n_unsafe), 1.0 / (1 + n_permutations))
+
+
+def prompts_needed(alpha: float, n_permutations: int) -> int | None:
+    """The fewest prompts per label (as many of each) for which min_p_value <= alpha."""
+    for n in range(1, 64):
+        if min_p_value(n, n, n_permutations) <= alpha:
+            return n
+    return None
+
+
+def ranking_rows(df, top: int, selection: dict[str, Any]) -> list[list[str]]:
+    """The `top` highest (unsafe) and lowest (safe) risk_diff pairs as table rows."""
+    from steerline.steermoe.detection.expert_table import fmt
+
+    chosen = {side: {tuple(p) for p in selection[side]} for side in ("unsafe", "safe")}
+    rows = []
+    for side, ascending in (("unsafe", False), ("safe", True)):
+        sub = df[df["risk_diff"] > 0] if side == "unsafe" else df[df["risk_diff"] < 0]
+        sub = sub.sort_values(["risk_diff", "layer", "expert"], ascending=[ascending, True, True],
+                              kind="stable").head(top)
+        for rank, r in enumerate(sub.itertuples(), 1):
+            ci = ("n/a" if math.isnan(r.ci_low) else f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]")
+            rows.append([side, str(rank), str(r.layer), str(r.expert), fmt(r.risk_diff),
+                         fmt(r.a_safe_n), fmt(r.a_unsafe_n), fmt(r.p_perm), fmt(r.q_perm), ci,
+                         "yes" if (int(r.layer), int(r.expert)) in chosen[side] else ""])
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from steerline.backends import BACKENDS, make_backend
+    from steerline.core.io import write_json, write_parquet
+    from steerline.model.arch import DenseModelError
+    from steerline.model.fingerprint import FINGERPRINT_CACHE, model_fingerprint
+    from steerline.model.load import moe_config
+    from steerline.steermoe.data.prompt_files import labelled_prompts
+    from steerline.steermoe.detection.expert_table import render
+    from steerline.steermoe.detection.risk_diff import compute_risk_diff
+    from steerline.steermoe.detection.select_experts import select_experts
+    from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+
+    if args.backend not in BACKENDS:
+        raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    if args.top < 1:
+        raise CliError(f"--top must be >= 1, got {args.top}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory: give a file name (e.g. "
+                       f"{out / 'experts.json'})")
+    risk, select, cap, seed = settings(args)
+    # every input is checked before the model is loaded, and nothing is written before the end
+    prompts = labelled_prompts(args.unsafe, args.safe, args.text_column,
+                               "name the prompt column with --text-column NAME")
+    require_file(args.model, "the model directory", "run `dvc repro build_models` or pass "
+                 "--model DIR")
+    try:
+        moe_config(args.model)
+    except DenseModelError:
+        raise CliError(f"{args.model} is a dense model: detect needs an MoE model (e.g. --model "
+                       f"{DEFAULT_MOE})") from None
+    n_unsafe = int((prompts["label"] == "unsafe").sum())
+    n_safe = len(prompts) - n_unsafe
+    print(f"{n_unsafe} unsafe prompts ({args.unsafe}), {n_safe} safe prompts ({args.safe}); "
+          f"model {args.model} ({args.backend}), scope {risk.token_scope}, seed {seed}",
+          file=sys.stderr)
+
+    torch.manual_seed(seed)  # as capture_routing: greedy decoding, the seed for any sampling
+    # the project's fingerprint cache only inside the project (never a tmp/ in a stranger's cwd)
+    fingerprint = model_fingerprint(args.model, FINGERPRINT_CACHE if PARAMS.is_file() else None)
+    options = {"progress": False, "seed": seed} if args.backend == "vllm" else {}
+    with tempfile.TemporaryDirectory(prefix="steerline-detect-") as tmp:
+        work = Path(tmp)
+        with make_backend(args.backend, args.model, cap["dtype"], batch_size=cap["batch_size"],
+                          **options) as backend:
+            run_capture(backend, AutoTokenizer.from_pretrained(args.model), prompts,
+                        CaptureConfig(cap["max_new_tokens"], cap["shard_prompts"]),
+                        work / "routing", work / "generations.parquet", work / "cache",
+                        meta={"model": args.model, "model_fingerprint": fingerprint,
+                              "dtype": cap["dtype"]})
+        df, meta = compute_risk_diff(
+            work / "routing", token_scope=risk.token_scope, n_permutations=risk.n_permutations,
+            null_quantile=risk.null_quantile, seed=seed, progress=True, prompts=None,
+            n_bootstrap=risk.n_bootstrap, ci_level=risk.ci_level)
+    # select_experts logs each empty list; the lines below say it once, with what to do
+    logging.getLogger(select_experts.__module__).setLevel(logging.ERROR)
+    selection = select_experts(df, threshold=select.threshold, top_k=select.top_k,
+                               alpha=select.alpha, require=select.require, meta=meta)
+    print(f"risk difference P(expert | unsafe) - P(expert | safe) over {meta['n_tokens_unsafe']} "
+          f"unsafe / {meta['n_tokens_safe']} safe {risk.token_scope} tokens; top {args.top} per "
+          f"side (selected: risk_diff beyond +-{select.threshold} and q_perm <= {select.alpha})")
+    print(render(TABLE_HEADER, ranking_rows(df, args.top, selection), markdown=False))
+    p_min = min_p_value(n_unsafe, n_safe, risk.n_permutations)
+    if p_min > select.alpha:
+        need = prompts_needed(select.alpha, risk.n_permutations)
+        more = f"; at least {need} prompts per label make it possible" if need else ""
+        print(f"too few prompts to reach significance: with {n_unsafe} unsafe and {n_safe} safe "
+              f"prompts the smallest p-value the permutation test can give is {p_min:.3g} > alpha "
+              f"{select.alpha}{more} (the ranking above is descriptive)")
+    empty = [side for side in ("unsafe", "safe") if not selection[side]]
+    if empty:
+        top = [f"{int(r.layer)}:{int(r.expert)}" for r in df.sort_values(
+            ["risk_diff", "layer", "expert"], ascending=[False, True, True], kind="stable"
+        ).head(args.top).itertuples() if r.risk_diff > 0]
+        # an empty list would make `generate --experts` fall back to the pipeline's ranking
+        lists = "the unsafe and safe lists are" if len(empty) == 2 else f"the {empty[0]} list is"
+        hint = (f"; to steer the unsafe ranking anyway: steerline generate --deactivate "
+                f"{','.join(top)}" if "unsafe" in empty and top else "")
+        print(f"no expert passes the selection on the {' and '.join(empty)} side, so {lists} "
+              f"empty in {out}{hint}")
+    write_json(selection, out)
+    if args.report:
+        write_parquet(df, args.report, metadata=meta)
+    print(f"wrote {out}: {len(selection['unsafe'])} unsafe and {len(selection['safe'])} safe "
+          f"experts{f'; {args.report}' if args.report else ''}")

@@ -1,0 +1,181 @@
+"""A researcher's own prompt files -> a labelled prompt table (prompt_id, text, label, source).
+
+Formats, by extension: `.txt` (one prompt per line), `.csv`, `.jsonl` (one JSON object per line)
+and `.parquet`, the last three with the prompts in a text column (`text` unless told). Every way a
+file can be unusable is one PromptFileError (a UserError: one line, no traceback) that names the
+file, the line or row, and the fix, raised before anything is generated or written:
+a missing, unknown-format or empty file, a missing column, a blank, null or non-string prompt, a
+prompt repeated within a file, text that is not UTF-8, and one label only (the same file given
+for both labels, or a prompt present in both files: risk difference compares the two labels).
+
+Where a prompt is: `.txt` and `.jsonl` by line (1-based, as an editor shows it), `.csv` and
+`.parquet` by data row (1-based, the CSV header not counted: a quoted cell may span lines).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from steerline.core.errors import UserError
+
+FORMATS = (".txt", ".csv", ".jsonl", ".parquet")
+LABEL_PREFIX = {"unsafe": "unsafe", "safe": "safe"}  # prompt_id = f"{prefix}-{index:05d}"
+
+
+class PromptFileError(UserError):
+    """A prompt file that cannot be used; the message names the file, the row and the fix."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    where: str  # "line 3" / "row 3": for messages
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (a BOM dropped); invalid bytes are an error naming their line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise PromptFileError(
+            f"{path}: line {line} is not UTF-8 text (byte {data[err.start]:#04x} at offset "
+            f"{err.start}): save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
+def _check_text(path: Path, value: object, where: str, column: str | None) -> str:
+    cell = f"{where}" if column is None else f"{where}, column {column!r},"
+    if value is None or (isinstance(value, float) and value != value):
+        raise PromptFileError(f"{path}: {cell} has no prompt (null): remove the row or give "
+                              "it text")
+    if not isinstance(value, str):
+        raise PromptFileError(f"{path}: {cell} holds {value!r} ({type(value).__name__}), not "
+                              "text: every prompt must be a string")
+    if not value.strip():
+        raise PromptFileError(f"{path}: {cell} is a blank prompt: remove it or give it text")
+    return value
+
+
+def _missing_column(path: Path, column: str, have: list[str], column_fix: str) -> PromptFileError:
+    return PromptFileError(
+        f"{path} has no column {column!r} (it has {', '.join(map(repr, have)) or 'none'}): "
+        f"{column_fix}"
+    )
+
+
+def _read_txt(path: Path, text: str) -> list[Prompt]:
+    lines = text.splitlines()  # a final newline ends the last line, it opens no blank one
+    return [Prompt(_check_text(path, line, f"line {i}", None), f"line {i}")
+            for i, line in enumerate(lines, 1)]
+
+
+def _read_jsonl(path: Path, text: str, column: str, column_fix: str) -> list[Prompt]:
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():  # JSON Lines readers commonly skip blank lines; so do we
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}: line {i} is not valid JSON ({err.msg}): one JSON "
+                                  "object per line") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{path}: line {i} is a JSON {type(obj).__name__}, not an "
+                                  f'object: write {{"{column}": "..."}} per line')
+        if column not in obj:
+            raise PromptFileError(f"{path}: line {i} has no key {column!r} (it has "
+                                  f"{', '.join(map(repr, obj)) or 'none'}): {column_fix}")
+        out.append(Prompt(_check_text(path, obj[column], f"line {i}", column), f"line {i}"))
+    return out
+
+
+def _read_table(path: Path, df: pd.DataFrame, column: str, column_fix: str) -> list[Prompt]:
+    if column not in df.columns:
+        raise _missing_column(path, column, [str(c) for c in df.columns], column_fix)
+    return [Prompt(_check_text(path, v, f"row {i}", column), f"row {i}")
+            for i, v in enumerate(df[column].tolist(), 1)]
+
+
+def read_prompt_file(path: str | Path, column: str = "text",
+                     column_fix: str = "name the column that holds the prompts") -> list[Prompt]:
+    """The prompts of one file, in file order, each checked (see the module docstring).
+    `column_fix`: how the caller's user names another column (e.g. a command-line flag)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise PromptFileError(f"{path}: unknown prompt file format {path.suffix or '(none)'!r}: "
+                              f"use one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise PromptFileError(f"{path} not found: check the path")
+    if not path.is_file():
+        raise PromptFileError(f"{path} is not a file: give a {suffix} file of prompts")
+    data = path.read_bytes()
+    if suffix == ".parquet":
+        try:
+            df = pd.read_parquet(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise PromptFileError(f"{path} is not a readable Parquet file ({err}): rewrite it, "
+                                  "or use .csv / .jsonl / .txt") from None
+        prompts = _read_table(path, df, column, column_fix)
+    else:
+        text = _decode(path, data)
+        if suffix == ".txt":
+            prompts = _read_txt(path, text)
+        elif suffix == ".jsonl":
+            prompts = _read_jsonl(path, text, column, column_fix)
+        else:
+            if not text.strip():
+                raise PromptFileError(f"{path} is empty: write a header row with a {column!r} "
+                                      "column, then one prompt per row")
+            try:
+                # every cell as text: no "nan" for an empty cell, no numbers or dates guessed
+                df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            except pd.errors.ParserError as err:
+                raise PromptFileError(f"{path} is not valid CSV ({err}): quote cells that hold "
+                                      "commas or line breaks") from None
+            prompts = _read_table(path, df, column, column_fix)
+    if not prompts:
+        raise PromptFileError(f"{path} is empty (no prompts): add at least one prompt"
+                              + ("" if suffix == ".txt" else f" in column {column!r}"))
+    seen: dict[str, str] = {}
+    for p in prompts:
+        key = p.text.strip()
+        if key in seen:
+            raise PromptFileError(f"{path}: {p.where} repeats {seen[key]} ({key[:60]!r}): "
+                                  "remove the duplicate (a prompt counts once)")
+        seen[key] = p.where
+    return prompts
+
+
+def labelled_prompts(unsafe: str | Path, safe: str | Path, column: str = "text",
+                     column_fix: str = "name the column that holds the prompts") -> pd.DataFrame:
+    """The prompt table of an unsafe and a safe prompt file: prompt_id (`unsafe-00000`, ... in
+    file order), text, label, source (the file's path), the shape capture_routing reads."""
+    unsafe, safe = Path(unsafe), Path(safe)
+    if unsafe.exists() and safe.exists() and unsafe.resolve() == safe.resolve():
+        raise PromptFileError(f"{unsafe} is given as both the unsafe and the safe prompts: a risk "
+                              "difference needs two files, one per label")
+    sides = {"unsafe": read_prompt_file(unsafe, column, column_fix),
+             "safe": read_prompt_file(safe, column, column_fix)}
+    in_unsafe = {p.text.strip(): p.where for p in sides["unsafe"]}
+    for p in sides["safe"]:
+        other = in_unsafe.get(p.text.strip())
+        if other is not None:
+            raise PromptFileError(
+                f"{safe}: {p.where} is also in {unsafe} ({other}: {p.text.strip()[:60]!r}): a "
+                "prompt carries one label; remove it from one of the files"
+            )
+    rows = [
+        {"prompt_id": f"{LABEL_PREFIX[label]}-{i:05d}", "text": p.text, "label": label,
+         "source": str(path)}
+        for label, path in (("unsafe", unsafe), ("safe", safe))
+        for i, p in enumerate(sides[label])
+    ]
+    return pd.DataFrame(rows, columns=["prompt_id", "text", "label", "source"])
