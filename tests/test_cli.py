@@ -294,4 +294,4 @@ def test_stages_graph_from_outs_to_deps(tmp_path):
 def test_stages_missing_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, "stages", "--dvc-yaml", str(tmp_path / "dvc.yaml"))
     assert code == 2
-    one_line_error(err, "not found: run from the project root")
+    one_line_error(err, "not found: run inside the project")

@@ -10,11 +10,19 @@ imported only when its backend is made, so everything else works without it inst
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from steerline.backends.base import Backend, Generated, eos_token_ids
 from steerline.steering.request import ActivationSteering, Steering
+
+# vLLM logs one INFO line per engine step and setting at its default level, which buries a
+# stage's own output. vLLM reads VLLM_LOGGING_LEVEL (its own variable) when it is first
+# imported, and every vllm import of steerline runs after this package's __init__: WARNING
+# unless the user set the variable.
+VLLM_LOG_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
+os.environ.setdefault(VLLM_LOG_LEVEL_ENV, "WARNING")
 
 BACKENDS = ("transformers", "vllm")
 

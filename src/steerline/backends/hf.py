@@ -19,8 +19,14 @@ from transformers import PreTrainedTokenizerBase
 from steerline.backends.base import Backend, Generated, Prompt, prompt_ids
 from steerline.core.chat import ChatPrompt
 from steerline.core.generation import greedy_generate_all
-from steerline.model.arch import DenseModelError, decoder_layers, find_routers, moe_shape
-from steerline.steering.capture import Routed, generate_routed_all
+from steerline.model.arch import (
+    DenseModelError,
+    context_length,
+    decoder_layers,
+    find_routers,
+    moe_shape,
+)
+from steerline.steering.capture import Routed, check_context, generate_routed_all
 from steerline.steering.experts import expert_steering
 from steerline.steering.request import Steering, SteeringArg, per_prompt
 from steerline.steering.residual import steering_hook
@@ -55,7 +61,7 @@ class TransformersBackend(Backend):
             self.n_layers = len(self.moe_layers)
         except DenseModelError:
             self.n_experts = self.top_k = self.n_layers = 0
-        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.max_context = context_length(model.config)
 
     @classmethod
     def load(cls, model_path: str, dtype: str = "float32",
@@ -83,6 +89,7 @@ class TransformersBackend(Backend):
     def generate_and_capture(self, prompts: Sequence[ChatPrompt], max_new_tokens: int,
                              steering: SteeringArg = None) -> list[Routed]:
         chats = self._as_chats(prompts)
+        check_context(chats, None, max_new_tokens, self.max_context)
         out: list[Routed | None] = [None] * len(chats)
         for plan, idx in self._groups(len(chats), steering):
             with hf_steering(self.model, plan):
@@ -95,6 +102,7 @@ class TransformersBackend(Backend):
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int,
                  steering: SteeringArg = None) -> list[Generated]:
         chats = self._as_chats(prompts)
+        check_context(chats, None, max_new_tokens, self.max_context)
         out: list[Generated | None] = [None] * len(chats)
         for plan, idx in self._groups(len(chats), steering):
             with hf_steering(self.model, plan):

@@ -53,7 +53,8 @@ from steerline.backends.vllm_native import (
 from steerline.backends.vllm_worker import KEY_ARG, PLAN_ARG, ROUTING_RULES, Capture
 from steerline.core.chat import ChatPrompt
 from steerline.model.families import check_vllm_family
-from steerline.steering.capture import Routed
+from steerline.model.load import check_weights, load_tokenizer
+from steerline.steering.capture import Routed, check_context
 from steerline.steering.request import Steering, SteeringArg, per_prompt
 
 EXTENSION = "steerline.backends.vllm_worker.SteerlineWorkerExtension"
@@ -100,6 +101,11 @@ class VLLMBackend(Backend):
             from transformers import AutoConfig
 
             check_vllm_family(AutoConfig.from_pretrained(model_path))
+        if Path(model_path).is_dir():
+            # vLLM would fail on a truncated safetensors file in its loader's traceback, or
+            # serve a tokenizer-less directory: the same one-line checks as transformers
+            check_weights(model_path)
+            load_tokenizer(model_path)
         self.llm = None
         self._threads: tuple[Any, int] | None = None
         gpu = torch.cuda.is_available()
@@ -188,18 +194,11 @@ class VLLMBackend(Backend):
                 return gen[: j + 1]
         return gen
 
-    def _check(self, ids: list[list[int]], max_new_tokens: int) -> None:
-        for x in ids:
-            if len(x) + max_new_tokens > self.max_context:
-                raise ValueError(f"a prompt of {len(x)} tokens plus max_new_tokens="
-                                 f"{max_new_tokens} exceeds the engine's context of "
-                                 f"{self.max_context}")
-
     # ---- the interface -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int,
                  steering: SteeringArg = None) -> list[Generated]:
         ids = [prompt_ids(p) for p in prompts]
-        self._check(ids, max_new_tokens)
+        check_context(ids, None, max_new_tokens, self.max_context)
         plans = per_prompt(steering, len(ids))
         self._no_steering_if_native(plans)
         if max_new_tokens == 0:
@@ -221,7 +220,7 @@ class VLLMBackend(Backend):
             raise ValueError(f"{self.model_path} is a dense model: routing capture needs a "
                              "Mixture-of-Experts model")
         ids = [prompt_ids(p) for p in prompts]
-        self._check(ids, max_new_tokens)
+        check_context(ids, None, max_new_tokens, self.max_context)
         plans = per_prompt(steering, len(ids))
         if self.native:
             return self._capture_native(prompts, ids, max_new_tokens, plans)

@@ -9,7 +9,13 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from steerline.cli.common import CliError, param_default, parse_pairs, require_file
+from steerline.cli.common import (
+    CliError,
+    param_default,
+    params_section,
+    parse_pairs,
+    require_file,
+)
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a command runs (fast --help)
     from steerline.steering.experts import SteeringPlan
@@ -41,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    "each list (default: params.yaml expert_steering.n_experts)")
     g.add_argument("--delta", type=float, help="score margin of the rule (default: params.yaml "
                    "expert_steering.delta)")
+    g.add_argument("--on-empty-selection", choices=("error", "risk_diff_ranking"),
+                   help="with --experts, a list the mode needs is empty: error, or steer the top "
+                   "of reports/risk_diff.parquet (default: params.yaml "
+                   "expert_steering.on_empty_selection, else error)")
     p.add_argument("--mat", metavar="DIR", help="MAT-Steer checkpoint (models/mat_steer from "
                    "train_steering): gated steering of the residual stream")
     p.add_argument("--backend", default="transformers", help="generation engine: transformers "
@@ -58,18 +68,15 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
 
     from steerline.model.arch import DenseModelError
     from steerline.model.load import moe_config
-    from steerline.steering.experts import (
-        MODES,
-        SteeringPlan,
-        plan_from_experts,
-        read_experts_json,
-    )
+    from steerline.steering.experts import MODES, SteeringPlan, read_experts_json
+    from steerline.steermoe.safety.evaluate import selection_plan
     pairs = args.activate is not None or args.deactivate is not None
     if args.experts is not None and pairs:
         raise CliError("give either --experts or --activate/--deactivate, not both")
-    if args.experts is None and (args.mode is not None or args.n_experts is not None):
-        raise CliError("--mode and --n-experts select from a list: add --experts "
-                       "models/experts.json")
+    if args.experts is None and (args.mode is not None or args.n_experts is not None
+                                 or args.on_empty_selection is not None):
+        raise CliError("--mode, --n-experts and --on-empty-selection select from a list: add "
+                       "--experts models/experts.json")
     if args.experts is None and not pairs:
         if args.delta is not None:
             raise CliError("--delta applies to expert steering: add --activate, --deactivate "
@@ -93,9 +100,21 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
     if mode not in MODES:
         raise CliError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     n = int(param_default(args.n_experts, "expert_steering", "n_experts", "--n-experts"))
-    fallback = pd.read_parquet(RISK_DIFF) if RISK_DIFF.is_file() else None
-    return plan_from_experts(read_experts_json(path), mode, n, delta, shape["n_layers"],
-                             shape["n_experts"], shape["top_k"], fallback)
+    # the pipeline's rule (eval_safety): an empty list is an error unless on_empty_selection
+    # says to steer the raw risk_diff ranking; without params.yaml the safe choice, error
+    on_empty = args.on_empty_selection or params_section("expert_steering").get(
+        "on_empty_selection", "error")
+    if on_empty not in ("error", "risk_diff_ranking"):
+        raise CliError(f"expert_steering.on_empty_selection must be error or risk_diff_ranking, "
+                       f"got {on_empty!r}")
+
+    def ranking() -> pd.DataFrame:
+        require_file(RISK_DIFF, "the risk_diff ranking on_empty_selection falls back on",
+                     "run `dvc repro risk_diff` or set --on-empty-selection error")
+        return pd.read_parquet(RISK_DIFF)
+
+    return selection_plan(read_experts_json(path), mode, n, delta, on_empty, ranking,
+                          shape["n_layers"], shape["n_experts"], shape["top_k"])
 
 
 def describe(plan: SteeringPlan | None, mat: str | None, layer: int | None) -> str:
@@ -126,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, ActivationSteering, Steering, make_backend
     from steerline.core.chat import render_chat
     from steerline.mat_steer.checkpoint import load_steering
+    from steerline.model.load import check_weights, load_tokenizer, model_context
+    from steerline.steering.capture import check_context
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
@@ -153,15 +174,15 @@ def run(args: argparse.Namespace) -> None:
         raise CliError("--compare needs something to compare: add --activate / --deactivate, "
                        "--experts or --mat")
 
+    # weights, tokenizer and the context rule are checked before the (slow) model load
+    check_weights(model)
+    tok = load_tokenizer(model)
+    chats = [render_chat(tok, p) for p in args.prompt]
+    check_context(chats, [f"--prompt {i + 1}" for i in range(len(chats))], args.max_new_tokens,
+                  model_context(model))
     options = {"progress": False} if args.backend == "vllm" else {}
     with make_backend(args.backend, str(model), dtype=args.dtype,
                       batch_size=max(1, 2 * len(args.prompt)), **options) as backend:
-        tok = getattr(backend, "tokenizer", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(model))
-        chats = [render_chat(tok, p) for p in args.prompt]
         plans = ([None] * len(chats) if args.compare else []) + [steering] * len(chats)
         outs = backend.generate(chats * (2 if args.compare else 1), args.max_new_tokens, plans)
     texts = [tok.decode(o.token_ids.tolist(), skip_special_tokens=True).strip() for o in outs]

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, Steering, make_backend
     from steerline.core.chat import render_chat
     from steerline.model.arch import DenseModelError
-    from steerline.model.load import moe_config
+    from steerline.model.load import check_weights, load_tokenizer, model_context, moe_config
+    from steerline.steering.capture import check_context
     from steerline.steering.experts import SteeringPlan
 
     if args.backend not in BACKENDS:
@@ -100,15 +101,14 @@ def run(args: argparse.Namespace) -> None:
         plan = SteeringPlan(activate, deactivate, delta, {"experts": "command line"})
         plan.validate(shape["n_layers"], shape["n_experts"], shape["top_k"])
         steering = Steering(experts=plan)
+    # weights, tokenizer and the context rule are checked before the (slow) model load
+    check_weights(args.model)
+    tok = load_tokenizer(args.model)
+    chat = render_chat(tok, args.prompt)
+    check_context([chat], ["--prompt"], args.max_new_tokens, model_context(args.model))
     options = {"progress": False} if args.backend == "vllm" else {}
     with make_backend(args.backend, args.model, batch_size=1, **options) as backend:
-        tok = getattr(backend, "tokenizer", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(args.model)
-        routed = backend.generate_and_capture([render_chat(tok, args.prompt)],
-                                              args.max_new_tokens, steering)[0]
+        routed = backend.generate_and_capture([chat], args.max_new_tokens, steering)[0]
     k, e = shape["top_k"], shape["n_experts"]
     user = ~routed.is_template & ~routed.is_generated
     keep = {"all": np.ones(len(routed.token_ids), bool), "user": user,

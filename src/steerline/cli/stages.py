@@ -67,7 +67,8 @@ def read_stages(path: Path) -> dict[str, dict[str, list[str]]]:
     """stage -> {"cmd", "reads", "params", "modules", "writes"} from a dvc.yaml (and the
     params.yaml beside it, for `${...}`)."""
     if not path.is_file():
-        raise CliError(f"{path} not found: run from the project root or pass --dvc-yaml")
+        raise CliError(f"{path} not found: run inside the project (dvc.yaml in this folder or "
+                       "one above) or pass --dvc-yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         params_file = path.parent / "params.yaml"
@@ -139,18 +140,30 @@ def reruns(stages: dict[str, dict[str, list[str]]], key: str) -> tuple[list[str]
     return direct, [n for n in stages if n in seen and n not in direct]
 
 
+def find_dvc_yaml(start: Path | None = None) -> Path:
+    """dvc.yaml of the project around `start` (default: the working directory): the nearest
+    folder upward that has one, as git and dvc find their roots; `start`/dvc.yaml when none
+    has (the caller's not-found error names it)."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder / "dvc.yaml"
+    return here / "dvc.yaml"
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="the stage graph: what each stage reads and writes",
                        description="Stages of dvc.yaml in order, each with the files and params "
                                    "it reads, what it writes and the stages that use it.")
-    p.add_argument("--dvc-yaml", default="dvc.yaml", metavar="PATH")
+    p.add_argument("--dvc-yaml", metavar="PATH",
+                   help="default: dvc.yaml of the project (this folder or the nearest above)")
     p.add_argument("--param", action="append", metavar="KEY",
                    help="only say which stages a change of this params key reruns "
                         "(e.g. lambda_sparse, select_experts.threshold); repeatable")
 
 
 def run(args: argparse.Namespace) -> None:
-    stages = read_stages(Path(args.dvc_yaml))
+    stages = read_stages(Path(args.dvc_yaml) if args.dvc_yaml else find_dvc_yaml())
     if args.param:
         for key in args.param:
             direct, then = reruns(stages, key)

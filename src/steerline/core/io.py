@@ -1,12 +1,16 @@
 """Atomic writers for every artifact format the pipeline uses (no pickle anywhere).
 
 Each writer goes to a temporary sibling and renames it into place, so a killed stage never
-leaves a half-written file that a later stage (or DVC) could mistake for a result.
+leaves a half-written file that a later stage (or DVC) could mistake for a result. A stage with
+several outputs writes them all inside `staged_outputs()`: every temporary first, the renames
+last, so a failure (a full disk) leaves all of the previous outputs as they were. An OSError
+while writing is one UserError naming the output (errors.run_stage prints it on one line).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,11 +24,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from steerline.core.errors import UserError
+
 # Published artifacts are world-readable whatever the process umask or the writing library
 # (mkstemp and some writers create 0600 files): files 0644, directories 0755.
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 _TMP_SUFFIX = ".tmp"
+# Temporaries handed out by staged_outputs: atomic_path / atomic_dir write them in place (they
+# are already private to this process, and staged_outputs renames them onto their outputs).
+_STAGED: set[Path] = set()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,11 +89,25 @@ def publish_modes(root: str | Path) -> None:
             os.chmod(os.path.join(dirpath, f), FILE_MODE)
 
 
+def write_error(err: OSError, path: str | Path) -> UserError:
+    """An OSError raised while writing `path` as one user error naming the path and the fix."""
+    text = err.strerror or str(err) or type(err).__name__
+    full = err.errno == errno.ENOSPC or "No space left" in str(err)
+    fix = ("free space on that disk" if full
+           else "check that the folder exists, is writable and is not full")
+    return UserError(f"cannot write {path}: {text}: {fix}, then rerun (the previous outputs "
+                     "are left as they were)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-    Temporaries left beside `path` by a killed earlier run are removed first."""
+    Temporaries left beside `path` by a killed earlier run are removed first. An OSError of the
+    block or the rename is a UserError naming `path`."""
     path = Path(path)
+    if path in _STAGED:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX,
@@ -95,6 +118,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         publish_modes(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise write_error(err, path) from err
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -106,6 +132,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     Temporaries left beside `path` by a killed earlier run are removed first; every file of the
     published tree gets the published modes."""
     path = Path(path)
+    if path in _STAGED:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX,
@@ -119,6 +148,88 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class Staging:
+    """The temporaries of one staged_outputs block: `staging(out)` for a file, `.dir(out)` for
+    a directory; each returns the temporary to write (the writers of this module write it in
+    place)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path]] = []  # (temporary, output), in order
+        self.current: Path | None = None  # the output being written (named by an OSError)
+
+    def _new(self, target: str | Path, directory: bool) -> Path:
+        target = Path(target)
+        self.current = target
+        if any(t == target for _, t in self.pairs):
+            raise ValueError(f"{target} is staged twice")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        prefix, where = f".{target.name}.{os.getpid()}.", target.parent
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=where))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=_TMP_SUFFIX, dir=where)
+            os.close(fd)
+            tmp = Path(name)
+        self.pairs.append((tmp, target))
+        _STAGED.add(tmp)
+        return tmp
+
+    def __call__(self, target: str | Path) -> Path:
+        return self._new(target, directory=False)
+
+    def dir(self, target: str | Path) -> Path:
+        return self._new(target, directory=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[Staging]:
+    """All of a stage's outputs or none of them: the block writes every output to its
+    temporary (`staging(path)`, `staging.dir(path)`); only when all are written are they
+    renamed onto the outputs, one rename each. A failure in the block (a full disk, a bug)
+    removes the temporaries and leaves every previous output untouched; an OSError becomes one
+    UserError naming the output being written."""
+    staging = Staging()
+    backups: list[tuple[Path, Path]] = []  # (old directory moved aside, its output)
+    try:
+        try:
+            yield staging
+        except OSError as err:
+            raise write_error(err, staging.current or "an output") from err
+        for tmp, _ in staging.pairs:
+            publish_modes(tmp)
+        for tmp, target in staging.pairs:
+            try:
+                if tmp.is_dir() and target.exists():
+                    # a directory cannot be renamed over a non-empty one: the old one is moved
+                    # aside first and deleted once every output is in place
+                    aside = target.with_name(f".{target.name}.{os.getpid()}.old{_TMP_SUFFIX}")
+                    _remove(aside)
+                    os.replace(target, aside)
+                    backups.append((aside, target))
+                os.replace(tmp, target)
+            except OSError as err:
+                raise write_error(err, target) from err
+    except BaseException:
+        for aside, target in backups:  # put back any old directory not yet replaced
+            if not target.exists():
+                os.replace(aside, target)
+        raise
+    finally:
+        for tmp, _ in staging.pairs:
+            _STAGED.discard(tmp)
+            _remove(tmp)
+        for aside, _ in backups:
+            _remove(aside)
 
 
 def write_json(obj: Any, path: str | Path) -> None:

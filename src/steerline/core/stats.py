@@ -18,6 +18,12 @@ Z95 = 1.959963984540054  # standard normal quantile 0.975
 CI_LEVEL = 0.95  # paired bootstrap intervals
 
 
+def round_p(p: float, digits: int = 3) -> float:
+    """A p-value rounded to `digits` significant digits for a metrics file: a fixed number of
+    decimals would write p = 9.5e-07 as 0.0, which reads as impossible."""
+    return float(f"{float(p):.{digits}g}")
+
+
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval (default 95%) of a proportion k / n; n must be >= 1."""
     if n < 1 or not 0 <= k <= n:

@@ -51,7 +51,28 @@ def moe_shape(model: nn.Module, config: Any = None) -> tuple[int, int]:
             "stage needs a Mixture-of-Experts model (e.g. models/moe from build_models, or an "
             "OLMoE / Qwen3-MoE / Mixtral checkpoint)"
         )
+    check_top_k(int(n_experts), int(top_k), f"{type(model).__name__} config")
     return int(n_experts), int(top_k)
+
+
+def check_top_k(n_experts: int, top_k: int, where: str) -> None:
+    """num_experts_per_tok must lie in 1..n_experts: a larger value otherwise fails inside the
+    first forward with torch's bare "selected index k out of range"."""
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"{where}: num_experts_per_tok={top_k} but the model has {n_experts} "
+                         f"experts per layer: set num_experts_per_tok to 1..{n_experts} in its "
+                         "config.json")
+
+
+def context_length(config: Any) -> int:
+    """The model's positions (max_position_embeddings; a multimodal config's text_config), the
+    bound of check_context; 2**30 when the config declares none."""
+    if isinstance(config, dict):
+        n = config.get("text_config", config).get("max_position_embeddings")
+    else:
+        n = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings",
+                    None)
+    return int(n) if n else 1 << 30
 
 
 def _n_out(mod: nn.Module) -> int | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from steerline.core.chat import render_chat
-from steerline.core.io import write_json, write_timings
+from steerline.core.io import staged_outputs, write_json, write_timings
 from steerline.core.params import Params
 from steerline.model.gguf import find_gguf, load_gguf_dense, save_model
 from steerline.model.moefy import MoeSpec, fidelity, greedy_answers, moefy
@@ -72,9 +72,10 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         for q, c, d, m in zip(questions[n_cal : n_cal + 8], eval_prompts, seqs[n_cal:], moe_seqs,
                               strict=False)
     ]
-    save_model(dense, tokenizer, out.base)
-    save_model(moe, tokenizer, out.moe)
-    write_json(samples, out.samples)
-    write_json(metrics, out.metrics)
+    with staged_outputs() as staged:  # both models and both reports, or none of them
+        save_model(dense, tokenizer, staged.dir(out.base))
+        save_model(moe, tokenizer, staged.dir(out.moe))
+        write_json(samples, staged(out.samples))
+        write_json(metrics, staged(out.metrics))
     write_timings("build_models", {"build_seconds": time.time() - t0})  # not a DVC output
     print(json.dumps(metrics, indent=2))

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
 from steerline.core.params import Params
 from steerline.model.fingerprint import model_fingerprint
-from steerline.model.load import moe_config
+from steerline.model.load import check_weights, load_tokenizer, moe_config
 from steerline.steermoe.data.safety import check_prompt_texts
 from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 from steerline.steermoe.routing.capture_dp import CapturePool
@@ -42,6 +41,8 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
     check_prompt_texts(prompts, str(inputs.prompts))
     moe_config(model)  # a missing or dense model is rejected before any weight is loaded
+    check_weights(model)  # a truncated or missing weights file: one line, before any work
+    tokenizer = load_tokenizer(model)
     fingerprint = model_fingerprint(model)
     vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
                         gpu_memory_utilization=p.gpu_memory_utilization,
@@ -56,7 +57,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     with opened as backend:
         gens = run_capture(
             backend,
-            AutoTokenizer.from_pretrained(model),
+            tokenizer,
             prompts,
             CaptureConfig(p.max_new_tokens, p.shard_prompts),
             out.routing,

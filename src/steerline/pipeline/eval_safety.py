@@ -23,12 +23,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
-from steerline.core.io import atomic_path, read_json, write_json, write_parquet, write_timings
+from steerline.core.io import read_json, staged_outputs, write_json, write_parquet, write_timings
 from steerline.core.params import Params
-from steerline.model.load import load_moe
+from steerline.model.load import load_moe, load_tokenizer
 from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
 from steerline.steermoe.safety.evaluate import (
     answer_frame,
@@ -130,7 +129,7 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     options = {"seed": params.seed} if p.backend == "vllm" else {}
     for model_dir in (p.model, p.finetuned):
         t = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         with make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size,
                           **options) as backend:
             plans = plans or make_plans(params, inputs, selections,
@@ -185,20 +184,23 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
 
 
 def write(result: SafetyRun, params: Params, out: Outputs) -> None:
-    """Answers, bar plot data and PNG, details, then the metrics file (each written atomically)."""
+    """Answers, bar plot data and PNG, details and the metrics file, published together
+    (core.io.staged_outputs: all or none of them replace the previous run's)."""
     p = params.eval_safety
     write_timings("eval_safety", result.seconds)
-    write_parquet(pd.concat(list(result.frames.values()), ignore_index=True), out.answers)
-    with atomic_path(out.plot_csv) as tmp:
-        bar_rows(result.rates).to_csv(tmp, index=False)
     steer = result.plans[p.model]["steered"]
     assert steer is not None
     n_trained = result.details["finetuned"]["n_experts_trained"]
-    bar_plot(result.rates, out.plot_png, f"{p.model} ({p.split} split): base, expert-steered "
-             f"({len(steer.deactivate)} off, {len(steer.activate)} on), fine-tuned "
-             f"({n_trained} experts) and fine-tuned + steering")
-    write_json(result.details, out.details)
-    write_json(headline_metrics(result.metrics, result.rates, result.comparisons), out.metrics)
+    with staged_outputs() as staged:
+        write_parquet(pd.concat(list(result.frames.values()), ignore_index=True),
+                      staged(out.answers))
+        bar_rows(result.rates).to_csv(staged(out.plot_csv), index=False)
+        bar_plot(result.rates, staged(out.plot_png), f"{p.model} ({p.split} split): base, "
+                 f"expert-steered ({len(steer.deactivate)} off, {len(steer.activate)} on), "
+                 f"fine-tuned ({n_trained} experts) and fine-tuned + steering")
+        write_json(result.details, staged(out.details))
+        write_json(headline_metrics(result.metrics, result.rates, result.comparisons),
+                   staged(out.metrics))
 
 
 def table(result: SafetyRun) -> str:

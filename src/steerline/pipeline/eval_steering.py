@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from steerline.core.io import atomic_path, read_json, write_json, write_parquet, write_timings
+from steerline.core.io import read_json, staged_outputs, write_json, write_parquet, write_timings
 from steerline.core.params import EvalSteering, Params
 from steerline.mat_steer.activations import load_all_activations, split_pos_neg
 from steerline.mat_steer.checkpoint import check_compatible, load_steering
@@ -154,11 +154,11 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
 
 def write(result: EvalRun, out: Outputs) -> None:
     write_timings("eval_steering", result.seconds)
-    write_parquet(result.items, out.items)
-    with atomic_path(out.hist) as tmp:
-        pd.DataFrame(result.hist).to_csv(tmp, index=False)
-    write_json(result.metrics, out.metrics)
-    write_json(result.details, out.details)
+    with staged_outputs() as staged:  # all four replace the previous run's, or none does
+        write_parquet(result.items, staged(out.items))
+        pd.DataFrame(result.hist).to_csv(staged(out.hist), index=False)
+        write_json(result.metrics, staged(out.metrics))
+        write_json(result.details, staged(out.details))
 
 
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:

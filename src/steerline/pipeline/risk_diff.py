@@ -1,9 +1,10 @@
 """Stage risk_diff: routing shards + the safety prompts (each prompt's source, for the contrasts)
 -> the per-(layer, expert) risk-difference table, its heatmap, plot data and summary.
 
-Everything is computed (and the PNG rendered in memory) before the first write, so a failure
-leaves the previous outputs untouched; each write is atomic. One stage definition serves the
-base and the fine-tuned model's routing (dvc.yaml's foreach).
+Everything is computed (and the PNG rendered in memory) before the first write, and the four
+outputs are published together (core.io.staged_outputs: all temporaries written, then the
+renames), so a failure, a full disk included, leaves the previous outputs untouched. One stage
+definition serves the base and the fine-tuned model's routing (dvc.yaml's foreach).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerline.core.io import atomic_path, write_json, write_parquet
+from steerline.core.io import staged_outputs, write_json, write_parquet
 from steerline.core.params import Params
 from steerline.steermoe.detection.plots import heatmap_png, plot_rows
 from steerline.steermoe.detection.risk_diff import compute_risk_diff
@@ -59,12 +60,11 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     png = heatmap_png(df, meta)
     plot_csv = plot_rows(df).to_csv(index=False, float_format="%.6g")
 
-    write_parquet(df, out.report, metadata=meta)
-    with atomic_path(out.heatmap) as tmp:
-        tmp.write_bytes(png)
-    with atomic_path(out.plot_data) as tmp:
-        tmp.write_text(plot_csv)
-    write_json(summary, out.summary)
+    with staged_outputs() as staged:
+        write_parquet(df, staged(out.report), metadata=meta)
+        staged(out.heatmap).write_bytes(png)
+        staged(out.plot_data).write_text(plot_csv)
+        write_json(summary, staged(out.summary))
     sig = summary["significant"]
     log.info(
         "scope %s: %s safe / %s unsafe tokens, max |risk_diff| %.4f; pairs with q <= %g: pooled "

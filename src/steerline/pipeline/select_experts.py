@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerline.core.io import parquet_metadata, write_json
+from steerline.core.io import parquet_metadata, staged_outputs, write_json
 from steerline.core.params import Params
 from steerline.steermoe.detection.select_experts import experts_summary, select_experts
 
@@ -40,6 +40,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     )
     summary = experts_summary(df, selection, meta)
 
-    write_json(selection, out.experts)
-    write_json(summary, out.summary)
+    with staged_outputs() as staged:  # both files or neither (a full disk leaves the old pair)
+        write_json(selection, staged(out.experts))
+        write_json(summary, staged(out.summary))
     log.info("%d unsafe and %d safe experts selected", summary["n_unsafe"], summary["n_safe"])

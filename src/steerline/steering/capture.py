@@ -84,11 +84,18 @@ class RoutingRecorder:
         self.steps.append(self.collect(batch, seq))
 
 
-def check_context(prompts: Sequence[ChatPrompt], ids: Sequence[str], max_new: int, ctx: int):
-    for pid, p in zip(ids, prompts, strict=True):
-        if len(p.ids) + max_new > ctx:
+def check_context(prompts: Sequence[ChatPrompt | Sequence[int]], ids: Sequence[str] | None,
+                  max_new: int, ctx: int) -> None:
+    """The one context rule of every backend and command: each prompt's tokens plus
+    max_new_tokens fit in the model's positions (`ctx`), checked before any generation (the
+    transformers model would otherwise run past its positions for minutes and answer
+    nonsense). `ids` name the prompts in the error (None: their 0-based index)."""
+    names = [str(i) for i in range(len(prompts))] if ids is None else ids
+    for pid, p in zip(names, prompts, strict=True):
+        n = len(p.ids) if isinstance(p, ChatPrompt) else len(p)
+        if n + max_new > ctx:
             raise ValueError(
-                f"prompt {pid!r} has {len(p.ids)} tokens; with max_new_tokens={max_new} it "
+                f"prompt {pid!r} has {n} tokens; with max_new_tokens={max_new} it "
                 f"exceeds the model's context of {ctx}: shorten the prompt or lower max_new_tokens"
             )
 

@@ -91,7 +91,10 @@ def read_experts_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{path} not found: run the select_experts stage first")
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:  # its own message names no file
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): write "
+                         "it as UTF-8 JSON, or rerun select_experts") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(obj, dict) or not all(
@@ -136,11 +139,7 @@ def expert_list(
     )
     if not ranked:
         raise ValueError(f"experts.json has no {side} experts and risk_diff ranks none either")
-    log.warning(
-        "experts.json lists no %s experts: using the top %d of the risk_diff ranking instead "
-        "(regardless of q-value)", side, min(n, len(ranked)),
-    )
-    return ranked[:n], "risk_diff_fallback"
+    return ranked[:n], "risk_diff_fallback"  # plan_from_experts logs how many it steers
 
 
 # ---------------------------------------------------------------------------- plan
@@ -250,6 +249,13 @@ def plan_from_experts(
         )
         ranked = [p for p in ranked if p not in deactivate]
         activate = capped(ranked, top_k)[:n]
+    # the count actually steered (after n and the per-layer caps), not the ranking's length
+    for which, chosen, side in (("deactivate", deactivate, "unsafe"),
+                                ("activate", activate, "safe")):
+        if source.get(which) == "risk_diff_fallback":
+            log.warning("experts.json lists no %s experts: %sing %d experts from the top of "
+                        "the risk_diff ranking instead (regardless of q-value)", side, which[:-1],
+                        len(chosen))
     plan = SteeringPlan(tuple(activate), tuple(deactivate), delta, source)
     plan.validate(n_layers, n_experts, top_k)
     return plan

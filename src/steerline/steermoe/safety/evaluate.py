@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from steerline.core.chat import render_chat
 from steerline.core.generation import greedy_generate_all
 from steerline.core.io import atomic_path
-from steerline.core.stats import mcnemar_exact, rate
+from steerline.core.stats import mcnemar_exact, rate, round_p
 from steerline.steering.capture import check_context
 from steerline.steering.experts import (
     SteeringPlan,
@@ -301,7 +301,8 @@ def headline_metrics(metrics: Mapping[str, Mapping[str, float]],
                      rates: Mapping[str, Mapping[str, Mapping[str, Any]]],
                      comparisons: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """The DVC metrics: each variant's rates and checks, the 95% bounds of the two headline
-    rates and the McNemar p-values against the reference (4 decimals)."""
+    rates (4 decimals) and the McNemar p-values against the reference (3 significant digits:
+    4 decimals turn p = 4.8e-07 into 0.0)."""
     out: dict[str, dict[str, float]] = {}
     for name, m in metrics.items():
         row = dict(m)
@@ -310,7 +311,8 @@ def headline_metrics(metrics: Mapping[str, Mapping[str, float]],
             row[f"{metric}_ci_high"] = rates[name][metric]["ci_high"]
             if name in comparisons:
                 row[f"{metric}_mcnemar_p"] = comparisons[name][metric]["p_value"]
-        out[name] = {k: round(float(v), 4) for k, v in row.items()}
+        out[name] = {k: round_p(v) if k.endswith("_mcnemar_p") else round(float(v), 4)
+                     for k, v in row.items()}
     return out
 
 
