@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from steerline.cli import experts, generate, routes, stages
 from steerline.cli.common import CliError
+from steerline.core.errors import UserError
 
 COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "stages": stages}
 
@@ -49,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"steerline {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # the library's own errors already say what to fix (DenseModelError is a ValueError)
+    except (UserError, ValueError, FileNotFoundError, RuntimeError) as err:
+        # the library's own errors already say what to fix (DenseModelError is a ValueError; a
+        # prompt render_chat refuses is a UserError)
         print(f"steerline {args.command}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `steerline experts | head`
