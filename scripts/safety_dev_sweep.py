@@ -38,6 +38,7 @@ from steerline.steering.experts import (
     plan_from_experts,
     read_experts_json,
 )
+from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.safety.evaluate import (
     ANSWER_COLUMNS,
     select_eval_prompts,
@@ -149,7 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     runs = json.loads(args.spec.read_text())
-    prompts = select_eval_prompts(pd.read_parquet(args.prompts), None, None, args.seed,
+    prompts = select_eval_prompts(read_safety_prompts(args.prompts), None, None, args.seed,
                                   split="dev")
     rows = pd.read_csv(args.out).to_dict("records") if args.out.is_file() else []
     answers = pd.read_parquet(args.answers) if args.answers.is_file() else None

@@ -189,6 +189,33 @@ def test_generations_must_come_from_the_same_capture(routing, tmp_path):
         read_generations(tmp_path / "gen.parquet", routing)
 
 
+def test_generations_with_repeated_prompt_ids_are_named_with_the_file(routing, tmp_path,
+                                                                     tokenizer):
+    """Fault injection: two answers for p1 and p3 in a generations file whose manifest vouches
+    for it (rewritten with it). The reader names the ids and the file; finetune_experts' SFT
+    data, which looks each answer up by id, used to end in "The truth value of a Series is
+    ambiguous"."""
+    from steerline.core.errors import UserError
+    from steerline.steermoe.data.sft import build_sft_examples
+
+    gens = read_generations(tmp_path / "gen.parquet", routing)
+    doubled = pd.concat([gens, gens.iloc[[1, 3]]], ignore_index=True)
+    doubled.to_parquet(tmp_path / "gen.parquet")
+    write_routing_manifest(routing, None, tmp_path / "gen.parquet")  # consistent again
+    with pytest.raises(UserError) as err:
+        read_generations(tmp_path / "gen.parquet", routing)
+    assert str(err.value) == (f"{tmp_path / 'gen.parquet'}: prompt_id repeated: p1, p3 (one "
+                              "answer per prompt expected); delete data/routing and rerun "
+                              "capture_routing (dvc repro capture_routing)")
+    prompts = prompts_frame().assign(split="detect")
+    with pytest.raises(UserError, match="generations repeat prompt_id p1, p3: one answer per "
+                                        "prompt expected"):
+        build_sft_examples(tokenizer, prompts, doubled, eos_id=2, seed=0)
+    # the clean file builds: a refusal for each unsafe prompt (p1, p3)
+    assert [(e.prompt_id, e.kind) for e in build_sft_examples(
+        tokenizer, prompts, gens, eos_id=2, seed=0)][:2] == [("p1", "refusal"), ("p3", "refusal")]
+
+
 def test_stale_temporaries_are_removed_and_outputs_are_0644(tmp_path):
     out = tmp_path / "x.json"
     dead = tmp_path / ".x.json.999999999.abc.tmp"  # a pid that cannot exist

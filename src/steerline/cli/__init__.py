@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_progress()
     try:
         COMMANDS[args.command].run(args)
-    except (CliError, UserError) as err:  # UserError: the library's own (e.g. a prompt file)
+    except (CliError, UserError) as err:  # UserError: the library's own (a prompt file, a
+        # prompt render_chat refuses, a corrupt model)
         print(f"steerline {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as err:

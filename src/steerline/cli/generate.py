@@ -143,7 +143,7 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, ActivationSteering, Steering, make_backend
-    from steerline.core.chat import render_chat
+    from steerline.core.chat import is_blank, render_chat
     from steerline.mat_steer.checkpoint import load_steering
     from steerline.model.load import check_weights, load_tokenizer, model_context
     from steerline.steering.capture import check_context
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     for text in args.prompt:
-        if not text.strip():
+        if is_blank(text):  # whitespace or control characters only (e.g. "\x00")
             raise CliError("--prompt is empty: give the user text to answer")
     mat_layer, activation = None, None
     if args.mat is not None:

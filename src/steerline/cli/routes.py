@@ -74,7 +74,7 @@ def heat_map(experts: np.ndarray, keep: np.ndarray, top_k: int, n_experts: int) 
 
 def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, Steering, make_backend
-    from steerline.core.chat import render_chat
+    from steerline.core.chat import is_blank, render_chat
     from steerline.model.arch import DenseModelError
     from steerline.model.load import check_weights, load_tokenizer, model_context, moe_config
     from steerline.steering.capture import check_context
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    if not args.prompt.strip():
+    if is_blank(args.prompt):  # whitespace or control characters only (e.g. "\x00")
         raise CliError("--prompt is empty: give the user text to route")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -7,14 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from steerline.backends import make_backend
 from steerline.core.params import Params
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.load import check_weights, load_tokenizer, moe_config
-from steerline.steermoe.data.safety import check_prompt_texts
+from steerline.steermoe.data.safety import check_prompt_texts, read_safety_prompts
 from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 from steerline.steermoe.routing.capture_dp import CapturePool
 
@@ -36,7 +35,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.capture_routing
     model = inputs.model
     torch.manual_seed(params.seed)
-    prompts = pd.read_parquet(inputs.prompts)
+    prompts = read_safety_prompts(inputs.prompts)  # the whole table's splits checked
     if "split" in prompts.columns:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
     check_prompt_texts(prompts, str(inputs.prompts))

@@ -29,6 +29,7 @@ from steerline.core.io import read_json, staged_outputs, write_json, write_parqu
 from steerline.core.params import Params
 from steerline.model.load import load_moe, load_tokenizer
 from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
+from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.safety.evaluate import (
     answer_frame,
     backend_answers,
@@ -109,7 +110,7 @@ def make_plans(params: Params, inputs: Inputs, selections: dict[Path, dict[str, 
 def run(params: Params, inputs: Inputs) -> SafetyRun:
     p, s, fs = params.eval_safety, params.expert_steering, params.finetuned_steering
     torch.manual_seed(params.seed)
-    prompts = select_eval_prompts(pd.read_parquet(inputs.prompts), p.max_unsafe, p.max_safe,
+    prompts = select_eval_prompts(read_safety_prompts(inputs.prompts), p.max_unsafe, p.max_safe,
                                   params.seed, split=p.split)
     info_path = Path(p.finetuned) / "trained_experts.json"
     if not info_path.is_file():

@@ -37,6 +37,7 @@ from steerline.model.arch import moe_layers, moe_shape
 from steerline.model.fingerprint import model_fingerprint
 from steerline.model.load import load_moe
 from steerline.steering.experts import Expert, expert_list, read_experts_json
+from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.data.sft import SftExample, build_sft_examples, end_of_turn_id
 from steerline.steermoe.finetuning.distributed import train_slices_distributed
 from steerline.steermoe.finetuning.expert_slices import (
@@ -118,7 +119,7 @@ def prepare(params: Params, inputs: Inputs) -> Run:
     experts, source = expert_list(selection, "unsafe", n, fallback, layers, n_experts)
 
     examples = build_sft_examples(
-        tokenizer, pd.read_parquet(inputs.prompts),
+        tokenizer, read_safety_prompts(inputs.prompts),
         read_generations(inputs.generations, inputs.routing),
         end_of_turn_id(model), params.seed, p.max_unsafe, p.max_safe, p.max_length,
     )

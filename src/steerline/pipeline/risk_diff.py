@@ -13,10 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from steerline.core.io import staged_outputs, write_json, write_parquet
 from steerline.core.params import Params
+from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.detection.plots import heatmap_png, plot_rows
 from steerline.steermoe.detection.risk_diff import compute_risk_diff
 from steerline.steermoe.detection.table import risk_diff_summary
@@ -40,11 +39,8 @@ class Outputs:
 
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.risk_diff
-    if not inputs.prompts.is_file():
-        raise ValueError(
-            f"{inputs.prompts} not found: run prepare_safety first (dvc repro prepare_safety)"
-        )
-    prompts = pd.read_parquet(inputs.prompts, columns=["prompt_id", "label", "source"])
+    table = read_safety_prompts(inputs.prompts)  # split integrity checked on the whole table
+    prompts = table[[c for c in ("prompt_id", "label", "source") if c in table.columns]]
     df, meta = compute_risk_diff(
         inputs.routing,
         token_scope=p.token_scope,

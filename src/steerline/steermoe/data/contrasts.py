@@ -77,12 +77,19 @@ def prompt_sources(
     prompt_ids: Sequence[str], unsafe: np.ndarray, prompts: pd.DataFrame, where: str
 ) -> np.ndarray:
     """[P] source of each routed prompt, joined on prompt_id with the prompt table `prompts`
-    (columns prompt_id, label, source). Raises on a routed prompt missing from the table or a
-    label that disagrees with it."""
+    (columns prompt_id, label, source). Raises on a repeated prompt_id, a routed prompt missing
+    from the table or a label that disagrees with it."""
     missing = [c for c in ("prompt_id", "label", "source") if c not in prompts.columns]
     if missing:
         raise ValueError(f"{where} has no column {missing[0]!r}: rerun prepare_safety")
-    table = prompts.drop_duplicates("prompt_id").set_index("prompt_id")
+    # a repeated id is a leak or a merge gone wrong, never a row to drop silently (which copy
+    # would give the source?)
+    dup = sorted(set(prompts["prompt_id"][prompts["prompt_id"].duplicated()].astype(str)))
+    if dup:
+        raise ValueError(f"{where} repeats prompt_id {', '.join(dup[:8])}"
+                         f"{f' and {len(dup) - 8} more' if len(dup) > 8 else ''}: rerun "
+                         "prepare_safety")
+    table = prompts.set_index("prompt_id")
     ids = pd.Index(list(prompt_ids))
     absent = ids[~ids.isin(table.index)]
     if len(absent):

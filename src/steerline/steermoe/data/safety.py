@@ -14,10 +14,15 @@ eval_safety.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from steerline.core.chat import is_blank
+from steerline.core.errors import UserError
 
 LABELS = ("safe", "unsafe")
 COLUMNS = ["prompt_id", "text", "label", "source", "pair_id", "split"]
@@ -33,7 +38,7 @@ def check_prompt_texts(prompts: pd.DataFrame, where: str) -> None:
         if col not in prompts.columns:
             raise ValueError(f"{where}: missing column {col!r}")
     for pid, text in zip(prompts["prompt_id"], prompts["text"], strict=True):
-        if not isinstance(pid, str) or not pid.strip():
+        if not isinstance(pid, str) or is_blank(pid):
             raise ValueError(f"{where}: prompt_id {pid!r} (text {str(text)[:40]!r}) is not a "
                              "non-empty string: give every prompt a string id")
         if text is None or (isinstance(text, float) and text != text):
@@ -42,8 +47,85 @@ def check_prompt_texts(prompts: pd.DataFrame, where: str) -> None:
         if not isinstance(text, str):
             raise ValueError(f"{where}: prompt {pid!r} has text {text!r} of type "
                              f"{type(text).__name__}: every prompt needs a non-empty string")
-        if not text.strip():
-            raise ValueError(f"{where}: prompt {pid!r} has blank text: remove it or give it text")
+        if is_blank(text):
+            raise ValueError(f"{where}: prompt {pid!r} has blank text (only whitespace or "
+                             "control characters): remove it or give it text")
+
+
+def normalise_text(text: str) -> str:
+    """A prompt's text as a request: NFKC, case-folded, every run of punctuation, symbols and
+    whitespace one space. Two prompts equal under it ask the model the same thing."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(re.sub(r"[\W_]+", " ", folded).split())
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_split_integrity(prompts: pd.DataFrame, where: str) -> None:
+    """The safety prompt table's splits hold no leak, checked wherever a stage reads the table
+    (a leak would otherwise pass silently: risk_diff dropped repeated ids, eval_safety scored a
+    test prompt the model was fine-tuned on). Rules, on the columns the table has:
+
+    - prompt_id unique over the whole table;
+    - split (when present) one of detect / dev / test;
+    - with split and text: no normalised text (`normalise_text`) in both test and detect or
+      dev (the same text twice inside one split is not a leak and is not checked here);
+    - with split and pair_id: every XSTest look-alike pair (rows sharing a pair_id) in one split.
+
+    prepare_safety's table has every column; tables without split (written before the splits,
+    or by tests) get the id rule only. All violations are reported in one UserError that names
+    the prompts.
+    """
+    if "prompt_id" not in prompts.columns:
+        raise UserError(f"{where}: missing column 'prompt_id': rerun prepare_safety")
+    ids = prompts["prompt_id"].astype(str)
+    problems: list[str] = []
+    dup = sorted(set(ids[ids.duplicated()]))
+    if dup:
+        problems.append(f"prompt_id repeated: {_names(dup)}")
+    if "split" in prompts.columns:
+        split = prompts["split"]
+        odd = sorted(set(ids[~split.isin(SPLITS)]))
+        if odd:
+            problems.append(f"split not one of {'/'.join(SPLITS)}: {_names(odd)}")
+        if "text" in prompts.columns:
+            norm = prompts["text"].map(lambda t: normalise_text(t) if isinstance(t, str) else "")
+            held_out = (split == "test").to_numpy()
+            # an empty normal form ("?!") says nothing about the request: never a match
+            test_of: dict[str, list[str]] = {}
+            for pid, n in zip(ids[held_out], norm[held_out], strict=True):
+                if n:
+                    test_of.setdefault(n, []).append(pid)
+            leaks = [f"{pid} ({s}) = {'/'.join(test_of[n])} (test)"
+                     for pid, s, n in zip(ids[~held_out], split[~held_out], norm[~held_out],
+                                          strict=True) if n in test_of]
+            if leaks:
+                problems.append(f"text shared with the test split: {_names(leaks)}")
+        if "pair_id" in prompts.columns:
+            torn = [f"{pair} (" + ", ".join(f"{pid} {s}" for pid, s in zip(
+                        grp["prompt_id"].astype(str), grp["split"], strict=True)) + ")"
+                    for pair, grp in prompts.groupby("pair_id", sort=True)
+                    if grp["split"].nunique() > 1]
+            if torn:
+                problems.append(f"look-alike pair across splits: {_names(sorted(torn))}")
+    if problems:
+        raise UserError(f"{where}: split integrity broken: {'; '.join(problems)}: rebuild the "
+                        "table with prepare_safety (dvc repro prepare_safety), removing any "
+                        "repeated prompt from data/raw")
+
+
+def read_safety_prompts(path: Path) -> pd.DataFrame:
+    """The safety prompt table (prepare_safety's output) as the stages read it: the whole table,
+    its split integrity checked before any caller picks a split from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found: run prepare_safety first (dvc repro prepare_safety)")
+    prompts = pd.read_parquet(path)
+    check_split_integrity(prompts, str(path))
+    return prompts
 
 
 def _text_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
@@ -162,4 +244,8 @@ def build_safety_prompts(
     df = pd.concat([adv, load_xstest(xstest)], ignore_index=True)
     validate_prompts(df, "safety prompts")
     df["split"] = split_grouped(df, detect_fraction, dev_fraction, seed)
-    return df[COLUMNS].sort_values("prompt_id").reset_index(drop=True)
+    df = df[COLUMNS].sort_values("prompt_id").reset_index(drop=True)
+    # the raw data can hold the same request twice (e.g. a copy under another AdvBench row):
+    # refused here, before anything is written, as every reader of the table would refuse it
+    check_split_integrity(df, f"safety prompts from {advbench} and {xstest}")
+    return df

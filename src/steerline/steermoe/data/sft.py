@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from steerline.core.chat import render_chat
+from steerline.core.errors import UserError
 
 #: Refusal answers for the unsafe SFT prompts (one per prompt, chosen by a seeded hash).
 REFUSAL_TEMPLATES: tuple[str, ...] = (
@@ -88,6 +89,10 @@ def build_sft_examples(
     if "split" in prompts.columns:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never trained on
     unsafe = _subsample(prompts[prompts["label"] == "unsafe"], max_unsafe, seed)
+    repeated = sorted(set(generations["prompt_id"][generations["prompt_id"].duplicated()]))
+    if repeated:  # each lookup below must give one answer, not a Series of them
+        raise UserError(f"generations repeat prompt_id {', '.join(map(str, repeated[:8]))}: one "
+                        "answer per prompt expected; rerun capture_routing")
     gens = generations.set_index("prompt_id")
     safe = prompts[(prompts["label"] == "safe") & prompts["prompt_id"].isin(gens.index)]
     safe = safe[[bool(str(gens.loc[p, "answer"]).strip()) for p in safe["prompt_id"]]]

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from steerline.core.errors import UserError
+
 ROUTING_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -419,4 +421,14 @@ def read_generations(generations_path: str | Path, routing_dir: str | Path):
         raise _bad(path, f"is not the generations file of the capture in {routing_dir} "
                          "(its SHA-256 differs from manifest.json: a kill between the two "
                          "writes, or files from two captures)")
-    return pd.read_parquet(path)
+    gens = pd.read_parquet(path)
+    # One answer per prompt: a repeated id (a file edited with its manifest, or two captures
+    # merged) would make every per-prompt lookup return several rows.
+    if "prompt_id" in gens.columns:
+        ids = gens["prompt_id"].astype(str)
+        dup = sorted(set(ids[ids.duplicated()]))
+        if dup:
+            more = f" and {len(dup) - 8} more" if len(dup) > 8 else ""
+            raise UserError(f"{path}: prompt_id repeated: {', '.join(dup[:8])}{more} (one answer "
+                            f"per prompt expected); {_RERUN}")
+    return gens
