@@ -76,9 +76,10 @@ def test_report_on_a_tiny_workspace(tmp_path):
     assert text == (tmp_path / "reports/report.md").read_text()
     sections = [ln for ln in text.splitlines() if ln.startswith("## ")]
     assert [s.split(" (")[0].split(":")[0] for s in sections] == [
-        "## Metrics", "## Selected experts", "## Safety evaluation", "## MAT-Steer evaluation",
-        "## Plots"]
+        "## What changed vs HEAD", "## Metrics", "## Selected experts", "## Safety evaluation",
+        "## MAT-Steer evaluation", "## Plots"]
     assert "n/a: `dvc metrics diff HEAD --md` failed" in text  # no git in the workspace
+    assert "n/a: params.yaml lacks eval_steering.n_bootstrap or seed" in text
     lines = text.splitlines()
     assert "**selected by select_experts** (1 unsafe, 0 safe; first 2 of each list)" in lines
     assert "| unsafe | 1 | 0 | 0 | 0.300 | n/a | 0.010 |" in lines  # the selected table

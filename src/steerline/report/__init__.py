@@ -1,7 +1,9 @@
 """The CI report, DVC's convention (what CML's `cml comment create` posts): reports/report.md
-with `dvc metrics diff --md` against a base commit, the selected experts (top N each way with
-risk_diff, CI and q), the safety and MAT-Steer tables with their confidence intervals, and every
-`dvc plots` plot as a PNG beside it (reports/report_plots/). Built from local files only.
+with, first, what changed against a base commit item by item with a paired test per headline
+metric (report/paired.py), then `dvc metrics diff --md` against it, the selected experts (top N
+each way with risk_diff, CI and q), the safety and MAT-Steer tables with their confidence
+intervals, and every `dvc plots` plot as a PNG beside it (reports/report_plots/). Built from
+local files only.
 
     python -m steerline.report [--base main] [--out reports/report.md]   (`make report`)
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from steerline.core.io import atomic_path
+from steerline.report import paired
 
 LO_KEYS = ("ci_low", "lo", "low", "ci_lo", "lower")
 HI_KEYS = ("ci_high", "hi", "high", "ci_hi", "upper")
@@ -356,11 +359,23 @@ def plots_section(root: Path, out_dir: Path, rel: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- build
+def _params(root: Path) -> dict[str, Any]:
+    """params.yaml as a dict ({} when missing or unreadable: the report never fails on it)."""
+    import yaml
+
+    try:
+        return yaml.safe_load((root / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def build(root: Path, out: Path, base: str | None, top: int) -> str:
     ref = base_ref(root, base)
     plots_dir = out.with_name(out.stem + "_plots")
     sections = [
         "# steerline report",
+        f"## What changed vs {ref} (paired, the same test items)\n\n"
+        + paired.section(root, ref, md_table, _params(root)),
         f"## Metrics: `dvc metrics diff {ref} --md`\n\n" + metrics_diff(ref, root),
         "## Selected experts (reports/risk_diff.parquet)\n\n" + experts_section(root, top),
         "## Safety evaluation (reports/safety_eval.json)\n\n"
@@ -393,6 +408,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = build(root, out, args.base, args.top)
     print(f"wrote {out} ({len(text.splitlines())} lines) and {out.stem}_plots/")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m steerline.report` (`make report`)."""
+
+from steerline.report import main
+
+main()
