@@ -618,7 +618,7 @@ def mat_steer_scales(r: Reports) -> str:
         chosen = d.num("scales", c)
         tried = [float(s) for s in d.at("dev_sweeps", c).keys()]
         cells = []
-        for s in d.at("dev_sweeps", c).keys():
+        for s in sorted(d.at("dev_sweeps", c).keys(), key=float):  # grid extensions in place
             v = f"x{float(s):g}: {f3(d.num('dev_sweeps', c, s, 'average'))}"
             cells.append(f"**{v}**" if float(s) == chosen else v)
         edge = "largest tried" if chosen == max(tried) else "smallest tried" \

@@ -149,6 +149,9 @@ class EvalSteering(Strict):
     mean_diff_scales: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)  # chosen on dev
     # MAT-Steer steering-vector multipliers, chosen on dev like the baselines' (one = no sweep)
     mat_scales: list[Annotated[float, Field(gt=0, le=100)]] = Field(min_length=1)
+    # dev picks at a grid's edge add the next point beyond it (x2 / half), up to this many per
+    # side (0 = the grids as given)
+    grid_extend: int = Field(ge=0, le=8)
     # Test items scored per task (null = the whole test split), sized for a 2-core CPU
     max_test_items: dict[Literal["truthfulqa", "toxigen", "bbq"], Annotated[int, Field(ge=1)]
                          | None]

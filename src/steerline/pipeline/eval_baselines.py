@@ -85,8 +85,10 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     def single_fn(s: float):
         return {t: additive_fn(s * v) for t, v in own.items()}
 
-    md_scale, md_sweep = scorer.pick("mean_diff", p.mean_diff_scales, all_fn)
-    single_scale, single_sweep = scorer.pick("single_attribute", p.mean_diff_scales, single_fn)
+    md_scale, md_sweep, md_edge = scorer.pick("mean_diff", p.mean_diff_scales, all_fn,
+                                              p.grid_extend)
+    single_scale, single_sweep, single_edge = scorer.pick(
+        "single_attribute", p.mean_diff_scales, single_fn, p.grid_extend)
     values = {"base": scorer.run("base", test_items, None),
               "mean_diff": scorer.run("mean_diff", test_items, all_fn(md_scale)),
               "single_attribute": scorer.run("single_attribute", test_items,
@@ -94,6 +96,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     choices = {"layer": layer, "model": model_path,
                "scales": {"mean_diff": md_scale, "single_attribute": single_scale},
                "dev_sweeps": {"mean_diff": md_sweep, "single_attribute": single_sweep},
+               "at_grid_edge": {"mean_diff": md_edge, "single_attribute": single_edge},
                "mean_diff_direction_norm": float(direction.norm())}
     with atomic_dir(out.baselines) as tmp:
         write_parquet(item_rows(values, test_items), tmp / VALUES)

@@ -84,7 +84,14 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
     def mat_fn(s: float):
         return mat_steer_fn(with_vector_scale(module, s))
 
-    mat_scale, mat_sweep = scorer.pick("mat_steer", p.mat_scales, mat_fn)
+    mat_scale, mat_sweep, mat_edge = scorer.pick("mat_steer", p.mat_scales, mat_fn,
+                                                 p.grid_extend)
+    edges = {**choices["at_grid_edge"], "mat_steer": mat_edge}
+    for name, edge in edges.items():
+        if edge is not None:  # the dev optimum may lie beyond: say so where the choice is read
+            log.warning("%s: the dev pick %g is still at the %s of its grid after %d extra "
+                        "point(s): widen the grid (params.yaml eval_steering)", name,
+                        {**choices["scales"], "mat_steer": mat_scale}[name], edge, p.grid_extend)
     values = {**baselines, "mat_steer": scorer.run("mat_steer", test_items, mat_fn(mat_scale))}
 
     train = split_pos_neg(acts, labels, splits, "train")
@@ -108,6 +115,7 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
     details = {
         "layer": layer, "scales": {**choices["scales"], "mat_steer": mat_scale},
         "dev_sweeps": {**choices["dev_sweeps"], "mat_steer": mat_sweep},
+        "at_grid_edge": edges,
         "interference": interference,
         "mean_diff_direction_norm": choices["mean_diff_direction_norm"],
         "steering_vector_norms": dict(zip(attributes,

@@ -53,14 +53,34 @@ class Scorer:
                  self.seconds[name])
         return out
 
-    def pick(self, name: str, scales: list[float], make_fn: Callable[[float], Any]
-             ) -> tuple[float, dict]:
-        """The scale with the best dev average over the metrics (no dev run for one scale)."""
+    def pick(self, name: str, scales: list[float], make_fn: Callable[[float], Any],
+             extend: int = 0) -> tuple[float, dict, str | None]:
+        """The scale with the best dev average over the metrics (no dev run for one scale), the
+        dev sweep, and which edge of the grid the pick still sits at (None: inside it).
+
+        A best scale at the top of the grid adds 2x it, at the bottom half of it, up to `extend`
+        points per side, so a sweep that is still rising at its edge finds where it stops."""
         if len(scales) == 1:
-            return scales[0], {}
-        sweep = {f"{s:g}": means(self.run(f"{name} dev x{s:g}", self.dev_items, make_fn(s)))
-                 for s in scales}
-        return max(scales, key=lambda s: sweep[f"{s:g}"]["average"]), sweep
+            return scales[0], {}, None
+        sweep: dict[str, dict[str, float]] = {}
+
+        def score(s: float) -> float:
+            if f"{s:g}" not in sweep:
+                sweep[f"{s:g}"] = means(self.run(f"{name} dev x{s:g}", self.dev_items,
+                                                 make_fn(s)))
+            return sweep[f"{s:g}"]["average"]
+
+        grid = sorted(scales)
+        for s in grid:
+            score(s)
+        added = {"top": 0, "bottom": 0}
+        while True:
+            best = max(grid, key=score)  # ties: the first, i.e. the smaller scale
+            edge = "top" if best == grid[-1] else "bottom" if best == grid[0] else None
+            if edge is None or added[edge] >= extend:
+                return best, sweep, edge
+            added[edge] += 1
+            grid = [*grid, best * 2] if edge == "top" else [best / 2, *grid]
 
 
 def item_rows(values: dict[str, Values], test_items: dict[str, pd.DataFrame]) -> pd.DataFrame:
