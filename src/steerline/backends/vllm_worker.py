@@ -9,9 +9,15 @@ Hooks on the model the worker's runner holds (installed by `configure`, removed 
   requests in row order (`input_batch.req_ids`), their row offsets (`query_start_loc`) and the
   token positions; each request names itself and its steering by its SamplingParams.extra_args;
 - a forward hook on every router (found by `steerline.model.arch.find_routers`, as for
-  transformers models; the rule per router from the same place): the SteerMoE edit of
-  the steered requests' rows (`expert_steering.steer_scores`), then the routing rule (below) and,
-  when capturing, the top-k ids and weights of every row;
+  transformers models; the rule per router from the same place, checked against the routing
+  vLLM's fused MoE was built with, `families.vllm_router_kwargs`): the SteerMoE edit of the
+  steered requests' rows, then the routing rule (below) and, when capturing, the top-k ids and
+  weights of every row by the family's own `select`. For the rules that rank the logits or their
+  softmax (every family but DeepSeek-V3) the edit is new logits (`families.steer_logits`), which
+  vLLM's routing function ranks as the family does. DeepSeek-V3 ranks sigmoid(logits) + its
+  correction bias within groups, which no logit edit can always reorder: its steered rows get
+  `families.steer`'s ids and weights inside vLLM's fused MoE router (`_compute_routing` of that
+  layer's router, wrapped for the call);
 - a forward hook on a decoder layer for activation steering of the rows that ask for it. vLLM
   layers return (hidden, residual) with the residual add deferred to the next layer's fused
   add-norm; the residual stream is hidden + residual, so a steered row returns
@@ -27,8 +33,10 @@ less than ~1e-7 apart round to equal probabilities, transformers breaks the tie 
 and vLLM does not see it; each such flip changes that token's FFN output and answers can drift.
 Rule "transformers" makes vLLM's MoE use the transformers choice: on tie rows only, any expert
 outside the transformers top-k whose logit reaches the smallest chosen one is lowered to the next
-float below it (the chosen logits, hence the weights, are untouched). Rule "engine" keeps vLLM's
-choice (and plain generation then runs with no hook at all).
+float below it (the chosen logits, hence the weights, are untouched); this applies to the rules
+whose top-k is a top-k of the logits (`families.LOGIT_TOPK_RULES`); the group-limited DeepSeek
+rules are captured by `select`, the float32 formula vLLM's grouped top-k computes. Rule "engine"
+keeps vLLM's choice (and plain generation then runs with no hook at all).
 """
 
 from __future__ import annotations
@@ -49,7 +57,15 @@ from steerline.model.arch import (
     moe_shape,
     router_topk,
 )
-from steerline.model.families import RouterRule, check_vllm_family, steer_scores
+from steerline.model.families import (
+    LOGIT_TOPK_RULES,
+    RouterRule,
+    check_vllm_family,
+    select,
+    steer,
+    steer_logits,
+    vllm_router_kwargs,
+)
 from steerline.steering.request import Steering
 
 KEY_ARG = "steerline_key"
@@ -78,6 +94,71 @@ def engine_topk(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Ten
     return ids, (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp()
 
 
+def force_rows(weights: torch.Tensor, ids: torch.Tensor,
+               forced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's routing (weights, ids) [N, k] with rows replaced by `forced` (rows, ids, weights)
+    each, dtypes kept (the fused MoE reads contiguous float32 / int32 buffers)."""
+    weights, ids = weights.clone(), ids.clone()
+    for rows, f_ids, f_w in forced:
+        ids[rows] = f_ids.to(ids.dtype)
+        weights[rows] = f_w.to(weights.dtype)
+    return weights.contiguous(), ids.contiguous()
+
+
+def forced_routing(compute: Callable, forced_of: Callable[[], list | None]) -> Callable:
+    """A fused-MoE router's `_compute_routing` whose rows named by `forced_of()` (read at call
+    time) are replaced (`force_rows`); the other rows are vLLM's own."""
+    def routing(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                indices_type: torch.dtype | None, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = compute(hidden_states, router_logits, indices_type, **kwargs)
+        forced = forced_of()
+        return force_rows(weights, ids, forced) if forced else (weights, ids)
+
+    return routing
+
+
+def check_engine_router(router: Any, rule: RouterRule, layer: int) -> None:
+    """One clear error when vLLM's fused MoE router of `layer` does not route by the family's
+    rule (e.g. a config key vLLM reads and transformers does not); attributes a router class
+    lacks are not compared (routers differ by platform)."""
+    missing = object()
+    for key, want in vllm_router_kwargs(rule).items():
+        if key == "routed_scaling_factor":
+            continue  # vLLM may scale the MoE output instead (apply_routed_scale_to_output)
+        got = getattr(router, key, missing)
+        if got is missing:
+            continue
+        if key == "e_score_correction_bias":
+            same = (got is None) == (want is None)
+        elif key == "custom_routing_function":
+            same = (got is None) == (want is None) and (want is None or
+                                                       got.__name__ == want.__name__)
+        else:
+            same = got == want
+        if not same:
+            raise RuntimeError(
+                f"decoder layer {layer}: vLLM's fused MoE routes with {key}={got!r}, the "
+                f"family's rule {rule.rule} needs {key}={want!r}: use the transformers backend")
+
+
+def _fused_router(block: nn.Module | None) -> Any:
+    """The FusedMoERouter of a vLLM MoE block (block.experts is the MoE runner), or None."""
+    experts = getattr(block, "experts", None) if block is not None else None
+    return getattr(experts, "router", None)
+
+
+class _Unpatch:
+    """A hook-like handle that restores a router's own `_compute_routing`."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def remove(self) -> None:
+        self.router.__dict__.pop("_compute_routing", None)
+
+
 @dataclass
 class _Plan:
     """One Steering compiled for this worker's model."""
@@ -100,6 +181,8 @@ class _Batch:
     act_rows: dict[int, list[tuple[torch.Tensor, Callable]]]  # layer -> [(rows, fn)]
     ids: list[torch.Tensor | None]
     weights: list[torch.Tensor | None]
+    # router index -> rows whose routing is set inside the fused MoE (DeepSeek-V3 steering)
+    forced: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
 class SteerlineState:
@@ -120,13 +203,23 @@ class SteerlineState:
             self.n_experts, self.top_k = 0, 0
         sites: list[RouterSite] = []
         if self.n_experts:
-            check_vllm_family(cfg)
+            from vllm.platforms import current_platform
+
+            check_vllm_family(cfg, cpu=current_platform.is_cpu())
             sites = find_routers(self.model, cfg)  # dense layers (first_k_dense_replace) skipped
         self.routers: list[nn.Module] = [s.module for s in sites]
         self.moe_layers: list[int] = [s.layer for s in sites]  # decoder-layer index per router
-        # Served families route by softmax top-k (check_vllm_family); the rule's renormalisation
-        # flag comes from the config as for transformers.
+        # The family's rule per router, from the config (vLLM's gate is a plain linear layer;
+        # DeepSeek's correction bias is the gate's parameter), checked against the routing
+        # vLLM's fused MoE was built with.
         self.rules: list[RouterRule] = [s.rule for s in sites]
+        self.fused: list[Any] = []  # vLLM's fused MoE router per site (None if not found)
+        for s in sites:
+            block = _parent(self.layers[s.layer], s.name.split(".", 3)[3])
+            fused = _fused_router(block)
+            if fused is not None:
+                check_engine_router(fused, s.rule, s.layer)
+            self.fused.append(fused)
         self.device = next(self.model.parameters()).device
         self.capture = False
         self.rule = "transformers"
@@ -161,6 +254,16 @@ class SteerlineState:
         if needs_routers:
             self.handles += [r.register_forward_hook(self._router_hook(i))
                              for i, r in enumerate(self.routers)]
+        forced = {i for p in compiled.values() for i in p.experts
+                  if self.rules[i].rule == "sigmoid_group_topk"}
+        for i in sorted(forced):
+            if self.fused[i] is None:
+                raise RuntimeError(f"decoder layer {self.moe_layers[i]}: no fused MoE router "
+                                   "found to steer (DeepSeek-V3 steering sets its routing)")
+            router = self.fused[i]
+            router._compute_routing = forced_routing(router._compute_routing,
+                                                     self._forced_of(i))
+            self.handles.append(_Unpatch(router))
         for layer in sorted({p.act_layer for p in compiled.values() if p.act_fn is not None}):
             self.act_handles.append(
                 self.layers[layer].register_forward_hook(self._act_hook(layer)))
@@ -206,6 +309,9 @@ class SteerlineState:
         return out
 
     # ---- hooks -------------------------------------------------------------------------------
+    def _forced_of(self, layer: int) -> Callable[[], list | None]:
+        return lambda: None if self.cur is None else self.cur.forced.get(layer)
+
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.cur = None
         runner = self.runner
@@ -240,27 +346,42 @@ class SteerlineState:
                 act_rows.setdefault(plan.act_layer, []).append((rows, plan.act_fn))
         n_routers = len(self.routers)
         self.cur = _Batch(keys, qsl, n_rows, positions[..., :n_rows], expert_rows, act_rows,
-                          [None] * n_routers, [None] * n_routers)
+                          [None] * n_routers, [None] * n_routers, {})
 
     def _router_hook(self, layer: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             cur = self.cur
             is_tuple = isinstance(output, tuple)
             logits = output[0] if is_tuple else output
+            rule = self.rules[layer]
             edited = None
+            forced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             for rows, plan in cur.expert_rows if cur is not None else ():
                 if layer in plan.experts:
+                    act, deact = plan.experts[layer]
+                    if rule.rule == "sigmoid_group_topk":
+                        _, f_ids, f_w = steer(logits[rows], rule, act, deact, plan.delta)
+                        forced.append((rows, f_ids, f_w))
+                        continue
                     # float32 as expert_steering returns it: a bf16 cast would round delta away
                     edited = logits.float().clone() if edited is None else edited
-                    act, deact = plan.experts[layer]
-                    edited[rows] = steer_scores(logits[rows], act, deact, plan.delta)
+                    edited[rows] = steer_logits(logits[rows], rule, act, deact, plan.delta)
             src = logits if edited is None else edited
             capture = cur is not None and self.capture
-            if self.rule == "transformers":
-                _, ids, w = router_topk(src, self.rules[layer])
+            if self.rule == "transformers" and rule.rule in LOGIT_TOPK_RULES:
+                _, ids, w = router_topk(src, rule)
                 edited = src = enforce_topk(src, ids)
-            elif capture:
-                ids, w = engine_topk(src, self.top_k, self.rules[layer].norm)
+            elif capture and self.rule == "engine" and rule.rule in ("softmax_topk",
+                                                                     "topk_softmax"):
+                ids, w = engine_topk(src, self.top_k, rule.norm or rule.rule == "topk_softmax")
+            elif capture:  # the group-limited rules: the same float32 formula vLLM computes
+                ids, w = select(src, rule)
+            if forced:
+                # vLLM's router scales by its own factor (1 when it scales the output instead)
+                scale = float(getattr(self.fused[layer], "routed_scaling_factor", rule.scaling))
+                cur.forced[layer] = [(r, i, w_ * (scale / rule.scaling)) for r, i, w_ in forced]
+                if capture:
+                    w, ids = force_rows(w, ids, forced)
             if capture:
                 cur.ids[layer], cur.weights[layer] = ids[: cur.n_rows], w[: cur.n_rows]
             if edited is None:
@@ -297,6 +418,14 @@ class SteerlineState:
         w = torch.stack(cur.weights, dim=1).to(torch.float16).cpu().numpy()
         pos = cur.positions.reshape(-1).to(torch.int32).cpu().numpy()
         self.blocks.append((cur.keys, cur.qsl, pos, ids, w))
+
+
+def _parent(layer: nn.Module, path: str) -> nn.Module | None:
+    """The module holding the router at `path` (e.g. "mlp.gate" -> layer.mlp)."""
+    module: nn.Module | None = layer
+    for part in path.split(".")[:-1]:
+        module = getattr(module, part, None)
+    return module
 
 
 class SteerlineWorkerExtension:

