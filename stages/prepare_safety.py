@@ -1,6 +1,7 @@
-"""Stage prepare_safety: AdvBench + XSTest -> the safety prompts with detect / dev / test splits.
+"""Stage prepare_safety: params.yaml's prepare_safety.sources -> the safety prompts with splits.
 
-Paths come from dvc.yaml's cmd; the work is steerline.pipeline.prepare_safety.
+The output path comes from dvc.yaml's cmd, the source files from params; the work is
+steerline.pipeline.prepare_safety.
 """
 
 from steerline.pipeline import prepare_safety

@@ -221,3 +221,54 @@ def test_detect_matches_the_pipeline_code_and_feeds_generate(moe_dir, tmp_path, 
                              "--n-experts", "2", "--delta", "0.5", "--max-new-tokens", "2")
     assert code == 0, err
     assert "deactivate 2" in out
+
+
+# ------------------------------------------------------------------ the worked example (docs)
+EXAMPLE = Path(__file__).resolve().parents[1] / "data/examples/pirate"
+# single tokens of the pirate voice in data/examples/pirate/pirate.txt (10 of its 12 prompts)
+PIRATE_WORDS = [" pirate", " sea", " captain", " Arr", " ship", " salty"]
+
+
+@pytest.fixture()
+def pirate_moe(tokenizer, tmp_path) -> Path:
+    """A tiny MoE whose routers send the pirate-voice tokens to expert 0 of every layer
+    (test_pipeline_planted's planting, top_k 1), other tokens at random among the others."""
+    from test_pipeline_planted import plant, single_token_ids
+
+    torch.manual_seed(0)
+    model = finish_model(Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer),
+                                                             num_experts_per_tok=1)), tokenizer)
+    plant(model, single_token_ids(tokenizer, PIRATE_WORDS), [])
+    with torch.no_grad():  # expert 0's logit reads dimension 0 only: 0 for the other tokens,
+        for layer in model.model.layers:  # so they rarely pick it (all 7 others below 0)
+            layer.mlp.gate.weight[0, 1:] = 0.0
+    save_model(model, tokenizer, tmp_path / "pirate_moe")
+    return tmp_path / "pirate_moe"
+
+
+def test_worked_example_from_two_files_to_experts_and_steering(pirate_moe, tmp_path, capsys,
+                                                                monkeypatch):
+    """docs/own_behaviour.md's walk-through: data/examples/pirate's 12 + 12 prompts ->
+    steerline detect -> experts.json -> steerline generate --experts, on a tiny MoE with the
+    pirate words planted on expert 0: detect finds exactly those experts, generate steers them."""
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: detect's committed defaults
+    code, out, err = run_cli(capsys, "detect", "--model", str(pirate_moe), "--unsafe",
+                             str(EXAMPLE / "pirate.txt"), "--safe", str(EXAMPLE / "plain.txt"),
+                             "--max-new-tokens", "4", "--seed", "0", "--top", "5", "--out",
+                             "pirate_experts.json")
+    assert code == 0, err
+    print(out)  # the ranking (pytest -s shows it)
+    assert "12 unsafe prompts" in err and "12 safe prompts" in err
+    # 12 + 12 prompts can reach significance: 2 / C(24, 12) is far below the shuffles' 1 / 1001
+    assert "too few prompts" not in out
+    sel = read_experts_json("pirate_experts.json")
+    assert sorted(map(tuple, sel["unsafe"])) == [(0, 0), (1, 0), (2, 0)], out
+    assert check_experts(sel["unsafe"], 3, 8, "pirate_experts.json")
+    code, out, err = run_cli(capsys, "generate", "--model", str(pirate_moe), "--prompt",
+                             "Explain how ocean tides work, and answer like a pirate.",
+                             "--experts", "pirate_experts.json", "--mode", "deactivate_unsafe",
+                             "--n-experts", "3", "--delta", "0.5", "--max-new-tokens", "3",
+                             "--compare")
+    assert code == 0, err
+    assert "deactivate 3" in out
+    print(out)

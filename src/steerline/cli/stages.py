@@ -26,19 +26,23 @@ def _paths(entries: list[Any] | None) -> list[str]:
     return out
 
 
-_VAR = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+_VAR = re.compile(r"\$\{\s*([\w.\[\]-]+)\s*\}")
 
 
 def _render(value: Any, ctx: dict[str, Any]) -> Any:
-    """DVC's `${a.b}` interpolation of strings inside `value` (lists and dicts walked)."""
+    """DVC's `${a.b}` interpolation of strings inside `value` (lists and dicts walked; a list
+    element as `${a.b[0].c}`, prepare_safety's source deps)."""
     if isinstance(value, str):
         def look(m: re.Match) -> str:
             node: Any = ctx
-            for part in m[1].split("."):
-                if not isinstance(node, dict) or part not in node:
+            for part in re.findall(r"[^.\[\]]+", m[1]):
+                if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                    node = node[int(part)]
+                elif isinstance(node, dict) and part in node:
+                    node = node[part]
+                else:
                     raise CliError(f"dvc.yaml: ${{{m[1]}}} is not defined (params.yaml or the "
                                    "foreach item)")
-                node = node[part]
             return str(node)
         return _VAR.sub(look, value)
     if isinstance(value, list):

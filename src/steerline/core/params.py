@@ -36,12 +36,31 @@ class BuildModels(Strict):
     batch_size: int = Field(ge=1)
 
 
+class SafetySourceParams(Strict):
+    """One prompt file of prepare_safety (steermoe.data.safety_sources.SafetySource says what
+    each key means; the checks that need the file run there). null: the key is not used
+    (format: from the path's extension)."""
+
+    name: str  # each row's source; the style / matched contrasts read advbench and xstest
+    path: str  # relative to the repository root; a dep of the stage (dvc.yaml, by index)
+    prompt_id: str  # template: {index} (0-based file position) or {COLUMN}, e.g. "x-{index:04d}"
+    text: str | None  # the prompt column (null for txt: one prompt per line)
+    format: Literal["csv", "jsonl", "parquet", "txt"] | None
+    label: Literal["unsafe", "safe"] | None  # every row's label, or:
+    label_column: str | None  # the column holding unsafe / safe per row
+    pair: str | None  # look-alike pairs: rows with equal values (one unsafe, one safe)
+    pair_rule: Literal["xstest"] | None  # XSTest v2's contrast_T / T layout instead
+    group: str | None  # rows with equal values stay in one split
+    stratum: str | None  # each value split on its own (null: the source is one stratum)
+    max_prompts: int | None = Field(ge=1)  # seeded subsample (single prompts); null = all
+
+
 class PrepareSafety(Strict):
     # detect (routing, detection, finetuning data) / dev (params choices) / test (read once);
-    # XSTest look-alike pairs stay in one split. detect + dev < 1, the rest is test.
+    # look-alike pairs and groups stay in one split. detect + dev < 1, the rest is test.
     detect_fraction: float = Field(gt=0.0, lt=1.0)
     dev_fraction: float = Field(gt=0.0, lt=1.0)
-    advbench_max: int = Field(ge=1)  # AdvBench is all unsafe: cap it near XSTest's 250 safe
+    sources: list[SafetySourceParams] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _test_split_left(self) -> PrepareSafety:
@@ -267,17 +286,30 @@ class ParamsError(ValueError):
     """params.yaml does not match the schema."""
 
 
-def _format(err: ValidationError) -> str:
+def _source_name(raw: object, loc: tuple) -> str:
+    """' (source NAME)' for an error inside prepare_safety.sources[i] that has a name: the
+    index alone does not say which file to fix."""
+    if loc[:2] != ("prepare_safety", "sources") or len(loc) < 3 or not isinstance(loc[2], int):
+        return ""
+    try:
+        name = raw["prepare_safety"]["sources"][loc[2]]["name"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    return f" (source {name!r})" if isinstance(name, str) else ""
+
+
+def _format(err: ValidationError, raw: object = None) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        of = _source_name(raw, tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown params key {key!r}: remove it or fix its spelling")
+            lines.append(f"unknown params key {key!r}{of}: remove it or fix its spelling")
         elif e["type"] == "missing":
-            lines.append(f"params key {key!r} is missing: every key is required, add it to "
+            lines.append(f"params key {key!r}{of} is missing: every key is required, add it to "
                          "params.yaml (README, 'Params and your own model')")
         else:
-            lines.append(f"params key {key!r}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"params key {key!r}{of}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 
@@ -288,7 +320,7 @@ def parse_params(raw: object) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_format(err)) from None
+        raise ParamsError(_format(err, raw)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

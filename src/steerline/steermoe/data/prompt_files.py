@@ -154,6 +154,83 @@ def read_prompt_file(path: str | Path, column: str = "text",
     return prompts
 
 
+def read_prompt_table(path: str | Path, fmt: str, text: str | None, columns: list[str],
+                      column_fix: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """A prompt file with more than its prompts: (a table of column `text`, renamed "text", and
+    `columns` as read, in file order; where each row is, as "line 3" / "row 3"). `fmt` is
+    txt / csv / jsonl / parquet whatever the extension; a txt file has no columns (`text` None,
+    `columns` empty). The prompts are checked as read_prompt_file checks them; a cell of
+    `columns` is returned as read (CSV: the cell's text), a missing column or key is one
+    PromptFileError naming it, with `column_fix[column]` (how the caller's user names another
+    column)."""
+    path = Path(path)
+    suffix = f".{fmt}"
+    if suffix not in FORMATS:
+        raise PromptFileError(f"{path}: unknown prompt file format {fmt!r}: use one of "
+                              f"{', '.join(f.lstrip('.') for f in FORMATS)}")
+    if not path.exists():
+        raise PromptFileError(f"{path} not found: check the path")
+    if not path.is_file():
+        raise PromptFileError(f"{path} is not a file: give a {fmt} file of prompts")
+    data = path.read_bytes()
+    if fmt == "txt":
+        prompts = _read_txt(path, _decode(path, data))
+        table = pd.DataFrame({"text": [p.text for p in prompts]})
+        where = [p.where for p in prompts]
+    elif fmt == "jsonl":
+        rows, where = [], []
+        for i, line in enumerate(_decode(path, data).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{path}: line {i} is not valid JSON ({err.msg}): one "
+                                      "JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise PromptFileError(f"{path}: line {i} is a JSON {type(obj).__name__}, not "
+                                      "an object: one JSON object per line")
+            for col in [text, *columns]:
+                if col not in obj:
+                    raise PromptFileError(f"{path}: line {i} has no key {col!r} (it has "
+                                          f"{', '.join(map(repr, obj)) or 'none'}): "
+                                          f"{column_fix[col]}")
+            rows.append({col: obj[col] for col in dict.fromkeys([text, *columns])})
+            where.append(f"line {i}")
+        table = pd.DataFrame(rows, columns=list(dict.fromkeys([text, *columns])))
+    else:
+        if fmt == "parquet":
+            try:
+                df = pd.read_parquet(io.BytesIO(data))
+            except (pa.ArrowException, OSError, ValueError) as err:
+                raise PromptFileError(f"{path} is not a readable Parquet file ({err}): rewrite "
+                                      "it, or use csv / jsonl / txt") from None
+        else:
+            decoded = _decode(path, data)
+            if not decoded.strip():
+                raise PromptFileError(f"{path} is empty: write a header row with a {text!r} "
+                                      "column, then one prompt per row")
+            try:
+                # every cell as text: no "nan" for an empty cell, no numbers or dates guessed
+                df = pd.read_csv(io.StringIO(decoded), dtype=str, keep_default_na=False)
+            except pd.errors.ParserError as err:
+                raise PromptFileError(f"{path} is not valid CSV ({err}): quote cells that hold "
+                                      "commas or line breaks") from None
+        for col in [text, *columns]:
+            if col not in df.columns:
+                raise _missing_column(path, str(col), [str(c) for c in df.columns],
+                                      column_fix[col])
+        table = df[list(dict.fromkeys([text, *columns]))].reset_index(drop=True)
+        where = [f"row {i}" for i in range(1, len(table) + 1)]
+    if fmt != "txt":
+        for w, value in zip(where, table[text].tolist(), strict=True):
+            _check_text(path, value, w, text)
+        table = table.assign(text=table[text]) if text != "text" else table
+    if table.empty:
+        raise PromptFileError(f"{path} is empty (no prompts): add at least one prompt")
+    return table, where
+
+
 def labelled_prompts(unsafe: str | Path, safe: str | Path, column: str = "text",
                      column_fix: str = "name the column that holds the prompts") -> pd.DataFrame:
     """The prompt table of an unsafe and a safe prompt file: prompt_id (`unsafe-00000`, ... in
