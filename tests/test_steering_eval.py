@@ -11,10 +11,10 @@ from steerline.pipeline.steering_eval import Scorer
 
 def scorer_for(curve) -> tuple[Scorer, list[float]]:
     """A Scorer whose dev run at scale s gives every metric the value curve(s)."""
-    scorer = Scorer(model=None, tokenizer=None, layer=0, max_rows=1, dev_items={})
+    scorer = Scorer(model=None, tokenizer=None, layer=0, max_rows=1, items={})
     runs: list[float] = []
 
-    def run(name, items, fn):
+    def run(name, split, fn):
         runs.append(fn)
         return {"m": np.array([curve(fn)])}
 

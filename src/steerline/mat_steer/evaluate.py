@@ -8,13 +8,16 @@ lm-evaluation-harness definition, unnormalized). Metrics:
 
 The prompt is encoded once per item and its KV cache shared by the item's choices; the steering
 hook is active in both passes, so every prompt and answer token is steered exactly as in a single
-full-sequence forward (tests check the two agree).
+full-sequence forward (tests check the two agree). Prefix scoring (compute_prefix, score_prefix)
+runs the layers up to the steered one once per item set and only the layers above it per
+steering condition, with the same scores bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from steerline.core.generation import pad_id, right_pad
+from steerline.model.arch import check_layer, decoder_layers, layer_slice
 from steerline.steering.residual import SteerFn, steering_hook
 
 METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")
@@ -76,6 +80,89 @@ def _batches(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int
     return batches
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One forward of choice rows, each on a copy of its prompt's KV cache."""
+    rows: list[tuple[int, int]]  # (item index, choice index) per row
+    ids: torch.Tensor  # [R, Wc] last prompt token + choice[:-1], right-padded
+    sel: torch.Tensor  # [R] each row's prompt within its batch
+    mask: torch.Tensor  # [R, Wp + Wc] the prompt's mask, then the row's
+    positions: torch.Tensor  # [R, Wc] each token's position in prompt + choice
+    valid: torch.Tensor  # [R, Wc] bool: the row's real (not padding) tokens
+    targets: torch.Tensor  # [N_valid] the choice tokens they predict, row after row
+    lengths: list[int]  # tokens per row (sum = N_valid)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ids: torch.Tensor  # [G, Wp] the group's prompts without their last token, right-padded
+    mask: torch.Tensor  # [G, Wp]
+    chunks: list[_Chunk]
+
+
+def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, pid: int
+          ) -> list[_Batch]:
+    """score_choices' forwards: prompt groups of <= 2 * max_rows choice rows, each group's rows
+    sorted by length in chunks of `max_rows` (little padding)."""
+    plan = []
+    for batch in _batches(encoded, 2 * max_rows):
+        prompts = [encoded[i][0] for i in batch]
+        p_ids, p_mask = right_pad([p[:-1] for p in prompts], pid)  # [G, Wp]
+        rows = [(g, j) for g, i in enumerate(batch) for j in range(len(encoded[i][1]))]
+        rows.sort(key=lambda r: len(encoded[batch[r[0]]][1][r[1]]))
+        chunks = []
+        for start in range(0, len(rows), max_rows):
+            chunk = rows[start: start + max_rows]
+            conts = [encoded[batch[g]][1][j] for g, j in chunk]
+            c_ids, c_mask = right_pad([[prompts[g][-1], *c[:-1]] for (g, _), c in
+                                       zip(chunk, conts, strict=True)], pid)  # [R, Wc]
+            sel = torch.tensor([g for g, _ in chunk])  # [R]
+            start_pos = torch.tensor([len(prompts[g]) - 1 for g, _ in chunk])  # [R]
+            chunks.append(_Chunk(
+                rows=[(batch[g], j) for g, j in chunk], ids=c_ids, sel=sel,
+                mask=torch.cat([p_mask[sel], c_mask], dim=1),
+                positions=start_pos.unsqueeze(1) + torch.arange(c_ids.shape[1]),
+                valid=c_mask.bool(), targets=torch.tensor([t for c in conts for t in c]),
+                lengths=[len(c) for c in conts]))
+        plan.append(_Batch(p_ids, p_mask, chunks))
+    return plan
+
+
+# (batch index, chunk index or None for the batch's prompt pass) -> input_ids= or inputs_embeds=
+Feed = Callable[[int, int | None], dict[str, torch.Tensor]]
+
+
+def _passes(decoder: nn.Module, plan: Sequence[_Batch], device: torch.device, feed: Feed,
+            desc: str) -> Iterator[tuple[_Chunk, torch.Tensor]]:
+    """Runs the plan (the caller holds inference mode): per batch the prompt pass (KV cache
+    kept), then each chunk on a copy of that cache reordered to its rows, with explicit
+    positions so each choice token is predicted exactly as in the full sequence. Yields each
+    chunk with the decoder's last hidden states [R, Wc, D]."""
+    for b, batch in enumerate(tqdm(plan, desc=desc, unit="batch", leave=False)):
+        past = decoder(**feed(b, None), attention_mask=batch.mask.to(device),
+                       use_cache=True).past_key_values
+        for c, chunk in enumerate(batch.chunks):
+            cache = copy.deepcopy(past)
+            cache.reorder_cache(chunk.sel.to(device))  # [G, ...] -> [R, ...]
+            yield chunk, decoder(**feed(b, c), attention_mask=chunk.mask.to(device),
+                                 position_ids=chunk.positions.to(device), past_key_values=cache,
+                                 use_cache=True).last_hidden_state  # [R, Wc, D]
+
+
+def _scores(head: nn.Module, passes: Iterator[tuple[_Chunk, torch.Tensor]],
+            n_choices: Sequence[int], device: torch.device) -> list[np.ndarray]:
+    """Sum of the choice tokens' log-probabilities, one float64 array per item."""
+    out: list[np.ndarray] = [np.zeros(n) for n in n_choices]
+    for chunk, hidden in passes:
+        logp = torch.log_softmax(head(hidden[chunk.valid.to(device)]).float(),
+                                 dim=-1)  # [N_valid, V]
+        tgt = chunk.targets.to(device)  # [N_valid]
+        tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1).double().cpu()  # [N_valid]
+        for (i, j), lp in zip(chunk.rows, torch.split(tok_lp, chunk.lengths), strict=True):
+            out[i][j] = float(lp.sum())
+    return out
+
+
 @torch.inference_mode()
 def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Sequence[MCItem],
                   max_rows: int = 64, desc: str = "score") -> list[np.ndarray]:
@@ -87,38 +174,114 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: S
     explicit positions, so each choice token is predicted exactly as in the full sequence."""
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
-    pid = pad_id(tokenizer)
     encoded = encode_items(tokenizer, items)
-    out: list[np.ndarray] = [np.zeros(len(cs)) for _, cs in encoded]
-    for batch in tqdm(_batches(encoded, 2 * max_rows), desc=desc, unit="batch", leave=False):
-        prompts = [encoded[i][0] for i in batch]
-        p_ids, p_mask = right_pad([p[:-1] for p in prompts], pid)  # [G, Wp]
-        past = decoder(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
-                       use_cache=True).past_key_values
-        rows = [(g, j) for g, i in enumerate(batch) for j in range(len(encoded[i][1]))]
-        rows.sort(key=lambda r: len(encoded[batch[r[0]]][1][r[1]]))
-        for start in range(0, len(rows), max_rows):
-            chunk = rows[start: start + max_rows]
-            conts = [encoded[batch[g]][1][j] for g, j in chunk]
-            c_ids, c_mask = right_pad([[prompts[g][-1], *c[:-1]] for (g, _), c in
-                                       zip(chunk, conts, strict=True)], pid)  # [R, Wc]
-            sel = torch.tensor([g for g, _ in chunk])
-            cache = copy.deepcopy(past)
-            cache.reorder_cache(sel.to(device))  # [G, ...] -> [R, ...]
-            start_pos = torch.tensor([len(prompts[g]) - 1 for g, _ in chunk])  # [R]
-            positions = start_pos.unsqueeze(1) + torch.arange(c_ids.shape[1])  # [R, Wc]
-            mask = torch.cat([p_mask[sel], c_mask], dim=1)  # [R, Wp + Wc]
-            hidden = decoder(input_ids=c_ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), past_key_values=cache,
-                             use_cache=True).last_hidden_state  # [R, Wc, D]
-            valid = c_mask.bool().to(device)
-            logp = torch.log_softmax(head(hidden[valid]).float(), dim=-1)  # [N_valid, V]
-            tgt = torch.tensor([t for c in conts for t in c], device=device)
-            tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1).double().cpu()  # [N_valid]
-            for (g, j), lp in zip(chunk, torch.split(tok_lp, [len(c) for c in conts]),
-                                  strict=True):
-                out[batch[g]][j] = float(lp.sum())
-    return out
+    plan = _plan(encoded, max_rows, pad_id(tokenizer))
+
+    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
+        ids = plan[b].ids if c is None else plan[b].chunks[c].ids  # [G, Wp] | [R, Wc]
+        return {"input_ids": ids.to(device)}
+
+    return _scores(head, _passes(decoder, plan, device, feed, desc), [len(cs) for _, cs in encoded],
+                   device)
+
+
+# ---------------------------------------------------------------------------- prefix scoring
+# Every steering condition edits the output of one decoder layer L, so layers 0..L compute the
+# same states for all of them: compute_prefix runs those layers once per item set and keeps the
+# states leaving layer L; score_prefix runs only layers L+1.. per condition, on the same batches.
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The states leaving decoder layer `layer` (unsteered) in every pass of score_choices on
+    one item set, with the plan (batches, masks, positions) that produced them."""
+    layer: int
+    n_layers: int  # the model's decoder layers (a prefix serves that model only)
+    n_choices: list[int]  # per item
+    plan: list[_Batch]
+    prompt_states: list[torch.Tensor]  # per batch [G, Wp, D]
+    chunk_states: list[list[torch.Tensor]]  # per batch, per chunk [R, Wc, D]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded states (the plan's index tensors are small)."""
+        states = [*self.prompt_states, *(h for hs in self.chunk_states for h in hs)]
+        return sum(h.numel() * h.element_size() for h in states)
+
+
+@contextlib.contextmanager
+def _recording(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """A list that receives `module`'s output hidden states [B, W, D] at every forward inside
+    the block; the hook is removed on exit, also when the block raises."""
+    kept: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: tuple, output: object) -> None:
+        kept.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+@torch.inference_mode()
+def compute_prefix(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                   items: Sequence[MCItem], layer: int, max_rows: int = 64,
+                   desc: str = "prefix") -> Prefix:
+    """Run layers 0..layer of score_choices' passes once and keep the states leaving `layer`.
+
+    Only layers 0..layer run (their own KV cache); no hook of the caller's should edit layers
+    <= `layer` unless every condition scored from this prefix shares that edit."""
+    check_layer(model, layer)
+    decoder, _ = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    encoded = encode_items(tokenizer, items)
+    plan = _plan(encoded, max_rows, pad_id(tokenizer))
+    n_layers = len(decoder_layers(model))
+
+    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
+        ids = plan[b].ids if c is None else plan[b].chunks[c].ids  # [G, Wp] | [R, Wc]
+        return {"input_ids": ids.to(device)}
+
+    with _recording(decoder_layers(model)[layer]) as kept, layer_slice(model, 0, layer + 1):
+        for _ in _passes(decoder, plan, device, feed, desc):
+            pass
+    # kept: per batch its prompt pass, then its chunks, in the order _passes ran them
+    prompt_states, chunk_states, k = [], [], 0
+    for batch in plan:
+        prompt_states.append(kept[k])
+        chunk_states.append(kept[k + 1: k + 1 + len(batch.chunks)])
+        k += 1 + len(batch.chunks)
+    if k != len(kept):
+        raise RuntimeError(f"layer {layer} ran {len(kept)} times for {k} passes: another hook "
+                           "re-ran it")
+    return Prefix(layer, n_layers, [len(cs) for _, cs in encoded], plan, prompt_states,
+                  chunk_states)
+
+
+@torch.inference_mode()
+def score_prefix(model: nn.Module, prefix: Prefix, fn: SteerFn | None,
+                 desc: str = "score") -> list[np.ndarray]:
+    """score_choices' result for the items of `prefix` with `fn` applied to the output of
+    decoder layer `prefix.layer` (what steering_hook does), running layers layer+1.. only.
+
+    The same plan feeds the same states through the same layers, so the scores match
+    score_choices under steering_hook(model, prefix.layer, fn)."""
+    decoder, head = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    n_layers = len(decoder_layers(model))
+    if n_layers != prefix.n_layers:
+        raise ValueError(f"the prefix is for a model of {prefix.n_layers} decoder layers, this "
+                         f"one has {n_layers}")
+
+    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
+        h = prefix.prompt_states[b] if c is None else prefix.chunk_states[b][c]  # [B, W, D]
+        return {"inputs_embeds": h if fn is None else fn(h)}
+
+    with layer_slice(model, prefix.layer + 1, n_layers):
+        return _scores(head, _passes(decoder, prefix.plan, device, feed, desc), prefix.n_choices,
+                       device)
 
 
 @torch.inference_mode()
@@ -191,20 +354,39 @@ def task_metrics(task: str, scores: Sequence[np.ndarray], info: Sequence[dict]
     return {k: float(v.mean()) for k, v in task_item_values(task, scores, info).items()}
 
 
+def item_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                  items_by_task: Mapping[str, pd.DataFrame], layer: int, max_rows: int = 64,
+                  name: str = "") -> dict[str, Prefix]:
+    """Per task, the prefix (layers 0..layer, unsteered) of its items, for evaluate_items."""
+    return {task: compute_prefix(model, tokenizer, mc_items(task, items)[0], layer, max_rows,
+                                 desc=f"{name} {task} prefix")
+            for task, items in items_by_task.items()}
+
+
 def evaluate_items(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                    items_by_task: Mapping[str, pd.DataFrame], layer: int,
                    fn: SteerFn | Mapping[str, SteerFn | None] | None, max_rows: int = 64,
-                   name: str = "") -> dict[str, np.ndarray]:
+                   name: str = "", prefixes: Mapping[str, Prefix] | None = None
+                   ) -> dict[str, np.ndarray]:
     """Per-item values of every task metric with a steering function hooked at `layer`: one `fn`
     for all tasks, a mapping task -> fn (each task steered by its own function), or None (the
-    unsteered model)."""
+    unsteered model). With `prefixes` (item_prefixes of the same items, layer and max_rows)
+    only the layers after `layer` run: the same values, for a fraction of the compute."""
     values: dict[str, np.ndarray] = {}
     for task, items in items_by_task.items():
         task_fn = fn.get(task) if isinstance(fn, Mapping) else fn
-        with steering_hook(model, layer, task_fn):
-            mc, info = mc_items(task, items)
-            scores = score_choices(model, tokenizer, mc, max_rows, desc=f"{name} {task}")
-            values.update(task_item_values(task, scores, info))
+        mc, info = mc_items(task, items)
+        if prefixes is not None:
+            prefix = prefixes[task]
+            if prefix.layer != layer or prefix.n_choices != [len(m.choices) for m in mc]:
+                raise ValueError(f"the {task} prefix is for layer {prefix.layer} and "
+                                 f"{len(prefix.n_choices)} items, not layer {layer} and "
+                                 f"{len(mc)} items")
+            scores = score_prefix(model, prefix, task_fn, desc=f"{name} {task}")
+        else:
+            with steering_hook(model, layer, task_fn):
+                scores = score_choices(model, tokenizer, mc, max_rows, desc=f"{name} {task}")
+        values.update(task_item_values(task, scores, info))
     return {k: values[k] for k in METRICS if k in values}
 
 

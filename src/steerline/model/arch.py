@@ -9,6 +9,8 @@ every (layer, expert) pair names the real decoder layer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,3 +167,50 @@ def check_layer(model: nn.Module, layer: int) -> int:
         raise ValueError(f"layer {layer} is out of range: the model has {n} decoder layers "
                          f"(valid: 0..{n - 1})")
     return layer
+
+
+def layer_slice_unsupported(model: nn.Module) -> str | None:
+    """Why `layer_slice` cannot run this model, or None when it can.
+
+    A slice renumbers its layers' cache slots from 0, which is exact only when the decoder keeps
+    its layers in `<base>.layers` and every layer is of one attention type (the KV cache and
+    Qwen-style masks pick a layer's type by its position in the list)."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if decoder is None or getattr(decoder, "layers", None) is not decoder_layers(model):
+        return f"{type(model).__name__} keeps its decoder layers outside <base>.layers"
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and len(set(types)) > 1:
+        return f"{type(model).__name__} mixes attention types {sorted(set(types))}"
+    if any(getattr(getattr(lay, "self_attn", None), "layer_idx", None) is None
+           for lay in decoder.layers):
+        return f"{type(model).__name__}'s layers have no self_attn.layer_idx"
+    return None
+
+
+@contextlib.contextmanager
+def layer_slice(model: nn.Module, start: int, stop: int) -> Iterator[None]:
+    """Inside the block the model's decoder runs only decoder layers start..stop-1 (then its
+    final norm; the embedding is skipped when it is fed `inputs_embeds`).
+
+    The slice's attention layers use KV-cache slots 0..n-1 (transformers numbers them by
+    `self_attn.layer_idx`, and reads the cache's length and mask sizes from slot 0), so a fresh
+    cache works for the slice. The full layer list and every layer_idx are restored on exit,
+    also when the block raises."""
+    reason = layer_slice_unsupported(model)
+    if reason is not None:
+        raise NotImplementedError(f"cannot run a slice of the decoder layers: {reason}")
+    decoder = getattr(model, model.base_model_prefix)
+    full = decoder.layers
+    if not 0 <= start <= stop <= len(full):
+        raise ValueError(f"layer slice {start}..{stop} is outside 0..{len(full)}")
+    part = list(full)[start:stop]
+    old_idx = [lay.self_attn.layer_idx for lay in part]
+    decoder.layers = nn.ModuleList(part)
+    try:
+        for i, lay in enumerate(part):
+            lay.self_attn.layer_idx = i
+        yield
+    finally:
+        for lay, idx in zip(part, old_idx, strict=True):
+            lay.self_attn.layer_idx = idx
+        decoder.layers = full

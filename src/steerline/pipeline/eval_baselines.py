@@ -71,7 +71,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         raise ValueError(f"activations are from layer {layer}; {model_path} has "
                          f"{len(decoder_layers(model))} layers: re-run extract_activations")
     test_items, dev_items = eval_items(tables, p, params.seed)
-    scorer = Scorer(model, tokenizer, layer, p.max_rows, dev_items)
+    scorer = Scorer(model, tokenizer, layer, p.max_rows, {"dev": dev_items, "test": test_items})
 
     train = split_pos_neg(acts, labels, splits, "train")
     attributes = list(TASKS)
@@ -89,10 +89,9 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
                                               p.grid_extend)
     single_scale, single_sweep, single_edge = scorer.pick(
         "single_attribute", p.mean_diff_scales, single_fn, p.grid_extend)
-    values = {"base": scorer.run("base", test_items, None),
-              "mean_diff": scorer.run("mean_diff", test_items, all_fn(md_scale)),
-              "single_attribute": scorer.run("single_attribute", test_items,
-                                             single_fn(single_scale))}
+    values = {"base": scorer.run("base", "test", None),
+              "mean_diff": scorer.run("mean_diff", "test", all_fn(md_scale)),
+              "single_attribute": scorer.run("single_attribute", "test", single_fn(single_scale))}
     choices = {"layer": layer, "model": model_path,
                "scales": {"mean_diff": md_scale, "single_attribute": single_scale},
                "dev_sweeps": {"mean_diff": md_sweep, "single_attribute": single_sweep},

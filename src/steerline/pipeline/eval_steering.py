@@ -79,7 +79,7 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
     """Pure given the model and the baselines: (metrics, details, per-item values, gate
     histogram rows, seconds per condition)."""
     test_items, dev_items = eval_items(tables, p, seed)
-    scorer = Scorer(model, tokenizer, layer, p.max_rows, dev_items)
+    scorer = Scorer(model, tokenizer, layer, p.max_rows, {"dev": dev_items, "test": test_items})
 
     def mat_fn(s: float):
         return mat_steer_fn(with_vector_scale(module, s))
@@ -92,7 +92,7 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
             log.warning("%s: the dev pick %g is still at the %s of its grid after %d extra "
                         "point(s): widen the grid (params.yaml eval_steering)", name,
                         {**choices["scales"], "mat_steer": mat_scale}[name], edge, p.grid_extend)
-    values = {**baselines, "mat_steer": scorer.run("mat_steer", test_items, mat_fn(mat_scale))}
+    values = {**baselines, "mat_steer": scorer.run("mat_steer", "test", mat_fn(mat_scale))}
 
     train = split_pos_neg(acts, labels, splits, "train")
     dev = split_pos_neg(acts, labels, splits, "dev")

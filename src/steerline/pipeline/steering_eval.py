@@ -17,7 +17,8 @@ import torch
 
 from steerline.core.params import EvalSteering
 from steerline.mat_steer.data import TASKS, task_rng
-from steerline.mat_steer.evaluate import evaluate_items, means, task_items
+from steerline.mat_steer.evaluate import Prefix, evaluate_items, item_prefixes, means, task_items
+from steerline.model.arch import layer_slice_unsupported
 
 log = logging.getLogger("eval_steering")
 Values = dict[str, np.ndarray]  # metric -> per-item values
@@ -37,17 +38,41 @@ def eval_items(tables: dict[str, pd.DataFrame], p: EvalSteering, seed: int
 
 @dataclass
 class Scorer:
+    """Scores steering conditions on the stage's item sets ("dev", "test").
+
+    Every condition edits the output of decoder layer `layer`, so layers 0..layer compute the
+    same for all of them: the first run on an item set keeps those states (item_prefixes) and
+    every run, the first included, runs only the layers after `layer` (score_prefix; the same
+    values bit for bit as the hooked full forward, tests/test_prefix_scoring.py). A model whose
+    layers cannot be sliced (layer_slice_unsupported) is scored by the full forward."""
     model: torch.nn.Module
     tokenizer: Any
     layer: int
     max_rows: int
-    dev_items: dict[str, pd.DataFrame]
+    items: dict[str, dict[str, pd.DataFrame]]  # item set ("dev", "test") -> task -> items
     seconds: dict[str, float] = field(default_factory=dict)  # wall clock per run: timings only
+    _prefixes: dict[str, dict[str, Prefix]] = field(default_factory=dict, repr=False)
 
-    def run(self, name: str, items: dict[str, pd.DataFrame], fn: Any) -> Values:
+    def _prefix(self, split: str) -> dict[str, Prefix] | None:
+        if split not in self._prefixes:
+            reason = layer_slice_unsupported(self.model)
+            if reason is not None:
+                log.info("scoring by the full forward (%s)", reason)
+                return None
+            t0 = time.perf_counter()
+            self._prefixes[split] = item_prefixes(self.model, self.tokenizer, self.items[split],
+                                                  self.layer, self.max_rows, split)
+            self.seconds[f"{split} prefix"] = round(time.perf_counter() - t0, 1)
+            log.info("%s prefix (layers 0..%d): %.1f MB held (%.0f s)", split, self.layer,
+                     sum(p.nbytes for p in self._prefixes[split].values()) / 1e6,
+                     self.seconds[f"{split} prefix"])
+        return self._prefixes[split]
+
+    def run(self, name: str, split: str, fn: Any) -> Values:
+        prefixes = self._prefix(split)
         t0 = time.perf_counter()
-        out = evaluate_items(self.model, self.tokenizer, items, self.layer, fn, self.max_rows,
-                             name)
+        out = evaluate_items(self.model, self.tokenizer, self.items[split], self.layer, fn,
+                             self.max_rows, name, prefixes)
         self.seconds[name] = round(time.perf_counter() - t0, 1)
         log.info("%s: %s (%.0f s)", name, {k: round(float(v.mean()), 4) for k, v in out.items()},
                  self.seconds[name])
@@ -66,8 +91,7 @@ class Scorer:
 
         def score(s: float) -> float:
             if f"{s:g}" not in sweep:
-                sweep[f"{s:g}"] = means(self.run(f"{name} dev x{s:g}", self.dev_items,
-                                                 make_fn(s)))
+                sweep[f"{s:g}"] = means(self.run(f"{name} dev x{s:g}", "dev", make_fn(s)))
             return sweep[f"{s:g}"]["average"]
 
         grid = sorted(scales)
