@@ -174,7 +174,7 @@ def test_scorer_computes_each_prefix_once_and_scores_as_the_full_path(model, tok
     dev = {t: d.iloc[:2] for t, d in tables.items()}
     scorer = Scorer(model, tok, 1, 2, {"dev": dev, "test": tables})
     vec = torch.randn(HIDDEN)
-    scale, sweep = scorer.pick("md", [0.5, 2.0], lambda s: additive_fn(s * vec))
+    scale, sweep, _ = scorer.pick("md", [0.5, 2.0], lambda s: additive_fn(s * vec))
     for s in (0.5, 2.0):
         full = evaluate_items(model, tok, dev, 1, additive_fn(s * vec), max_rows=2)
         assert sweep[f"{s:g}"] == means(full)
