@@ -205,10 +205,16 @@ def run(args: argparse.Namespace) -> None:
             work / "routing", token_scope=risk.token_scope, n_permutations=risk.n_permutations,
             null_quantile=risk.null_quantile, seed=seed, progress=True, prompts=None,
             n_bootstrap=risk.n_bootstrap, ci_level=risk.ci_level)
-    # select_experts logs each empty list; the lines below say it once, with what to do
-    logging.getLogger(select_experts.__module__).setLevel(logging.ERROR)
-    selection = select_experts(df, threshold=select.threshold, top_k=select.top_k,
-                               alpha=select.alpha, require=select.require, meta=meta)
+    # select_experts logs each empty list; the lines below say it once, with what to do (the
+    # logger's level is put back: a library caller of main keeps its logging as it was)
+    quiet = logging.getLogger(select_experts.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        selection = select_experts(df, threshold=select.threshold, top_k=select.top_k,
+                                   alpha=select.alpha, require=select.require, meta=meta)
+    finally:
+        quiet.setLevel(level)
     print(f"risk difference P(expert | unsafe) - P(expert | safe) over {meta['n_tokens_unsafe']} "
           f"unsafe / {meta['n_tokens_safe']} safe {risk.token_scope} tokens; top {args.top} per "
           f"side (selected: risk_diff beyond +-{select.threshold} and q_perm <= {select.alpha})")
