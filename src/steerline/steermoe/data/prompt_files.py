@@ -76,33 +76,6 @@ def _read_txt(path: Path, text: str) -> list[Prompt]:
             for i, line in enumerate(lines, 1)]
 
 
-def _read_jsonl(path: Path, text: str, column: str, column_fix: str) -> list[Prompt]:
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():  # JSON Lines readers commonly skip blank lines; so do we
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptFileError(f"{path}: line {i} is not valid JSON ({err.msg}): one JSON "
-                                  "object per line") from None
-        if not isinstance(obj, dict):
-            raise PromptFileError(f"{path}: line {i} is a JSON {type(obj).__name__}, not an "
-                                  f'object: write {{"{column}": "..."}} per line')
-        if column not in obj:
-            raise PromptFileError(f"{path}: line {i} has no key {column!r} (it has "
-                                  f"{', '.join(map(repr, obj)) or 'none'}): {column_fix}")
-        out.append(Prompt(_check_text(path, obj[column], f"line {i}", column), f"line {i}"))
-    return out
-
-
-def _read_table(path: Path, df: pd.DataFrame, column: str, column_fix: str) -> list[Prompt]:
-    if column not in df.columns:
-        raise _missing_column(path, column, [str(c) for c in df.columns], column_fix)
-    return [Prompt(_check_text(path, v, f"row {i}", column), f"row {i}")
-            for i, v in enumerate(df[column].tolist(), 1)]
-
-
 def read_prompt_file(path: str | Path, column: str = "text",
                      column_fix: str = "name the column that holds the prompts") -> list[Prompt]:
     """The prompts of one file, in file order, each checked (see the module docstring).
@@ -112,38 +85,9 @@ def read_prompt_file(path: str | Path, column: str = "text",
     if suffix not in FORMATS:
         raise PromptFileError(f"{path}: unknown prompt file format {path.suffix or '(none)'!r}: "
                               f"use one of {', '.join(FORMATS)}")
-    if not path.exists():
-        raise PromptFileError(f"{path} not found: check the path")
-    if not path.is_file():
-        raise PromptFileError(f"{path} is not a file: give a {suffix} file of prompts")
-    data = path.read_bytes()
-    if suffix == ".parquet":
-        try:
-            df = pd.read_parquet(io.BytesIO(data))
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise PromptFileError(f"{path} is not a readable Parquet file ({err}): rewrite it, "
-                                  "or use .csv / .jsonl / .txt") from None
-        prompts = _read_table(path, df, column, column_fix)
-    else:
-        text = _decode(path, data)
-        if suffix == ".txt":
-            prompts = _read_txt(path, text)
-        elif suffix == ".jsonl":
-            prompts = _read_jsonl(path, text, column, column_fix)
-        else:
-            if not text.strip():
-                raise PromptFileError(f"{path} is empty: write a header row with a {column!r} "
-                                      "column, then one prompt per row")
-            try:
-                # every cell as text: no "nan" for an empty cell, no numbers or dates guessed
-                df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-            except pd.errors.ParserError as err:
-                raise PromptFileError(f"{path} is not valid CSV ({err}): quote cells that hold "
-                                      "commas or line breaks") from None
-            prompts = _read_table(path, df, column, column_fix)
-    if not prompts:
-        raise PromptFileError(f"{path} is empty (no prompts): add at least one prompt"
-                              + ("" if suffix == ".txt" else f" in column {column!r}"))
+    table, where = read_prompt_table(path, suffix[1:], None if suffix == ".txt" else column, [],
+                                     {column: column_fix})
+    prompts = [Prompt(t, w) for t, w in zip(table["text"].tolist(), where, strict=True)]
     seen: dict[str, str] = {}
     for p in prompts:
         key = p.text.strip()
@@ -189,7 +133,7 @@ def read_prompt_table(path: str | Path, fmt: str, text: str | None, columns: lis
                                       "JSON object per line") from None
             if not isinstance(obj, dict):
                 raise PromptFileError(f"{path}: line {i} is a JSON {type(obj).__name__}, not "
-                                      "an object: one JSON object per line")
+                                      f'an object: write {{"{text}": "..."}} per line')
             for col in [text, *columns]:
                 if col not in obj:
                     raise PromptFileError(f"{path}: line {i} has no key {col!r} (it has "
@@ -227,7 +171,8 @@ def read_prompt_table(path: str | Path, fmt: str, text: str | None, columns: lis
             _check_text(path, value, w, text)
         table = table.assign(text=table[text]) if text != "text" else table
     if table.empty:
-        raise PromptFileError(f"{path} is empty (no prompts): add at least one prompt")
+        raise PromptFileError(f"{path} is empty (no prompts): add at least one prompt"
+                              + ("" if text is None else f" in column {text!r}"))
     return table, where
 
 
