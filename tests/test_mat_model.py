@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_llama import HIDDEN, tiny_llama, word_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steerline.core.io import write_npy, write_parquet
 from steerline.mat_steer.activations import extract_activations, load_activations, resolve_layer
@@ -23,27 +23,17 @@ from steerline.model.arch import decoder_layers
 from steerline.steering.gated import SteeringModule
 from steerline.steering.residual import additive_fn, steering_hook
 
-WORDS = ("the a is not what who where yes no good bad cat dog sun moon red blue green one two "
-         "three four Q: A: ? . , statement hateful answer").split()
-HIDDEN, LAYERS = 32, 2
+LAYERS = 2
 
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>")
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tok, LAYERS)
     with torch.no_grad():  # transformers installs its capture hooks on the first such call
         model(input_ids=torch.tensor([[3, 4]]), output_hidden_states=True)
     return model

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_llama import HIDDEN, tiny_llama, word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steerline.mat_steer.evaluate import (
@@ -27,9 +27,7 @@ from steerline.pipeline.steering_eval import Scorer
 from steerline.steering.gated import SteeringModule
 from steerline.steering.residual import additive_fn, mat_steer_fn, steering_hook
 
-WORDS = ("the a is not what who where yes no good bad cat dog sun moon red blue green one two "
-         "three four Q: A: ? . , statement hateful answer").split()
-HIDDEN, LAYERS = 32, 4
+LAYERS = 4
 ITEMS = [MCItem("Q: who is the dog ? A:", ("the sun", "a red cat is not good", "no")),
          MCItem("what is", ("good", "bad")),
          MCItem("the cat is not bad statement hateful ? A:", ("yes", "no one two three")),
@@ -38,20 +36,12 @@ ITEMS = [MCItem("Q: who is the dog ? A:", ("the sun", "a red cat is not good", "
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>", *WORDS])}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>")
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tok) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok, LAYERS)
 
 
 def _fns() -> dict[str, object]:
