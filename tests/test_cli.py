@@ -298,3 +298,27 @@ def test_stages_missing_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, "stages", "--dvc-yaml", str(tmp_path / "dvc.yaml"))
     assert code == 2
     one_line_error(err, "not found: run inside the project")
+
+
+def test_generate_gate_steers_only_where_it_fires(moe_dir, tmp_path, capsys):
+    """A gate that fires on the first prompt only: that answer is the steered one, the other
+    the unsteered one."""
+    from steerline.model.load import load_moe
+    from steerline.steermoe.gating.features import prompt_features
+    from steerline.steermoe.gating.prompt_gate import PromptGate
+
+    model, tok = load_moe(moe_dir)
+    x = prompt_features(model, tok, PROMPTS, [1], 2)["residual_1"].astype(np.float64)
+    w = x[0] - x[1]  # scores: prompt 1 above the midpoint, prompt 2 below it
+    PromptGate("residual", 1, w, float(-w @ (x[0] + x[1]) / 2), 0.5).save(tmp_path / "gate")
+    code, out, err = run_cli(capsys, "generate", "--model", str(moe_dir), "--prompt", PROMPTS[0],
+                             "--prompt", PROMPTS[1], "--deactivate", ",".join(DEACTIVATE),
+                             "--delta", "0.01", "--gate", str(tmp_path / "gate"),
+                             "--max-new-tokens", "6")
+    assert code == 0, err
+    plan = SteeringPlan(deactivate=tuple((i // 6, i % 6) for i in range(18)), delta=0.01)
+    plain, steered = answers(moe_dir, None, 6), answers(moe_dir, Steering(experts=plan), 6)
+    first, second = out.split("[1] ")[1].split("[2] ")
+    assert "steered)" in first and "not steered)" in second
+    assert first.splitlines()[1].split() == steered[0].split()
+    assert second.splitlines()[1].split() == plain[1].split()

@@ -203,6 +203,7 @@ def test_split_leak_is_one_error_naming_the_prompts(shipped, how):
 
 
 @pytest.mark.parametrize("stage", ["capture_routing@base", "risk_diff@base", "eval_safety",
+                                   "train_gate@base",
                                    "capture_routing@finetuned", "risk_diff@finetuned"])
 @pytest.mark.parametrize("how", ["appended_to_test", "new_id_in_test"])
 def test_stages_refuse_a_leaked_table_before_any_work(shipped, tmp_path, monkeypatch, stage,

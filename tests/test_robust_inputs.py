@@ -297,7 +297,7 @@ def test_eval_steering_and_eval_safety_publish_all_or_none(tmp_path, monkeypatch
     params = load_params(ROOT / "params.yaml")
     sout = eval_safety.Outputs(tmp_path / "s/m.json", tmp_path / "s/d.json",
                                tmp_path / "s/a.parquet", tmp_path / "s/p.png",
-                               tmp_path / "s/b.csv")
+                               tmp_path / "s/b.csv", tmp_path / "s/t.png")
     r = {"rate": 0.1, "ci_low": 0.0, "ci_high": 0.2}
     result = eval_safety.SafetyRun(
         {"base": pd.DataFrame({"x": [1]})}, {"base": {"refusal_unsafe": r,
@@ -305,10 +305,10 @@ def test_eval_steering_and_eval_safety_publish_all_or_none(tmp_path, monkeypatch
         {}, {"base": {"refusal_unsafe": 0.1}}, {"finetuned": {"n_experts_trained": 0}},
         {params.eval_safety.model: {"steered": SteeringPlan()}}, {"total": 1.0})
     before = old_outputs([sout.metrics, sout.details, sout.answers, sout.plot_png,
-                          sout.plot_csv])
+                          sout.plot_csv, sout.tradeoff_png])
     real = write_json
 
-    def details_fail(obj, path):  # the details, the 4th of 5 outputs
+    def details_fail(obj, path):  # the details, the 5th of 6 outputs
         if path.name.startswith(".d.json."):
             full_disk()
         real(obj, path)

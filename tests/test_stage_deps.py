@@ -76,9 +76,11 @@ RERUNS = {
     "eval_steering.mean_diff_scales": (["eval_baselines", "eval_steering"], []),
     "select_experts.threshold": (["select_experts@base", "select_experts@finetuned"],
                                  ["capture_routing@finetuned", "risk_diff@finetuned",
-                                  "finetune_experts", "eval_safety"]),
+                                  "finetune_experts", "train_gate@finetuned", "eval_safety"]),
     "expert_steering.delta": (["eval_safety"], []),
     "finetuned_steering.activate.delta": (["eval_safety"], []),
+    "finetuned_steering.activate.gate": (["eval_safety"], []),
+    "prompt_gate.cs": (["train_gate@base", "train_gate@finetuned", "eval_safety"], []),
 }
 
 

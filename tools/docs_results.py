@@ -49,6 +49,8 @@ WRITERS = {
     "train_steering/metrics.json": "the train_steering stage",
     "finetune_experts/metrics.json": "the finetune_experts stage",
     "safety_dev_sweep.csv": "scripts/safety_dev_sweep.py (see docs/choices.md)",
+    "gate_dev.json": "the train_gate@base stage",
+    "gate_finetuned_dev.json": "the train_gate@finetuned stage",
 }
 
 ATTRIBUTES = {"truthfulqa": "TruthfulQA", "toxigen": "ToxiGen", "bbq": "BBQ"}
@@ -395,6 +397,9 @@ def variant_label(d: Node, name: str) -> str:
         return "base"
     if name == "finetuned":
         return f"finetuned ({d.count('finetuned', 'n_experts_trained')} unsafe experts trained)"
+    if name in d.at("gating", "variants").value:
+        g = d.at("gating", "variants", name)
+        return f"{name} (its twin's plan where the {g.text('source')} gate fires)"
     plan = d.at("steering", "plans", name)
     parts = []
     if plan.count("n_activated"):
@@ -443,6 +448,55 @@ def safety_test(r: Reports) -> str:
     return "\n\n".join([intro, md_table(header, rows), md_table(src_header, by_src),
                         "Goals (eval_safety):\n\n" + "\n".join(goals),
                         source_line("safety_eval_details.json", "safety_eval.json")])
+
+
+@block("safety_gates")
+def safety_gates(r: Reports) -> str:
+    d = r.json("safety_eval_details.json")
+    g = d.at("gating")
+    rows = []
+    for rel, model in (("gate_dev.json", "base"), ("gate_finetuned_dev.json", "finetuned")):
+        dev = r.json(rel)
+        for src in dev.at("sources").keys():
+            s_ = dev.at("sources", src)
+            layer = "" if s_.value["layer"] is None else str(s_.count("layer"))
+            rows.append([model, src, layer, f"{s_.num('C'):g}", auroc_cell(s_.at("dev")),
+                         auroc_cell(s_.at("dev_xstest_pairs")),
+                         f"{100 * s_.num('dev_tpr'):.0f} / {100 * s_.num('dev_fpr'):.0f}"])
+    dev_table = md_table(["model", "source", "layer", "C", "dev AUROC [95% CI]",
+                          "dev AUROC, XSTest pairs", "dev fires on unsafe / safe %"], rows)
+    test_rows = []
+    for model_dir in g.at("aurocs").keys():
+        for src in g.at("aurocs", model_dir).keys():
+            a = g.at("aurocs", model_dir, src)
+            test_rows.append([f"`{model_dir}`", src, *(auroc_cell(a.at(k)) if k in a.value
+                                                      else "" for k in
+                                                      ("all", "xstest_pairs",
+                                                       "advbench_vs_safe"))])
+    test_table = md_table(["model", "source", f"{d.text('split')} AUROC [95% CI]",
+                           "XSTest pairs only", "AdvBench vs safe"], test_rows)
+    twin_rows = []
+    for name in g.at("variants").keys():
+        v, c = g.at("variants", name), d.at("comparisons", name, "vs_ungated")
+        twin_rows.append([name, rate_cell(v.at("fired_unsafe")), rate_cell(v.at("fired_safe")),
+                          f"{signed(c.num('refusal_unsafe', 'difference_points'), 1)} "
+                          f"(p {p_value(c.num('refusal_unsafe', 'p_value'))})",
+                          f"{signed(c.num('over_refusal_safe', 'difference_points'), 1)} "
+                          f"(p {p_value(c.num('over_refusal_safe', 'p_value'))})"])
+    twin_table = md_table(["gated variant", "gate fires on unsafe % (k/n)",
+                           "gate fires on safe % (k/n)", "refusal vs ungated twin (McNemar p)",
+                           "over-refusal vs ungated twin (p)"], twin_rows)
+    return "\n\n".join([f"Gates (train_gate, chosen on dev):\n\n{dev_table}",
+                         f"The same gates on the `{d.text('split')}` prompts eval_safety "
+                         f"answered:\n\n{test_table}",
+                         f"Gated twins against their ungated variant, same prompts:\n\n"
+                         f"{twin_table}",
+                         source_line("gate_dev.json", "gate_finetuned_dev.json",
+                                     "safety_eval_details.json")])
+
+
+def auroc_cell(a: Node) -> str:
+    return f"{a.num('auroc'):.3f} [{a.num('ci_low'):.3f}, {a.num('ci_high'):.3f}]"
 
 
 @block("safety_judge")

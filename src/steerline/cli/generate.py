@@ -51,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    help="with --experts, a list the mode needs is empty: error, or steer the top "
                    "of reports/risk_diff.parquet (default: params.yaml "
                    "expert_steering.on_empty_selection, else error)")
+    g.add_argument("--gate", metavar="DIR", help="a train_gate folder (models/gate for "
+                   "models/moe): steer only the prompts its gate fires on, the rest unsteered")
+    g.add_argument("--gate-source", default="residual", choices=("residual", "routing"),
+                   help="with --gate: which of its gates (default: residual)")
     p.add_argument("--mat", metavar="DIR", help="MAT-Steer checkpoint (models/mat_steer from "
                    "train_steering): gated steering of the residual stream")
     p.add_argument("--backend", default="transformers", help="generation engine: transformers "
@@ -141,6 +145,25 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
     return "\n".join(rows)
 
 
+def gate_scores(folder: str, source: str, model: str, prompts: list[str], dtype: str
+                ) -> tuple[list[float], float]:
+    """Each prompt's gate score from one unsteered prefill of `model`, and the gate's
+    threshold."""
+    from steerline.model.load import load_moe
+    from steerline.steermoe.gating.features import prompt_features
+    from steerline.steermoe.gating.prompt_gate import load_gate
+
+    require_file(folder, "the gate folder", "run `dvc repro train_gate` or pass another --gate")
+    try:
+        gate = load_gate(folder, source)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    hf, tok = load_moe(model, dtype)
+    feats = prompt_features(hf, tok, prompts, [gate.layer] if gate.layer is not None else [],
+                            batch_size=8)
+    return [float(x) for x in gate.scores(feats)], gate.threshold
+
+
 def run(args: argparse.Namespace) -> None:
     from steerline.backends import BACKENDS, ActivationSteering, Steering, make_backend
     from steerline.core.chat import is_blank, render_chat
@@ -174,23 +197,36 @@ def run(args: argparse.Namespace) -> None:
         raise CliError("--compare needs something to compare: add --activate / --deactivate, "
                        "--experts or --mat")
 
+    if args.gate is not None and steering is None:
+        raise CliError("--gate decides which prompts are steered: add --activate / "
+                       "--deactivate, --experts or --mat")
+
     # weights, tokenizer and the context rule are checked before the (slow) model load
     check_weights(model)
     tok = load_tokenizer(model)
     chats = [render_chat(tok, p) for p in args.prompt]
     check_context(chats, [f"--prompt {i + 1}" for i in range(len(chats))], args.max_new_tokens,
                   model_context(model))
+    steered = [steering] * len(chats)
+    gate_note = [""] * len(chats)
+    if args.gate is not None:
+        scores, threshold = gate_scores(args.gate, args.gate_source, str(model), args.prompt,
+                                        args.dtype)
+        steered = [steering if sc >= threshold else None for sc in scores]
+        gate_note = [f" (gate {args.gate_source}: {sc:.3f} "
+                     f"{'>=' if sc >= threshold else '<'} {threshold:.3f}, "
+                     f"{'steered' if sc >= threshold else 'not steered'})" for sc in scores]
     options = {"progress": False} if args.backend == "vllm" else {}
     with make_backend(args.backend, str(model), dtype=args.dtype,
                       batch_size=max(1, 2 * len(args.prompt)), **options) as backend:
-        plans = ([None] * len(chats) if args.compare else []) + [steering] * len(chats)
+        plans = ([None] * len(chats) if args.compare else []) + steered
         outs = backend.generate(chats * (2 if args.compare else 1), args.max_new_tokens, plans)
     texts = [tok.decode(o.token_ids.tolist(), skip_special_tokens=True).strip() for o in outs]
     width = shutil.get_terminal_size((100, 24)).columns
     print(f"model: {model} ({args.backend}); steering: {describe(plan, args.mat, mat_layer)}")
     n = len(chats)
     for i, prompt in enumerate(args.prompt):
-        print(f"\n[{i + 1}] {prompt}")
+        print(f"\n[{i + 1}] {prompt}{gate_note[i]}")
         if args.compare:
             print(side_by_side(texts[i], texts[n + i], ("unsteered", "steered"), width))
         else:

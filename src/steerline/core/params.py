@@ -181,6 +181,22 @@ class EvalSteering(Strict):
 
 
 # ---- SteerMoE actions: expert steering, selective finetuning, safety evaluation --------------
+# The variant itself is always SteerMoE's published rule (every prompt steered); routing /
+# residual also evaluates its gated twin `<variant>_gated`, steering only the prompts the
+# train_gate gate of that source fires on (steermoe/gating); none: no twin.
+Gate = Literal["none", "routing", "residual"]
+
+
+class PromptGateParams(Strict):
+    sources: list[Literal["routing", "residual"]] = Field(min_length=1)
+    # residual: hidden_states indices tried (0 = embeddings), the best by dev AUROC is kept
+    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    cs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(min_length=1)  # L2 inverse strengths
+    n_bootstrap: int = Field(ge=100, le=100_000)  # prompt resamples of the AUROC intervals
+    batch_size: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+
+
 class ExpertSteering(Strict):
     # deactivate_unsafe: force experts.json's unsafe experts out of the top-k; activate_safe:
     # force its safe experts in; both. The SteerMoE margin delta on the router log-softmax.
@@ -191,11 +207,13 @@ class ExpertSteering(Strict):
     delta: float = Field(gt=0, le=100)  # margin on log-probabilities; above ~10 changes nothing
     # An empty experts.json list: error, or steer the top of the raw risk_diff ranking
     on_empty_selection: Literal["error", "risk_diff_ranking"]
+    gate: Gate
 
 
 class SteerDirection(Strict):
     n_experts: int = Field(ge=1)  # first n of the list, rank order, per-layer caps applied
     delta: float = Field(gt=0, le=100)
+    gate: Gate
 
 
 class FinetunedSteering(Strict):
@@ -276,6 +294,7 @@ class Params(Strict):
     extract_activations: ExtractActivations
     train_steering: TrainSteering
     eval_steering: EvalSteering
+    prompt_gate: PromptGateParams
     expert_steering: ExpertSteering
     finetuned_steering: FinetunedSteering
     finetune_experts: FinetuneExperts

@@ -40,6 +40,7 @@ from steerline.steering.experts import (
     expert_steering,
     plan_from_experts,
 )
+from steerline.steermoe.safety.gated import GatedPlan, twin_of
 from steerline.steermoe.safety.refusal import RefusalJudge
 
 ANSWER_COLUMNS = ["variant", "prompt_id", "label", "source", "text", "answer", "refusal",
@@ -115,29 +116,30 @@ def greedy_answers(
 
 
 @torch.inference_mode()
-def answer_nll(
+def answer_nll_rows(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     answers: Sequence[str], batch_size: int, desc: str = "perplexity",
-) -> tuple[float, int]:
-    """(sum of -log p, number of tokens) of each answer given its chat prompt, over all pairs."""
-    seqs: list[tuple[list[int], int]] = []  # (ids, prompt length)
-    for t, a in zip(texts, answers, strict=True):
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per (text, answer) pair: -log p of the answer given its chat prompt [N] float64 and its
+    token count [N] (an empty answer: 0, 0)."""
+    seqs: list[tuple[list[int], int, int]] = []  # (ids, prompt length, row)
+    for row, (t, a) in enumerate(zip(texts, answers, strict=True)):
         ans = tokenizer(a, add_special_tokens=False)["input_ids"]
         if ans:
             p = render_chat(tokenizer, t).ids
-            seqs.append((p + ans, len(p)))
+            seqs.append((p + ans, len(p), row))
     if not seqs:
         raise ValueError("no non-empty reference answers to score")
     pad = tokenizer.pad_token_id
-    total, count = 0.0, 0
+    nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         chunk = [seqs[i] for i in order[s: s + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
+        width = max(len(ids) for ids, _, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         target = torch.zeros((len(chunk), width), dtype=torch.bool)  # predicted answer tokens
-        for i, (seq, n_p) in enumerate(chunk):  # right padding
+        for i, (seq, n_p, _) in enumerate(chunk):  # right padding
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
             target[i, n_p: len(seq)] = True
@@ -147,26 +149,50 @@ def answer_nll(
         tgt = ids[:, 1:].to(device)
         tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
         sel = target[:, 1:].to(device)
-        total -= float(tok_lp[sel].double().sum())
-        count += int(sel.sum())
-    return total, count
+        per_row = -(tok_lp.double() * sel).sum(1).cpu().numpy()  # [B]
+        for i, (_, _, row) in enumerate(chunk):
+            nll[row], count[row] = per_row[i], int(sel[i].sum())
+    return nll, count
+
+
+def answer_nll(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+    answers: Sequence[str], batch_size: int, desc: str = "perplexity",
+) -> tuple[float, int]:
+    """(sum of -log p, number of tokens) of each answer given its chat prompt, over all pairs."""
+    nll, count = answer_nll_rows(model, tokenizer, texts, answers, batch_size, desc)
+    return float(nll.sum()), int(count.sum())
 
 
 def backend_answers(
     backend: Any, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-    plans: Sequence[SteeringPlan | None], max_new_tokens: int,
+    plans: Sequence[SteeringPlan | GatedPlan | None], max_new_tokens: int,
 ) -> list[list[Answer]]:
-    """Greedy answers to every text under each plan (None = unsteered), in one backend call
-    (vLLM: every plan's requests in flight at once, steered per request); one list per plan."""
+    """Greedy answers to every text under each plan (None = unsteered; a GatedPlan steers only
+    the prompts its gate fires on), in one backend call (vLLM: every request in flight at once,
+    steered per request); one list per plan. Each distinct (prompt, plan) request runs once, in
+    first-seen order, so a gated twin adds no request to its ungated twin and the unsteered run."""
     from steerline.backends import Steering
 
     chats = [render_chat(tokenizer, t) for t in texts]
     check_context(chats, [str(i) for i in range(len(chats))], max_new_tokens, backend.max_context)
-    steering = [None if plan is None or plan.empty else Steering(experts=plan)
-                for plan in plans for _ in chats]
-    out = backend.generate(chats * len(plans), max_new_tokens, steering=steering)
-    answers = [Answer(tokenizer.decode(g.token_ids, skip_special_tokens=True).strip(),
-                      len(g.token_ids), bool(g.finished)) for g in out]
+    wrapped: dict[int, Steering] = {}  # id(plan) -> its request's steering
+    keys: list[tuple[int, str | None]] = []  # per (plan, prompt): (prompt, steering plan_id)
+    requests: dict[tuple[int, str | None], Steering | None] = {}
+    for plan in plans:
+        for i in range(len(chats)):
+            p = plan.for_prompt(i) if isinstance(plan, GatedPlan) else plan
+            st = None if p is None or p.empty else wrapped.setdefault(id(p), Steering(experts=p))
+            key = (i, None if st is None else st.plan_id)
+            requests.setdefault(key, st)
+            keys.append(key)
+    unique = list(requests)
+    out = backend.generate([chats[i] for i, _ in unique], max_new_tokens,
+                           steering=[requests[k] for k in unique])
+    by_key = {k: Answer(tokenizer.decode(g.token_ids, skip_special_tokens=True).strip(),
+                        len(g.token_ids), bool(g.finished)) for k, g in zip(unique, out,
+                                                                         strict=True)}
+    answers = [by_key[k] for k in keys]
     return [answers[i * len(chats): (i + 1) * len(chats)] for i in range(len(plans))]
 
 
@@ -187,15 +213,22 @@ def answer_frame(name: str, prompts: pd.DataFrame, answers: Sequence[Answer],
     })[ANSWER_COLUMNS]
 
 
+def benign_nll_rows(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    reference: pd.DataFrame, plan: SteeringPlan | None, batch_size: int,
+                    name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row NLL and token counts of the reference answers (columns text, answer) under
+    `model` steered by `plan`: the capability check, before it is pooled into a perplexity."""
+    with expert_steering(model, plan or SteeringPlan()):
+        return answer_nll_rows(model, tokenizer, reference["text"].tolist(),
+                               reference["answer"].tolist(), batch_size,
+                               desc=f"{name} perplexity")
+
+
 def benign_ppl(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reference: pd.DataFrame,
                plan: SteeringPlan | None, batch_size: int, name: str) -> float:
-    """Perplexity of the reference answers (columns text, answer) under `model` steered by
-    `plan`: the capability check."""
-    with expert_steering(model, plan or SteeringPlan()):
-        nll, n_tok = answer_nll(model, tokenizer, reference["text"].tolist(),
-                                reference["answer"].tolist(), batch_size,
-                                desc=f"{name} perplexity")
-    return float(np.exp(nll / n_tok))
+    """Perplexity of the reference answers under `model` steered by `plan`."""
+    nll, n_tok = benign_nll_rows(model, tokenizer, reference, plan, batch_size, name)
+    return float(np.exp(nll.sum() / n_tok.sum()))
 
 
 def refusal_metrics(frame: pd.DataFrame) -> dict[str, float]:
@@ -278,15 +311,20 @@ def compare_variants(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
     the goal (GOALS) with whether it is met."""
     out: dict[str, Any] = {}
     for name, frame in frames.items():
-        ref_name = REFERENCES.get(name)
+        twin = twin_of(name)  # a gated variant: compared with its reference and its twin
+        ref_name = REFERENCES.get(twin or name)
         if ref_name is None or ref_name not in frames:
             continue
         tests = paired_tests(frame, frames[ref_name])
         entry: dict[str, Any] = {"reference": ref_name}
         for metric, t in tests.items():
             entry[metric] = {"points": round(t["difference_points"], 2), **t}
-        if name in GOALS:
-            sign, need = GOALS[name]
+        if twin is not None and twin in frames:
+            entry["vs_ungated"] = {metric: {"points": round(t["difference_points"], 2), **t}
+                                   for metric, t in paired_tests(frame, frames[twin]).items()}
+        goal = GOALS.get(twin or name)
+        if goal is not None:
+            sign, need = goal
             moved = sign * tests["refusal_unsafe"]["difference_points"]
             over = tests["over_refusal_safe"]["difference_points"]
             entry["goal"] = (f"refusal_unsafe {'+' if sign > 0 else '-'}>= {need:g} points vs "
@@ -321,10 +359,10 @@ def results_table(rates: Mapping[str, Mapping[str, Mapping[str, Any]]],
     """A plain-text table: per variant, the two headline rates (%) with Wilson 95% intervals and
     the change vs its reference (points, McNemar p)."""
     head = ("variant", "refusal_unsafe % [95% CI]", "over_refusal_safe % [95% CI]")
-    lines = [f"{head[0]:22s} {head[1]:26s} {head[2]:29s} vs reference: refusal points (p) / "
+    lines = [f"{head[0]:27s} {head[1]:26s} {head[2]:29s} vs reference: refusal points (p) / "
              "over-refusal points (p), goal met"]
     for name, r in rates.items():
-        cells = [f"{name:22s}"]
+        cells = [f"{name:27s}"]
         for metric, width in (("refusal_unsafe", 26), ("over_refusal_safe", 29)):
             m = r[metric]
             cell = f"{100 * m['rate']:.1f} [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"

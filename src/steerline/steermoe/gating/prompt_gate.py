@@ -1,0 +1,133 @@
+"""A prompt gate: an L2 logistic probe on one feature source (features.py), fired when
+sigmoid(w . x + b) >= threshold. MAT-Steer's gate form, decided once per prompt on its unsteered
+prefill and applied to its whole answer.
+
+Fit on the detect split's prompts (unsafe = 1), C (and the residual layer) chosen by dev AUROC,
+the threshold at dev's Youden point (max TPR - FPR). Saved per source as <source>.safetensors
+(weight [F] float64, bias [1]) + <source>.json (layer, C, threshold, dev figures): no pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from steerline.core.io import atomic_path, read_json, write_json
+
+
+@dataclass(frozen=True)
+class PromptGate:
+    source: str  # "routing" | "residual"
+    layer: int | None  # residual: hidden_states index; routing: None
+    weight: np.ndarray  # [F] float64, on raw features (the standardisation folded in)
+    bias: float
+    threshold: float  # on the sigmoid score
+    info: dict[str, Any] = field(default_factory=dict)  # C, dev figures
+
+    @property
+    def feature_key(self) -> str:
+        return "routing" if self.source == "routing" else f"residual_{self.layer}"
+
+    def scores(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        """sigmoid(w . x + b) per prompt [N] (float64)."""
+        x = np.asarray(feats[self.feature_key], dtype=np.float64)  # [N, F]
+        if x.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"the {self.source} gate reads {self.weight.shape[0]} features, "
+                             f"the model gives {x.shape[1]}: retrain it on this model "
+                             "(dvc repro train_gate)")
+        return expit(x @ self.weight + self.bias)
+
+    def fires(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        return self.scores(feats) >= self.threshold  # [N] bool
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / f"{self.source}.safetensors") as tmp:
+            save_file({"weight": self.weight.astype(np.float64),
+                       "bias": np.array([self.bias], dtype=np.float64)}, str(tmp))
+        write_json({"source": self.source, "layer": self.layer, "threshold": self.threshold,
+                    "n_features": int(self.weight.shape[0]), **self.info},
+                   folder / f"{self.source}.json")
+
+
+def load_gate(folder: str | Path, source: str) -> PromptGate:
+    folder = Path(folder)
+    meta_path, weights_path = folder / f"{source}.json", folder / f"{source}.safetensors"
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"no {source} gate in {folder} ({meta_path.name} + {weights_path.name}):"
+                         " run the train_gate stage, or pick a source it trains "
+                         "(prompt_gate.sources)")
+    meta, tensors = read_json(meta_path), load_file(str(weights_path))
+    info = {k: v for k, v in meta.items() if k not in ("source", "layer", "threshold",
+                                                      "n_features")}
+    return PromptGate(meta["source"], meta["layer"], tensors["weight"],
+                      float(tensors["bias"][0]), float(meta["threshold"]), info)
+
+
+def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The score cut with the largest TPR - FPR (ties: the highest cut, fewest false fires)."""
+    fpr, tpr, cuts = roc_curve(labels, scores)
+    j = tpr - fpr
+    best = np.flatnonzero(j == j.max())[0]  # cuts descend: the first is the highest
+    return float(min(cuts[best], 1.0))
+
+
+def auroc_ci(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int, seed: int
+             ) -> dict[str, float]:
+    """AUROC with a stratified percentile-bootstrap 95% interval over prompts."""
+    labels = np.asarray(labels, dtype=bool)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    draws = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        draws[b] = roc_auc_score(labels[idx], scores[idx])
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"auroc": round(float(roc_auc_score(labels, scores)), 4),
+            "ci_low": round(float(lo), 4), "ci_high": round(float(hi), 4),
+            "n_pos": int(len(pos)), "n_neg": int(len(neg))}
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+    """L2 logistic regression on standardised features; returns (w, b) on the raw features."""
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 1e-8, std, 1.0)  # constant features (never-routed experts) stay 0
+    clf = LogisticRegression(C=c, max_iter=5000, random_state=seed)
+    clf.fit((x - mean) / std, y)
+    w = clf.coef_[0] / std
+    return w.astype(np.float64), float(clf.intercept_[0] - (w * mean).sum())
+
+
+def fit_gate(source: str, train: dict[str, np.ndarray], train_y: np.ndarray,
+             dev: dict[str, np.ndarray], dev_y: np.ndarray, layers: Sequence[int],
+             cs: Sequence[float], seed: int) -> tuple[PromptGate, list[dict[str, Any]]]:
+    """The source's gate with the best dev AUROC over C (and layer), its threshold at dev's
+    Youden point; and every candidate's dev AUROC (the sweep, for the report)."""
+    keys = ["routing"] if source == "routing" else [f"residual_{layer}" for layer in layers]
+    sweep, best = [], None
+    for key in keys:
+        for c in cs:
+            w, b = _fit(np.asarray(train[key], np.float64), train_y, c, seed)
+            gate = PromptGate(source, None if source == "routing" else int(key.split("_")[1]),
+                              w, b, 0.5, {"C": c})
+            auc = float(roc_auc_score(dev_y, gate.scores(dev)))
+            sweep.append({"source": source, "layer": gate.layer, "C": c,
+                          "dev_auroc": round(auc, 4)})
+            if best is None or auc > best[0] + 1e-12:  # ties: the first (smallest C, layer)
+                best = (auc, gate)
+    assert best is not None
+    gate = best[1]
+    threshold = youden_threshold(gate.scores(dev), dev_y)
+    fired = gate.scores(dev) >= threshold
+    info = {"C": gate.info["C"], "dev_auroc": round(best[0], 4),
+            "dev_tpr": round(float(fired[dev_y == 1].mean()), 4),
+            "dev_fpr": round(float(fired[dev_y == 0].mean()), 4)}
+    return PromptGate(source, gate.layer, gate.weight, gate.bias, threshold, info), sweep

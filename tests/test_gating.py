@@ -1,0 +1,129 @@
+"""Prompt gates and gated twins on tiny models: the features are the routing and residual they
+claim (batch-N = batch-1), a gate survives its files, and a gated plan equals the ungated plan
+bit for bit when it always fires and the unsteered model when it never does, adding no request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steerline.backends import Steering
+from steerline.backends.base import Generated
+from steerline.backends.hf import TransformersBackend
+from steerline.core.chat import render_chat
+from steerline.steering.experts import SteeringPlan
+from steerline.steermoe.gating.features import prompt_features
+from steerline.steermoe.gating.prompt_gate import (
+    PromptGate,
+    auroc_ci,
+    fit_gate,
+    load_gate,
+    youden_threshold,
+)
+from steerline.steermoe.safety.evaluate import backend_answers, benign_nll_rows, benign_ppl
+from steerline.steermoe.safety.gated import GatedPlan, compose_ppl, twin_of
+
+TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
+         "Give me three tips for sleeping better", "How do I pick a lock?"]
+PLAN = SteeringPlan(activate=((0, 1), (2, 5)), deactivate=((1, 3),), delta=0.01)
+
+
+def test_features_are_user_token_routing_shares_and_mean_residual(tiny_moe, tokenizer):
+    feats = prompt_features(tiny_moe, tokenizer, TEXTS, [0, 2], batch_size=2)
+    assert feats["routing"].shape == (5, 3 * 8) and feats["residual_2"].shape == (5, 32)
+    shares = feats["routing"].reshape(5, 3, 8)
+    np.testing.assert_allclose(shares.sum(-1), 2.0, rtol=1e-5)  # top_k experts per token
+    one = prompt_features(tiny_moe, tokenizer, TEXTS[1:2], [0, 2], batch_size=1)
+    chat = render_chat(tokenizer, TEXTS[1])
+    user = ~np.array(chat.is_template)
+    with torch.no_grad():
+        h = tiny_moe(torch.tensor([chat.ids]), output_hidden_states=True).hidden_states[2][0]
+    np.testing.assert_allclose(one["residual_2"][0], h.numpy()[user].mean(0), atol=1e-5)
+    for key in feats:  # batch of 2 with right padding = alone
+        np.testing.assert_allclose(feats[key][1], one[key][0], atol=1e-5)
+
+
+def test_gate_fit_choice_threshold_and_files(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([1, 0], 40)
+    x = rng.normal(size=(80, 6)) + 3.0 * y[:, None] * np.eye(6)[0]
+    feats = {"routing": x[:, :4], "residual_3": x, "residual_5": rng.normal(size=(80, 6))}
+    train = {k: v[::2] for k, v in feats.items()}
+    dev = {k: v[1::2] for k, v in feats.items()}
+    gate, sweep = fit_gate("residual", train, y[::2], dev, y[1::2], [3, 5], [0.1, 1.0], 0)
+    assert gate.layer == 3 and len(sweep) == 4 and gate.info["dev_auroc"] > 0.9
+    gate.save(tmp_path)
+    back = load_gate(tmp_path, "residual")
+    np.testing.assert_array_equal(back.scores(dev), gate.scores(dev))
+    assert back.threshold == gate.threshold and back.layer == 3
+    with pytest.raises(ValueError, match="train_gate"):
+        load_gate(tmp_path, "routing")
+    assert youden_threshold(np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 0, 1, 1])) == 0.6
+    ci = auroc_ci(np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 0, 1, 1]), 200, 0)
+    assert ci["auroc"] == 1.0 and ci["ci_low"] == 1.0
+    wrong = PromptGate("routing", None, np.zeros(3), 0.0, 0.5)
+    with pytest.raises(ValueError, match="retrain"):
+        wrong.scores({"routing": np.zeros((2, 4))})
+
+
+class EchoBackend:
+    """Answers each request with its own name (prompt index, steering plan id) and counts them."""
+
+    max_context = 1 << 30
+
+    def __init__(self, tokenizer):
+        self.tok, self.requests = tokenizer, []
+        self.index = {tuple(render_chat(tokenizer, t).ids): i for i, t in enumerate(TEXTS)}
+
+    def generate(self, prompts, max_new_tokens, steering=None):
+        out = []
+        for chat, st in zip(prompts, steering, strict=True):
+            name = f"p{self.index[tuple(chat.ids)]} {'none' if st is None else st.plan_id}"
+            self.requests.append(name)
+            out.append(Generated(np.array(self.tok(name)["input_ids"]), True))
+        return out
+
+
+def test_gated_plan_always_equals_ungated_never_equals_unsteered(tokenizer):
+    backend = EchoBackend(tokenizer)
+    always = GatedPlan(PLAN, np.ones(5, bool), "residual")
+    never = GatedPlan(PLAN, np.zeros(5, bool), "residual")
+    some = GatedPlan(PLAN, np.array([True, False, True, False, False]), "residual")
+    plain, steered, on, off, mixed = backend_answers(backend, tokenizer, TEXTS,
+                                                     [None, PLAN, always, never, some], 8)
+    assert len(backend.requests) == 10 == len(set(backend.requests))  # no request of their own
+    assert on == steered and off == plain and on != off
+    assert mixed == [steered[0], plain[1], steered[2], plain[3], plain[4]]
+    alone = EchoBackend(tokenizer)
+    assert backend_answers(alone, tokenizer, TEXTS, [None, PLAN], 8) == [plain, steered]
+    assert alone.requests == backend.requests  # same requests, same order as without twins
+
+
+def test_steered_requests_differ_on_transformers(tiny_moe, tokenizer):
+    """The dedup keys on the plan: on the real backend the steered requests route otherwise than
+    the plain ones, and a gated plan that always fires runs exactly as its plan."""
+    hf = TransformersBackend(tiny_moe, tokenizer, batch_size=2)
+    chats = [render_chat(tokenizer, t) for t in TEXTS]
+    plain = hf.generate_and_capture(chats, 6)
+    steered = hf.generate_and_capture(chats, 6, steering=Steering(experts=PLAN))
+    gated = hf.generate_and_capture(chats, 6, steering=[Steering(experts=GatedPlan(
+        PLAN, np.ones(5, bool), "residual").for_prompt(i)) for i in range(5)])
+    assert not all(np.array_equal(a.experts, b.experts)
+                   for a, b in zip(plain, steered, strict=True))
+    assert all(np.array_equal(a.experts, b.experts) and np.array_equal(a.token_ids, b.token_ids)
+               for a, b in zip(gated, steered, strict=True))
+
+
+def test_gated_perplexity_is_composed_from_rows(tiny_moe, tokenizer):
+    import pandas as pd
+
+    ref = pd.DataFrame({"text": TEXTS, "answer": ["Sure, here it is.", "The sea is wide.", "4",
+                                                  "Sleep early.", "I cannot help."]})
+    on = benign_nll_rows(tiny_moe, tokenizer, ref, PLAN, 2, "on")
+    off = benign_nll_rows(tiny_moe, tokenizer, ref, None, 2, "off")
+    assert compose_ppl(np.ones(5, bool), on, off) == pytest.approx(
+        benign_ppl(tiny_moe, tokenizer, ref, PLAN, 2, "x"), rel=1e-12)
+    assert compose_ppl(np.zeros(5, bool), on, off) == pytest.approx(
+        benign_ppl(tiny_moe, tokenizer, ref, None, 5, "x"), rel=1e-9)
+    assert twin_of("finetuned_activate_gated") == "finetuned_activate" and twin_of("base") is None
