@@ -8,7 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steerline.model.gguf import save_model
-from steerline.model.moefy import MoeSpec, balanced_groups, fidelity, moefy
+from steerline.model.moefy import (
+    MoeSpec,
+    balanced_groups,
+    fidelity,
+    moefy,
+    principal_coordinates,
+)
 
 
 def random_seqs(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -47,6 +53,23 @@ def test_balanced_groups_equal_sizes():
     prof = rng.normal(size=(96, 200))
     assign = balanced_groups(prof, 8, seed=0)
     assert sorted(np.bincount(assign).tolist()) == [12] * 8
+
+
+@pytest.mark.parametrize("shape", [(96, 200), (200, 96)])
+def test_principal_coordinates_match_svd(shape):
+    rng = np.random.default_rng(1)
+    prof = rng.normal(size=shape).astype(np.float32)
+    got = principal_coordinates(prof, 64)
+    assert got.dtype == np.float32 and got.shape == (shape[0], 64)
+    u, s, _ = np.linalg.svd(prof.astype(np.float64), full_matrices=False)
+    ref = u[:, :64] * s[:64]
+    # the sign convention: each column's largest-magnitude entry is positive
+    ref *= np.sign(ref[np.argmax(np.abs(ref), axis=0), np.arange(64)])
+    assert (got[np.argmax(np.abs(got), axis=0), np.arange(64)] > 0).all()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # k-means and the assignment see only distances: a sign convention changes no group
+    signs = np.where(rng.random(64) < 0.5, -1.0, 1.0).astype(np.float32)
+    assert np.array_equal(balanced_groups(got, 8, seed=0), balanced_groups(got * signs, 8, seed=0))
 
 
 def test_saved_moe_loads_unmodified(tiny_dense, tokenizer, tmp_path):

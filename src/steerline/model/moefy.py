@@ -55,15 +55,37 @@ class LayerCalib:
     act: torch.Tensor  # [N, I] SwiGLU activation act(gate(x)) * up(x)
 
 
+def principal_coordinates(profiles: np.ndarray, k: int) -> np.ndarray:
+    """The rows of `profiles` [n, d] on its top-k principal axes, U[:, :k] * S[:k] of its thin
+    SVD, in `profiles`' dtype; each column's sign makes its largest-magnitude entry positive.
+
+    From the eigendecomposition of the float64 Gram matrix (the smaller of X X^T and X^T X) with
+    BLAS on one thread: numpy's multithreaded SVD is extremely slow on a busy shared CPU."""
+    from threadpoolctl import threadpool_limits
+
+    x = np.asarray(profiles, dtype=np.float64)
+    k = min(k, *x.shape)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if x.shape[0] <= x.shape[1]:
+            w, u = np.linalg.eigh(x @ x.T)  # ascending eigenvalues = squared singular values
+            coords = u[:, ::-1][:, :k] * np.sqrt(np.clip(w[::-1][:k], 0.0, None))
+        else:
+            _, v = np.linalg.eigh(x.T @ x)
+            coords = x @ v[:, ::-1][:, :k]
+    pivot = coords[np.argmax(np.abs(coords), axis=0), np.arange(k)]
+    coords *= np.where(pivot < 0, -1.0, 1.0)
+    return coords.astype(profiles.dtype, copy=False)
+
+
 def balanced_groups(profiles: np.ndarray, n_groups: int, seed: int) -> np.ndarray:
     """Cluster rows of `profiles` [n, d] into n_groups groups of exactly n / n_groups rows."""
     n = profiles.shape[0]
     size = n // n_groups
     if profiles.shape[1] > 64:
         # k-means only needs the profiles' geometry: 64 principal directions keep it and make
-        # clustering seconds instead of minutes.
-        u, s, _ = np.linalg.svd(profiles, full_matrices=False)
-        profiles = u[:, :64] * s[:64]
+        # clustering seconds instead of minutes (k-means and the assignment below see only
+        # distances, so a column's sign does not change the groups).
+        profiles = principal_coordinates(profiles, 64)
     km = KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit(profiles)
     c = km.cluster_centers_
     dist = (profiles**2).sum(1)[:, None] - 2 * profiles @ c.T + (c**2).sum(1)[None]  # [n, G]
