@@ -6,8 +6,8 @@ identical answers up to splits at a float tie of the next-token logits and >= 99
 token-layers with the same top-k experts.
 Also times vLLM generation without any hook (its own routing rule, no capture) to give the
 capture overhead. Engine start-up is timed apart; both backends get one torch thread by default
-(vLLM's CPU setting; `--hf-threads` changes the transformers one). Goal: ratio >= 2. Last line:
-one JSON object (bench contract: bench, ratio, equal, goal, baseline).
+(`--hf-threads` sets the process's count, which vLLM on CPU serves with too). Goal: ratio >= 2.
+Last line: one JSON object (bench contract: bench, ratio, equal, goal, baseline).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--hf-batch-size", type=int, default=16)  # capture_routing's default
-    # vLLM serves with one torch thread on CPU (see VLLMBackend); transformers gets as many
+    # the process's torch threads: transformers' and, on CPU, vLLM's (see VLLMBackend)
     ap.add_argument("--hf-threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.hf_threads)

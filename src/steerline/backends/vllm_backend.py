@@ -116,14 +116,16 @@ class VLLMBackend(Backend):
             select_runner(self.native)  # V1 for the hooks, V2 for native capture
         if not gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
-            # One unbound torch thread unless the caller sets OMP_NUM_THREADS: vLLM would bind one
-            # per core, and bound threads on a busy (shared) machine stall each other at every
-            # parallel op (measured up to 30x slower).
+            # The process's torch threads, unbound, unless the caller sets OMP_NUM_THREADS: vLLM
+            # would bind one per core, and bound threads on a busy (shared) machine stall each
+            # other at every parallel op (measured up to 30x slower); an OMP_NUM_THREADS set here
+            # also stops vLLM cutting serving to one thread. The stage commands set
+            # OMP_WAIT_POLICY=PASSIVE, so waiting threads sleep instead of spinning.
             if "OMP_NUM_THREADS" not in os.environ:
-                self._threads = (torch.set_num_threads, torch.get_num_threads())
-                os.environ["OMP_NUM_THREADS"] = "1"
+                n = torch.get_num_threads()
+                self._threads = (torch.set_num_threads, n)
+                os.environ["OMP_NUM_THREADS"] = str(n)
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-                torch.set_num_threads(1)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
