@@ -239,9 +239,9 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     unsafe = (prompts["label"] == "unsafe").to_numpy()
     gating = {
         "aurocs": {model_dir: {src: gate_aurocs(sc[src], prompts, params.prompt_gate.n_bootstrap,
-                                                params.seed) for src in needed[model_dir]}
+                                                params.seed) for src in sorted(needed[model_dir])}
                    for model_dir, sc in scores.items()},
-        "variants": {name: {"source": vp.source, "reference_of_twin": twin_of(name),
+        "variants": {name: {"source": vp.source, "ungated_twin": twin_of(name),
                             "fired_unsafe": rate(vp.fires[unsafe]),
                             "fired_safe": rate(vp.fires[~unsafe])}
                      for variants in plans.values() for name, vp in variants.items()

@@ -43,12 +43,16 @@ def prompt_features(
     recorder = RoutingRecorder(model)
     n_sites, n_experts = len(recorder.sites), recorder.n_experts
     routing = np.zeros((len(chats), n_sites * n_experts), dtype=np.float32)
-    residual = {layer: [] for layer in layers}
+    hidden = int(model.config.hidden_size)
+    residual = {layer: np.zeros((len(chats), hidden), np.float32) for layer in layers}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # batches of similar length (less padding); right padding keeps each prompt's states as alone
+    order = sorted(range(len(chats)), key=lambda i: len(chats[i].ids))
     with recorder.recording():
         for start in tqdm(range(0, len(chats), batch_size), desc=desc, leave=False):
-            chunk = chats[start: start + batch_size]
+            rows = order[start: start + batch_size]
+            chunk = [chats[i] for i in rows]
             ids, mask = right_pad([c.ids for c in chunk], pad)  # [B, T]
             user = torch.zeros(ids.shape, dtype=torch.bool)  # the user's own tokens
             for i, c in enumerate(chunk):
@@ -61,12 +65,8 @@ def prompt_features(
             hits = torch.nn.functional.one_hot(
                 top.long().cpu().reshape(*ids.shape, n_sites, -1), n_experts).sum(-2)  # [B,T,L,E]
             share = torch.einsum("bt,btle->ble", w, hits.double())  # [B, L, E]
-            routing[start: start + len(chunk)] = share.reshape(len(chunk), -1).float().numpy()
+            routing[rows] = share.reshape(len(chunk), -1).float().numpy()
             for layer in layers:
                 h = out.hidden_states[layer].double().cpu()  # [B, T, D]
-                residual[layer].append(torch.einsum("bt,btd->bd", w, h).float().numpy())
-    feats = {"routing": routing}
-    for layer in layers:
-        feats[f"residual_{layer}"] = np.concatenate(residual[layer]) if chats else np.zeros(
-            (0, model.config.hidden_size), np.float32)
-    return feats
+                residual[layer][rows] = torch.einsum("bt,btd->bd", w, h).float().numpy()
+    return {"routing": routing} | {f"residual_{layer}": residual[layer] for layer in layers}
