@@ -134,9 +134,9 @@ def gate_sources(params: Params) -> dict[str, str]:
 
 
 def gate_scores(params: Params, model_dir: str, gate_dir: Path, sources: set[str],
-                texts: list[str]) -> dict[str, np.ndarray]:
-    """Each needed gate source's score per prompt [N], from one unsteered prefill of the model
-    it gates."""
+                texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each needed gate source's (score [N], fires [N] bool) per prompt, from one unsteered
+    prefill of the model it gates."""
     p, g = params.eval_safety, params.prompt_gate
     gates = {src: load_gate(gate_dir, src) for src in sorted(sources)}
     layers = sorted({gate.layer for gate in gates.values() if gate.layer is not None})
@@ -144,22 +144,20 @@ def gate_scores(params: Params, model_dir: str, gate_dir: Path, sources: set[str
     feats = prompt_features(model, tokenizer, texts, layers, g.batch_size,
                             desc=f"gate features {model_dir}")
     del model
-    return {src: gate.scores(feats) for src, gate in gates.items()} | {
-        f"{src}_threshold": np.array(gate.threshold) for src, gate in gates.items()}
+    return {src: (gate.scores(feats), gate.fires(feats)) for src, gate in gates.items()}
 
 
 def add_gated(plans: Plans, sources: dict[str, str],
-              scores: dict[str, dict[str, np.ndarray]]) -> None:
+              scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
     """Each gated twin after its ungated variant (in place); scores: model folder -> source ->
-    per-prompt gate scores (and <source>_threshold)."""
+    (per-prompt gate scores, fires)."""
     for model_dir, variants in plans.items():
         out: dict[str, Plan] = {}
         for name, plan in variants.items():
             out[name] = plan
             if name in sources and isinstance(plan, SteeringPlan):
-                sc = scores[model_dir]
                 src = sources[name]
-                out[f"{name}_gated"] = GatedPlan(plan, sc[src] >= sc[f"{src}_threshold"], src)
+                out[f"{name}_gated"] = GatedPlan(plan, scores[model_dir][src][1], src)
         plans[model_dir] = out
 
 
@@ -184,7 +182,7 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     needed = {p.model: {src for v, src in sources.items() if v == "steered"},
               p.finetuned: {src for v, src in sources.items() if v != "steered"}}
     seconds: dict[str, float] = {}
-    scores: dict[str, dict[str, np.ndarray]] = {}
+    scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for model_dir, srcs in needed.items():
         if srcs:
             t = time.perf_counter()
@@ -238,7 +236,7 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
                  if isinstance(vp, SteeringPlan)}
     unsafe = (prompts["label"] == "unsafe").to_numpy()
     gating = {
-        "aurocs": {model_dir: {src: gate_aurocs(sc[src], prompts, params.prompt_gate.n_bootstrap,
+        "aurocs": {model_dir: {src: gate_aurocs(sc[src][0], prompts, params.prompt_gate.n_bootstrap,
                                                 params.seed) for src in sorted(needed[model_dir])}
                    for model_dir, sc in scores.items()},
         "variants": {name: {"source": vp.source, "ungated_twin": twin_of(name),
