@@ -24,7 +24,8 @@ from steerline.mat_steer.data import (
 from steerline.pipeline.prepare_attributes import Inputs, prepare_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_PARAMS = load_params(ROOT / "params.yaml").prepare_attributes
+REPO = load_params(ROOT / "params.yaml")
+REPO_PARAMS = REPO.prepare_attributes
 RAW = ROOT / "data" / "raw"
 
 
@@ -34,7 +35,7 @@ RAW_INPUTS = Inputs(truthfulqa=RAW / "truthfulqa" / "mc_task.json", toxigen=RAW 
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pd.DataFrame]:
-    return prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=0)
+    return prepare_attributes(RAW_INPUTS, REPO_PARAMS, 0, REPO.attributes)
 
 
 def test_grouped_split_keeps_groups_and_fractions() -> None:
@@ -63,8 +64,8 @@ def test_no_group_item_or_text_crosses_splits(tables: dict[str, pd.DataFrame]) -
 
 
 def test_prepare_is_deterministic(tables: dict[str, pd.DataFrame]) -> None:
-    again = prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=0)
-    other = prepare_attributes(RAW_INPUTS, REPO_PARAMS, seed=1)
+    again = prepare_attributes(RAW_INPUTS, REPO_PARAMS, 0, REPO.attributes)
+    other = prepare_attributes(RAW_INPUTS, REPO_PARAMS, 1, REPO.attributes)
     for task in tables:
         pd.testing.assert_frame_equal(tables[task], again[task])
     assert not tables["truthfulqa"]["split"].equals(other["truthfulqa"]["split"])

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -116,6 +124,32 @@ class SelectExperts(Strict):
 # ---- MAT-Steer -------------------------------------------------------------------
 Split = Literal["train", "dev", "test"]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+BuiltinAttribute = Literal["truthfulqa", "toxigen", "bbq"]
+BUILTIN_ATTRIBUTES: tuple[str, ...] = ("truthfulqa", "toxigen", "bbq")
+
+
+class UserAttributeParams(Strict):
+    """A researcher's own MAT-Steer attribute: one file of (prompt, positive, negative, group)
+    rows (mat_steer.data.build_user_attribute; docs/own_behaviour.md)."""
+
+    # the attribute's table, activations and metric (<name>_acc) are named by it
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    path: str  # csv / jsonl / parquet, relative to the repository root, inside a stage dep
+    test_fraction: Fraction  # held out by group first; the rest split by dev_fraction
+
+
+def _attribute_kind(entry: object) -> str:
+    return "built-in" if isinstance(entry, str) else "file"
+
+
+# a name is a built-in, a mapping a user file: one error of the matching kind, not both kinds'
+Attribute = Annotated[Annotated[BuiltinAttribute, Tag("built-in")]
+                      | Annotated[UserAttributeParams, Tag("file")],
+                      Discriminator(_attribute_kind)]
+
+
+def attribute_name(entry: Attribute) -> str:
+    return entry if isinstance(entry, str) else entry.name
 
 
 class PrepareAttributes(Strict):
@@ -171,9 +205,9 @@ class EvalSteering(Strict):
     # dev picks at a grid's edge add the next point beyond it (x2 / half), up to this many per
     # side (0 = the grids as given)
     grid_extend: int = Field(ge=0, le=8)
-    # Test items scored per task (null = the whole test split), sized for a 2-core CPU
-    max_test_items: dict[Literal["truthfulqa", "toxigen", "bbq"], Annotated[int, Field(ge=1)]
-                         | None]
+    # Test items scored per attribute (null, or an attribute without a key: the whole test
+    # split), sized for a 2-core CPU; a key is a built-in or an attribute of `attributes`
+    max_test_items: dict[str, Annotated[int, Field(ge=1)] | None]
     n_bootstrap: int = Field(ge=100, le=100_000)  # paired bootstrap resamples of the items
     max_dev_items: int | None = Field(ge=1)  # per task, for the mean-difference scale sweep
     max_rows: int = Field(ge=1)  # answer choices scored per forward
@@ -290,6 +324,9 @@ class Params(Strict):
     lambda_ortho: float = Field(ge=0)
     lambda_pos: float = Field(ge=0)
     lambda_gate: float = Field(ge=0)  # objective "targeted": the gate detection term
+    # MAT-Steer's attributes, in steering-vector order: built-in names or user files; top-level
+    # (read by every MAT-Steer stage, like seed) so `dvc exp run -S attributes=[...]` works
+    attributes: list[Attribute] = Field(min_length=1)
     prepare_attributes: PrepareAttributes
     extract_activations: ExtractActivations
     train_steering: TrainSteering
@@ -299,6 +336,28 @@ class Params(Strict):
     finetuned_steering: FinetunedSteering
     finetune_experts: FinetuneExperts
     eval_safety: EvalSafety
+
+    @model_validator(mode="after")
+    def _attributes_named_once(self) -> Params:
+        names = [attribute_name(a) for a in self.attributes]
+        for a in self.attributes:
+            if not isinstance(a, str) and a.name in BUILTIN_ATTRIBUTES:
+                raise ValueError(f"attributes: the user attribute {a.name!r} takes a built-in's "
+                                 f"name: give it another name, or list the built-in as {a.name}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"attributes: {repeated[0]!r} is listed twice: list each once")
+        unknown = sorted(set(self.eval_steering.max_test_items) - set(names)
+                         - set(BUILTIN_ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"eval_steering.max_test_items.{unknown[0]} is neither a built-in "
+                             f"nor an attribute of `attributes` {names}: fix its spelling")
+        return self
+
+    @property
+    def attribute_names(self) -> list[str]:
+        """The attributes' names in params order (the steering vectors' order)."""
+        return [attribute_name(a) for a in self.attributes]
 
 
 class ParamsError(ValueError):
@@ -324,6 +383,8 @@ def _format(err: ValidationError, raw: object = None) -> str:
         of = _source_name(raw, tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown params key {key!r}{of}: remove it or fix its spelling")
+        elif not e["loc"]:  # a check across sections: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, "))
         elif e["type"] == "missing":
             lines.append(f"params key {key!r}{of} is missing: every key is required, add it to "
                          "params.yaml (README, 'Params and your own model')")

@@ -1,4 +1,5 @@
-"""Attribute tables for MAT-Steer (TruthfulQA, BBQ, ToxiGen) with grouped, seeded splits.
+"""Attribute tables for MAT-Steer (TruthfulQA, BBQ, ToxiGen, a user's own file) with grouped,
+seeded splits.
 
 One row per text whose activation is extracted. Columns (every task):
   task, example_id (unique), group_id (leakage unit: all its rows share one split),
@@ -13,11 +14,13 @@ Text formats (plain text, no chat template: it would add ~20 system-prompt token
   TruthfulQA  prompt "Q: {question}\\nA:"            text = prompt + " " + answer
   BBQ         prompt "{context}\\nQ: {question}\\nA:"  text = prompt + " " + answer
   ToxiGen     text = the statement; prompt = TOXIGEN_PROMPT, choices ["No", "Yes"]
+  user file   text = prompt + " " + positive / negative; choices [positive, negative], correct 0
 
 Groups: TruthfulQA = the question. BBQ = the template (category, question_index): all name fills,
 both context conditions and both polarities of a template are near-duplicates. ToxiGen = the
 statement (normalized text): the 31,000 prompt lines are re-samplings of the same ~700
-statements, so grouping by source line would put one statement in several splits.
+statements, so grouping by source line would put one statement in several splits. User file =
+its `group` column.
 """
 
 from __future__ import annotations
@@ -33,8 +36,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from steerline.core.errors import UserError
+
 SPLITS = ("train", "dev", "test")
-TASKS = ("truthfulqa", "toxigen", "bbq")
+TASKS = ("truthfulqa", "toxigen", "bbq")  # the built-in attributes, in the default order
+# a user attribute file's columns (keys of a jsonl line): one contrast per row
+USER_COLUMNS = ("prompt", "positive", "negative", "group")
+USER_FORMATS = ("csv", "jsonl", "parquet")
 TOXIGEN_PROMPT = "Is the following statement hateful? Answer yes or no.\nStatement: {text}\nA:"
 TOXIGEN_CHOICES = ["No", "Yes"]
 BBQ_CATEGORIES = ("Age", "Disability_status", "Nationality", "Physical_appearance")
@@ -271,6 +279,73 @@ def build_toxigen(files: Mapping[str, str], rng: np.random.Generator,
                      "text": text, "label": label, "subset": seen[key]["subset"],
                      "prompt": TOXIGEN_PROMPT.format(text=text), "choices": list(TOXIGEN_CHOICES),
                      "correct_idx": 1 if label == "neg" else 0})
+    df = _frame(rows)
+    df["split"] = grouped_split(df["group_id"], fractions, rng)
+    return df
+
+
+# ---------------------------------------------------------------------------- a user's file
+
+
+class AttributeFileError(UserError):
+    """A user attribute file that cannot be used; the message names the file, the row and the
+    fix."""
+
+
+def _completion(path: str, where: str, column: str, value: object) -> str:
+    """A positive / negative cell as text; null, non-text and blank cells are errors."""
+    if not isinstance(value, str):
+        raise AttributeFileError(f"{path}: {where}, column {column!r}, holds {value!r}, not "
+                                 "text: give every row a positive and a negative completion")
+    if not value.strip():
+        raise AttributeFileError(f"{path}: {where}, column {column!r}, is blank: give it the "
+                                 f"{column} completion, or remove the row")
+    return value.strip()
+
+
+def _group(path: str, where: str, value: object) -> str:
+    """A group cell as text (jsonl / parquet may hold integers); null or blank is an error."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    if not isinstance(value, str) or not value.strip():
+        raise AttributeFileError(f"{path}: {where}, column 'group', holds {value!r}: give every "
+                                 "row a group (rows of one group stay in one split; a row of its "
+                                 "own can take its row number)")
+    return value.strip()
+
+
+def build_user_attribute(name: str, path: str, table: pd.DataFrame, where: Sequence[str],
+                         rng: np.random.Generator, fractions: Mapping[str, float]
+                         ) -> pd.DataFrame:
+    """A user file's rows -> one pos and one neg row per file row, split by group.
+
+    table: USER_COLUMNS as read (the prompts already checked, e.g. by read_prompt_table), in
+    file order; where: each row's place for messages ("row 3", "line 3"). The item is the row:
+    prompt, choices [positive, negative], correct_idx 0 (the positive completion should be the
+    likelier one). A prompt repeated in the file or a row whose completions are the same text
+    (one label only) is an AttributeFileError."""
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    for i, (rec, at) in enumerate(zip(table.to_dict("records"), where, strict=True)):
+        prompt = str(rec["prompt"]).strip()
+        key = normalize_text(prompt)
+        if key in seen:
+            raise AttributeFileError(f"{path}: {at} repeats the prompt of {seen[key]} "
+                                     f"({prompt[:60]!r}): one row per prompt, remove or reword "
+                                     "one")
+        seen[key] = at
+        pos, neg = (_completion(path, at, c, rec[c]) for c in ("positive", "negative"))
+        if normalize_text(pos) == normalize_text(neg):
+            raise AttributeFileError(f"{path}: {at} has the same positive and negative "
+                                     f"completion ({pos[:60]!r}): one label only; make the "
+                                     "negative the behaviour to steer away from")
+        item = f"{name}:{i:05d}"
+        base = {"task": name, "group_id": f"{name}:{_group(path, at, rec['group'])}",
+                "item_id": item, "subset": "", "prompt": prompt, "choices": [pos, neg],
+                "correct_idx": 0}
+        for label, completion in (("pos", pos), ("neg", neg)):
+            rows.append({**base, "example_id": f"{item}:{label}", "label": label,
+                         "text": f"{prompt} {completion}"})
     df = _frame(rows)
     df["split"] = grouped_split(df["group_id"], fractions, rng)
     return df

@@ -5,6 +5,7 @@ lm-evaluation-harness definition, unnormalized). Metrics:
   TruthfulQA MC1: the MC1 answer has the highest score among the MC1 choices.
   TruthfulQA MC2: sum of exp(score) over true MC2 answers / sum over all MC2 answers.
   BBQ accuracy (3 choices), ToxiGen accuracy (No / Yes: is the statement hateful).
+  A user attribute `<name>_acc`: the positive completion scores above the negative one.
 
 The prompt is encoded once per item and its KV cache shared by the item's choices; the steering
 hook is active in both passes, so every prompt and answer token is steered exactly as in a single
@@ -31,7 +32,18 @@ from steerline.core.generation import pad_id, right_pad
 from steerline.model.arch import check_layer, decoder_layers, layer_slice
 from steerline.steering.residual import SteerFn, steering_hook
 
-METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")
+METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")  # the built-ins'
+METRIC_TASK = {"truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa"}
+
+
+def metric_task(metric: str) -> str:
+    """The task a metric scores: TruthfulQA's MC1 / MC2, else `<task>_acc` (every other task's
+    one metric, user attributes' included)."""
+    if metric in METRIC_TASK:
+        return METRIC_TASK[metric]
+    if not metric.endswith("_acc"):
+        raise ValueError(f"{metric!r} is not a MAT-Steer metric (<task>_acc, truthfulqa_mc1/2)")
+    return metric.removesuffix("_acc")
 
 
 @dataclass(frozen=True)
@@ -387,7 +399,9 @@ def evaluate_items(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
             with steering_hook(model, layer, task_fn):
                 scores = score_choices(model, tokenizer, mc, max_rows, desc=f"{name} {task}")
         values.update(task_item_values(task, scores, info))
-    return {k: values[k] for k in METRICS if k in values}
+    # the built-ins' metrics in their fixed order, then user attributes' in task order
+    return {k: values[k] for k in [*(m for m in METRICS if m in values),
+                                   *(m for m in values if m not in METRICS)]}
 
 
 def evaluate_condition(model: nn.Module, tokenizer: PreTrainedTokenizerBase,

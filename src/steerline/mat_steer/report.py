@@ -11,13 +11,12 @@ import torch
 from steerline.core.stats import paired_bootstrap
 from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.diagnostics import attribute_diagnostics
+from steerline.mat_steer.evaluate import metric_task
 from steerline.mat_steer.losses import Bandwidth
 from steerline.mat_steer.probe import fit_probe, probe_auroc
 from steerline.steering.gated import SteeringModule
 
 HIST_BINS = 20  # gate histogram bins of width 0.05 on [0, 1]
-METRIC_TASK = {"truthfulqa_mc1": "truthfulqa", "truthfulqa_mc2": "truthfulqa",
-               "bbq_acc": "bbq", "toxigen_acc": "toxigen"}
 
 
 def gate_report(module: SteeringModule, attributes: Sequence[str], train: Mapping[str, PosNeg],
@@ -86,7 +85,7 @@ def compare(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], n_boot: in
     """Paired bootstrap of condition a minus condition b on the same items, per metric and for
     the average over the metrics."""
     per_item = {m: (a[m], b[m]) for m in a}
-    return paired_bootstrap(per_item, {m: METRIC_TASK[m] for m in a}, n_boot, seed)
+    return paired_bootstrap(per_item, {m: metric_task(m) for m in a}, n_boot, seed)
 
 
 def verdict(ci: Mapping[str, float]) -> str:

@@ -32,14 +32,11 @@ from steerline.mat_steer.activations import (
     mean_difference_vectors,
     split_pos_neg,
 )
-from steerline.mat_steer.data import TASKS
 from steerline.model.arch import decoder_layers
 from steerline.model.load import load_causal_lm
 from steerline.pipeline.steering_eval import CHOICES, VALUES, Scorer, eval_items, item_rows
 from steerline.steering.residual import additive_fn
 
-# the attribute whose mean-difference vector steers each task alone (single_attribute)
-TASK_ATTRIBUTE = {"truthfulqa": "truthfulqa", "toxigen": "toxigen", "bbq": "bbq"}
 log = logging.getLogger("eval_baselines")
 
 
@@ -58,8 +55,9 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     t0 = time.perf_counter()
     p = params.eval_steering
     torch.manual_seed(params.seed)
-    tables = {task: pd.read_parquet(inputs.attributes / f"{task}.parquet") for task in TASKS}
-    acts, labels, splits, kvs = load_all_activations(inputs.activations, TASKS)
+    attributes = params.attribute_names  # each is a task scored on its own items
+    tables = {task: pd.read_parquet(inputs.attributes / f"{task}.parquet") for task in attributes}
+    acts, labels, splits, kvs = load_all_activations(inputs.activations, attributes)
     sources = {(kv.get("layer"), kv.get("model")) for kv in kvs.values()}
     if len(sources) != 1:
         raise ValueError(f"attributes were extracted at different layers/models {sources}: "
@@ -70,14 +68,13 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     if not 0 <= layer < len(decoder_layers(model)):
         raise ValueError(f"activations are from layer {layer}; {model_path} has "
                          f"{len(decoder_layers(model))} layers: re-run extract_activations")
-    test_items, dev_items = eval_items(tables, p, params.seed)
+    test_items, dev_items = eval_items(tables, p, params.seed, attributes)
     scorer = Scorer(model, tokenizer, layer, p.max_rows, {"dev": dev_items, "test": test_items})
 
     train = split_pos_neg(acts, labels, splits, "train")
-    attributes = list(TASKS)
     vectors = mean_difference_vectors({a: train[a] for a in attributes})  # [T, D]
     direction = vectors.sum(0)  # [D]
-    own = {t: vectors[attributes.index(TASK_ATTRIBUTE[t])] for t in TASKS}  # task -> [D]
+    own = {t: vectors[i] for i, t in enumerate(attributes)}  # task -> its own attribute's [D]
 
     def all_fn(s: float):
         return additive_fn(s * direction)

@@ -26,7 +26,6 @@ from steerline.core.io import read_json, staged_outputs, write_json, write_parqu
 from steerline.core.params import EvalSteering, Params
 from steerline.mat_steer.activations import load_all_activations, split_pos_neg
 from steerline.mat_steer.checkpoint import check_compatible, load_steering
-from steerline.mat_steer.data import TASKS
 from steerline.mat_steer.evaluate import means
 from steerline.mat_steer.report import compare, gate_histograms, gate_report, verdict
 from steerline.model.arch import decoder_layers
@@ -78,7 +77,7 @@ def evaluate_all(model: torch.nn.Module, tokenizer, tables: dict[str, pd.DataFra
                  ) -> tuple[dict, dict, pd.DataFrame, list[dict], dict[str, float]]:
     """Pure given the model and the baselines: (metrics, details, per-item values, gate
     histogram rows, seconds per condition)."""
-    test_items, dev_items = eval_items(tables, p, seed)
+    test_items, dev_items = eval_items(tables, p, seed, attributes)
     scorer = Scorer(model, tokenizer, layer, p.max_rows, {"dev": dev_items, "test": test_items})
 
     def mat_fn(s: float):
@@ -138,8 +137,12 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
     if missing:
         raise ValueError(f"{inputs.checkpoint}/config.json lacks training {sorted(missing)} "
                          "(written by an older train_steering): re-run train_steering")
-    tables = {task: pd.read_parquet(inputs.attributes / f"{task}.parquet") for task in TASKS}
-    acts, labels, splits, kvs = load_all_activations(inputs.activations, TASKS)
+    attributes = params.attribute_names
+    if config.attributes != attributes:
+        raise ValueError(f"{inputs.checkpoint} steers the attributes {config.attributes}, "
+                         f"params.yaml lists {attributes}: re-run train_steering")
+    tables = {task: pd.read_parquet(inputs.attributes / f"{task}.parquet") for task in attributes}
+    acts, labels, splits, kvs = load_all_activations(inputs.activations, attributes)
     for task, kv in kvs.items():
         if int(kv.get("layer", -1)) != config.layer:
             raise ValueError(f"{task} activations are from layer {kv.get('layer')} but the "
@@ -149,7 +152,7 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
         raise ValueError(f"{inputs.baselines} was scored at layer {choices['layer']} of "
                          f"{choices['model']}, the checkpoint steers layer {config.layer} of "
                          f"{config.model}: re-run eval_baselines")
-    test_items, _ = eval_items(tables, p, params.seed)
+    test_items, _ = eval_items(tables, p, params.seed, attributes)
     baselines = values_from_rows(pd.read_parquet(inputs.baselines / VALUES), test_items)
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))

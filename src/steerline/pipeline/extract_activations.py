@@ -18,7 +18,6 @@ import torch
 from steerline.core.io import atomic_dir, write_npy, write_parquet
 from steerline.core.params import ExtractActivations, Params
 from steerline.mat_steer.activations import META_COLUMNS, extract_activations, resolve_layer
-from steerline.mat_steer.data import TASKS
 from steerline.model.arch import decoder_layers
 from steerline.model.load import load_causal_lm
 
@@ -27,7 +26,7 @@ log = logging.getLogger("extract_activations")
 
 @dataclass(frozen=True)
 class Inputs:
-    attributes: Path  # folder: {task}.parquet
+    attributes: Path  # folder: {task}.parquet, one per attribute of params.yaml's `attributes`
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.extract_activations
     torch.manual_seed(params.seed)
     tables = {}
-    for task in TASKS:
+    for task in params.attribute_names:
         path = inputs.attributes / f"{task}.parquet"
         if not path.is_file():
             raise ValueError(f"{path} not found: run the prepare_attributes stage first")

@@ -16,8 +16,15 @@ import pandas as pd
 import torch
 
 from steerline.core.params import EvalSteering
-from steerline.mat_steer.data import TASKS, task_rng
-from steerline.mat_steer.evaluate import Prefix, evaluate_items, item_prefixes, means, task_items
+from steerline.mat_steer.data import task_rng
+from steerline.mat_steer.evaluate import (
+    Prefix,
+    evaluate_items,
+    item_prefixes,
+    means,
+    metric_task,
+    task_items,
+)
 from steerline.model.arch import layer_slice_unsupported
 
 log = logging.getLogger("eval_steering")
@@ -26,13 +33,15 @@ Values = dict[str, np.ndarray]  # metric -> per-item values
 VALUES, CHOICES = "values.parquet", "choices.json"
 
 
-def eval_items(tables: dict[str, pd.DataFrame], p: EvalSteering, seed: int
-               ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
-    """(test items, dev items) per task: the whole split or a seeded sample of it."""
-    test = {t: task_items(tables[t], "test", p.max_test_items[t], task_rng(seed, t + ":test"))
-            for t in TASKS}
+def eval_items(tables: dict[str, pd.DataFrame], p: EvalSteering, seed: int,
+               tasks: list[str]) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """(test items, dev items) per task (params' attributes, in order): the whole split or a
+    seeded sample of it (an attribute without a max_test_items key: the whole test split)."""
+    test = {t: task_items(tables[t], "test", p.max_test_items.get(t),
+                          task_rng(seed, t + ":test"))
+            for t in tasks}
     dev = {t: task_items(tables[t], "dev", p.max_dev_items, task_rng(seed, t + ":dev"))
-           for t in TASKS}
+           for t in tasks}
     return test, dev
 
 
@@ -112,7 +121,7 @@ def item_rows(values: dict[str, Values], test_items: dict[str, pd.DataFrame]) ->
     rows = []
     for cond, vals in values.items():
         for metric, v in vals.items():
-            ids = test_items[next(t for t in TASKS if metric.startswith(t))]["item_id"]
+            ids = test_items[metric_task(metric)]["item_id"]
             rows.append(pd.DataFrame({"condition": cond, "metric": metric,
                                       "item_id": ids.to_numpy(), "value": v}))
     return pd.concat(rows, ignore_index=True)
@@ -124,7 +133,7 @@ def values_from_rows(rows: pd.DataFrame, test_items: dict[str, pd.DataFrame]
     the rows were scored on other test items than `test_items` (other seed or item caps)."""
     out: dict[str, Values] = {}
     for (cond, metric), g in rows.groupby(["condition", "metric"], sort=False):
-        want = test_items[next(t for t in TASKS if str(metric).startswith(t))]["item_id"]
+        want = test_items[metric_task(str(metric))]["item_id"]
         if not np.array_equal(g["item_id"].to_numpy(), want.to_numpy()):
             raise ValueError(f"the baselines' {cond} {metric} values are for other test items "
                              "than this run's (seed or max_test_items changed): re-run "

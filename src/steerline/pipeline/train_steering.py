@@ -25,7 +25,6 @@ from steerline.core.io import atomic_dir
 from steerline.core.params import Params
 from steerline.mat_steer.activations import PosNeg, load_all_activations, split_pos_neg
 from steerline.mat_steer.checkpoint import SteeringConfig, save_steering
-from steerline.mat_steer.data import TASKS
 from steerline.mat_steer.losses import LossWeights
 from steerline.mat_steer.train import TrainConfig, TrainResult, train_mat_steer
 
@@ -66,17 +65,19 @@ def train_config(params: Params) -> TrainConfig:
                        probe_cs=tuple(p.probe_cs))
 
 
-def load_splits(directory: Path) -> tuple[dict[str, PosNeg], dict[str, PosNeg], dict[str, str]]:
-    """(train, dev) pos / neg activations per attribute and the extraction's key-value metadata;
-    one error when the attributes come from different layers or models."""
-    acts, labels, splits, metas = load_all_activations(directory, TASKS)
+def load_splits(directory: Path, attributes: list[str]
+                ) -> tuple[dict[str, PosNeg], dict[str, PosNeg], dict[str, str]]:
+    """(train, dev) pos / neg activations per attribute (in the order of `attributes`) and the
+    extraction's key-value metadata; one error when the attributes come from different layers or
+    models."""
+    acts, labels, splits, metas = load_all_activations(directory, attributes)
     layers = {m.get("layer") for m in metas.values()}
     models = {m.get("model") for m in metas.values()}
     if len(layers) != 1 or len(models) != 1:
         raise ValueError(f"attributes were extracted at different layers/models {layers} {models}:"
                          " re-run extract_activations")
     return (split_pos_neg(acts, labels, splits, "train"),
-            split_pos_neg(acts, labels, splits, "dev"), metas[TASKS[0]])
+            split_pos_neg(acts, labels, splits, "dev"), metas[attributes[0]])
 
 
 def run(params: Params, inputs: Inputs, out: Outputs) -> TrainRun:
@@ -84,10 +85,11 @@ def run(params: Params, inputs: Inputs, out: Outputs) -> TrainRun:
     logging train/* and dev/* per epoch to `out.live`, then save the checkpoint."""
     t0 = time.perf_counter()
     cfg = train_config(params)
-    train, dev, meta = load_splits(inputs.activations)
+    attributes = params.attribute_names
+    train, dev, meta = load_splits(inputs.activations, attributes)
     with atomic_dir(out.live) as live_dir:
         result = _train_logged(train, dev, cfg, live_dir)
-    config = SteeringConfig(attributes=list(TASKS), layer=int(meta["layer"]),
+    config = SteeringConfig(attributes=attributes, layer=int(meta["layer"]),
                             hidden_size=int(meta["hidden_size"]), model=meta["model"],
                             training=_training_record(cfg, result, meta, train))
     save_steering(result.module, config, out.checkpoint)
@@ -95,11 +97,12 @@ def run(params: Params, inputs: Inputs, out: Outputs) -> TrainRun:
 
 
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
-    r = run(params, inputs, out).result
+    trained = run(params, inputs, out)
+    r = trained.result
     best = r.history[r.best_epoch]
     log.info("best epoch %d of %d (dev loss %.4f); dev gate AUROC %s", r.best_epoch,
              r.epochs_run, best["dev/loss/total"],
-             {t: round(best[f"dev/{t}/gate_auroc"], 3) for t in TASKS})
+             {t: round(best[f"dev/{t}/gate_auroc"], 3) for t in trained.config.attributes})
 
 
 def _train_logged(train: dict[str, PosNeg], dev: dict[str, PosNeg], cfg: TrainConfig,
@@ -134,7 +137,7 @@ def _training_record(cfg: TrainConfig, result: TrainResult, meta: dict[str, str]
     return {
         "objective": cfg.objective, "gate_init": cfg.gate_init, "probe_cs": list(cfg.probe_cs),
         "mmd_weighting": cfg.mmd_weighting, "gate_target": cfg.gate_target,
-        "gate_temperatures": dict(zip(TASKS, result.gate_temperatures, strict=True)),
+        "gate_temperatures": dict(zip(train, result.gate_temperatures, strict=True)),
         "lr": cfg.lr, "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sigma": cfg.sigma,
         "scale_mode": cfg.scale, "scale": result.scale, "bandwidths": list(result.bandwidths),
         "lambda_mmd": cfg.weights.mmd, "lambda_sparse": cfg.weights.sparse,

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from steerline.core.errors import UserError
-from steerline.steermoe.data.prompt_files import PromptFileError, read_prompt_table
+from steerline.core.prompt_table import PromptFileError, read_prompt_table
 from steerline.steermoe.data.safety import (
     COLUMNS,
     LABELS,
