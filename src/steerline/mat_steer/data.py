@@ -292,14 +292,20 @@ class AttributeFileError(UserError):
     fix."""
 
 
+def _is_null(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # NaN: a null cell
+
+
 def _completion(path: str, where: str, column: str, value: object) -> str:
     """A positive / negative cell as text; null, non-text and blank cells are errors."""
-    if not isinstance(value, str):
-        raise AttributeFileError(f"{path}: {where}, column {column!r}, holds {value!r}, not "
-                                 "text: give every row a positive and a negative completion")
-    if not value.strip():
-        raise AttributeFileError(f"{path}: {where}, column {column!r}, is blank: give it the "
+    if _is_null(value) or (isinstance(value, str) and not value.strip()):
+        raise AttributeFileError(f"{path}: {where}, column {column!r}, is "
+                                 f"{'null' if _is_null(value) else 'blank'}: give it the "
                                  f"{column} completion, or remove the row")
+    if not isinstance(value, str):
+        raise AttributeFileError(f"{path}: {where}, column {column!r}, holds {value!r} "
+                                 f"({type(value).__name__}), not text: every completion must "
+                                 "be a string")
     return value.strip()
 
 
@@ -308,7 +314,8 @@ def _group(path: str, where: str, value: object) -> str:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(int(value))
     if not isinstance(value, str) or not value.strip():
-        raise AttributeFileError(f"{path}: {where}, column 'group', holds {value!r}: give every "
+        shown = "null" if _is_null(value) else repr(value)
+        raise AttributeFileError(f"{path}: {where}, column 'group', holds {shown}: give every "
                                  "row a group (rows of one group stay in one split; a row of its "
                                  "own can take its row number)")
     return value.strip()
