@@ -74,6 +74,9 @@ RERUNS = {
     "eval_steering.mat_scales": (["eval_steering"], []),
     "eval_steering.n_bootstrap": (["eval_steering"], []),
     "eval_steering.mean_diff_scales": (["eval_baselines", "eval_steering"], []),
+    # adding or dropping a MAT-Steer attribute reruns every MAT-Steer stage
+    "attributes": (["prepare_attributes", "extract_activations", "train_steering",
+                    "eval_baselines", "eval_steering"], []),
     "select_experts.threshold": (["select_experts@base", "select_experts@finetuned"],
                                  ["capture_routing@finetuned", "risk_diff@finetuned",
                                   "finetune_experts", "train_gate@finetuned", "eval_safety"]),
