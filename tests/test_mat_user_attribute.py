@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from steerline.core.errors import UserError
+from steerline.core.params import BUILTIN_ATTRIBUTES as BUILTINS
 from steerline.core.params import Params, load_params, parse_params
 from steerline.mat_steer.checkpoint import load_steering
-from steerline.mat_steer.data import TASKS, check_splits
+from steerline.mat_steer.data import check_splits
 from steerline.model.gguf import save_model
 from steerline.pipeline import (
     eval_baselines,
@@ -51,17 +52,17 @@ def params_with(attributes: list, **sections: dict) -> Params:
 
 
 def test_default_attributes_are_the_three_built_ins_in_todays_order():
-    assert load_params(ROOT / "params.yaml").attribute_names == list(TASKS)
+    assert load_params(ROOT / "params.yaml").attribute_names == list(BUILTINS)
 
 
 def test_user_attribute_beside_the_built_ins_leaves_them_unchanged():
-    p = params_with([*TASKS, FORMALITY])
+    p = params_with([*BUILTINS, FORMALITY])
     both = prepare_attributes.prepare_attributes(RAW_INPUTS, p.prepare_attributes, p.seed,
                                                  p.attributes)
     alone = prepare_attributes.prepare_attributes(RAW_INPUTS, p.prepare_attributes, p.seed,
-                                                  list(TASKS))
-    assert list(both) == [*TASKS, "formality"]
-    for task in TASKS:  # each attribute draws from its own seeded generator
+                                                  list(BUILTINS))
+    assert list(both) == [*BUILTINS, "formality"]
+    for task in BUILTINS:  # each attribute draws from its own seeded generator
         pd.testing.assert_frame_equal(both[task], alone[task])
     df = both["formality"]
     check_splits(df)
@@ -133,7 +134,8 @@ def test_too_few_groups_for_three_splits_is_named(tmp_path):
     path = tmp_path / "one_group.jsonl"
     path.write_text(jsonl([{**r, "group": "all"} for r in GOOD]), encoding="utf-8")
     p = params_with([{"name": "mine", "path": str(path), "test_fraction": 0.3}])
-    with pytest.raises(ValueError, match="mine: the .* split has labels .*add rows of new groups"):
+    with pytest.raises(ValueError, match=f"mine: the .* split has labels .*add rows of new "
+                                         f"groups to {path}, or change its test_fraction"):
         prepare_attributes.main(p, RAW_INPUTS, prepare_attributes.Outputs(tmp_path / "a"))
     assert not (tmp_path / "a").exists()
 
@@ -166,7 +168,7 @@ def test_max_test_items_keys_must_be_attributes_and_a_missing_key_is_the_whole_s
 def test_under_dvc_a_user_file_must_lie_inside_a_dep_of_the_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("DVC_STAGE", "prepare_attributes")
-    inside = params_with([*TASKS, {**FORMALITY, "path": EXAMPLE}]).attributes
+    inside = params_with([*BUILTINS, {**FORMALITY, "path": EXAMPLE}]).attributes
     prepare_attributes.check_files_are_deps(inside)  # data/examples is a dep
     outside = params_with([{**FORMALITY, "path": "data/mine/formality.jsonl"}]).attributes
     with pytest.raises(UserError, match="data/mine/formality.jsonl .* is not inside a dep of "
@@ -195,7 +197,7 @@ def test_dvc_exp_run_set_param_adds_and_drops_an_attribute(tmp_path):
     apply_overrides(path, [f"attributes=[truthfulqa,toxigen,bbq,{{name:formality,path:{EXAMPLE},"
                            "test_fraction:0.3}]"])
     p = load_params(path)
-    assert p.attribute_names == [*TASKS, "formality"]
+    assert p.attribute_names == [*BUILTINS, "formality"]
     assert p.attributes[3].path == EXAMPLE and p.attributes[3].test_fraction == 0.3
     apply_overrides(path, ["attributes=[truthfulqa,bbq]"])
     assert load_params(path).attribute_names == ["truthfulqa", "bbq"]

@@ -10,7 +10,7 @@ MAT-Steer's loss weights are top-level keys so `dvc exp run -S lambda_sparse=0.5
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -124,8 +124,8 @@ class SelectExperts(Strict):
 # ---- MAT-Steer -------------------------------------------------------------------
 Split = Literal["train", "dev", "test"]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-BuiltinAttribute = Literal["truthfulqa", "toxigen", "bbq"]
-BUILTIN_ATTRIBUTES: tuple[str, ...] = ("truthfulqa", "toxigen", "bbq")
+BuiltinAttribute = Literal["truthfulqa", "toxigen", "bbq"]  # params.yaml's default order
+BUILTIN_ATTRIBUTES: tuple[str, ...] = get_args(BuiltinAttribute)
 
 
 class UserAttributeParams(Strict):

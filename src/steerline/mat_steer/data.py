@@ -39,7 +39,6 @@ import pandas as pd
 from steerline.core.errors import UserError
 
 SPLITS = ("train", "dev", "test")
-TASKS = ("truthfulqa", "toxigen", "bbq")  # the built-in attributes, in the default order
 # a user attribute file's columns (keys of a jsonl line): one contrast per row
 USER_COLUMNS = ("prompt", "positive", "negative", "group")
 USER_FORMATS = ("csv", "jsonl", "parquet")

@@ -21,7 +21,13 @@ import pandas as pd
 import yaml
 
 from steerline.core.io import write_parquet
-from steerline.core.params import Attribute, Params, PrepareAttributes, UserAttributeParams
+from steerline.core.params import (
+    Attribute,
+    Params,
+    PrepareAttributes,
+    UserAttributeParams,
+    attribute_name,
+)
 from steerline.core.prompt_table import read_prompt_table
 from steerline.mat_steer.data import (
     BBQ_CATEGORIES,
@@ -94,9 +100,9 @@ def prepare_attributes(inputs: Inputs, p: PrepareAttributes, seed: int,
     """Pure: the attribute tables from the raw files, in the order of `attributes`."""
     if set(p.truthfulqa_fractions) != set(SPLITS):
         raise ValueError(f"prepare_attributes.truthfulqa_fractions needs keys {SPLITS}")
-    tables = {entry if isinstance(entry, str) else entry.name: build_attribute(entry, inputs, p,
-                                                                               seed)
+    tables = {attribute_name(entry): build_attribute(entry, inputs, p, seed)
               for entry in attributes}
+    files = {a.name: a.path for a in attributes if not isinstance(a, str)}
     out = {}
     for task, df in tables.items():
         df = cap_items(df, p.max_items, task_rng(seed, task + ":cap"))
@@ -104,9 +110,10 @@ def prepare_attributes(inputs: Inputs, p: PrepareAttributes, seed: int,
         for split in SPLITS:
             labels = set(df.loc[df["split"] == split, "label"])
             if labels != {"pos", "neg"}:
+                fix = (f"add rows of new groups to {files[task]}, or change its test_fraction"
+                       if task in files else "raise max_items or change the fractions")
                 raise ValueError(f"{task}: the {split} split has labels {sorted(labels)}; both pos "
-                                 "and neg are needed (raise max_items or change the fractions; "
-                                 "a user file: add rows of new groups)")
+                                 f"and neg are needed ({fix})")
         out[task] = df
     return out
 
