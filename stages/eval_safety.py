@@ -1,4 +1,4 @@
-"""Stage eval_safety: base, steered, fine-tuned (+ steering) answer the same prompts, judged.
+"""Stage eval_safety: both models' answers (answer_safety_base / _finetuned) judged and compared.
 
 Paths come from dvc.yaml's cmd; the work is steerline.pipeline.eval_safety.
 """

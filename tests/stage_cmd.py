@@ -28,13 +28,20 @@ def stage_argv(name: str) -> tuple[str, ...]:
 
 def call_stage(name: str) -> None:
     """Stage `name`'s pipeline `main` in this process, with dvc.yaml's paths and the params.yaml
-    of the current directory; errors propagate (a stage script reports them in one line)."""
+    of the current directory; errors propagate (a stage script reports them in one line).
+    The function and path classes are the ones the stage script hands to stage_cli."""
     import importlib
+    import re
 
     from steerline.core.params import load_params
     from steerline.pipeline.stage import parse_paths
 
     argv = stage_argv(name)
-    module = importlib.import_module(f"steerline.pipeline.{Path(argv[0]).stem}")
-    paths = parse_paths([module.Inputs, module.Outputs], argv[1:])
-    module.main(load_params(), *paths)
+    call = re.search(r"stage_cli\(([^)]*)\)", Path(argv[0]).read_text())
+    assert call, f"{argv[0]} does not call stage_cli"
+    module_name = re.search(r"from steerline\.pipeline import (\w+)",
+                            Path(argv[0]).read_text())[1]
+    module = importlib.import_module(f"steerline.pipeline.{module_name}")
+    main, *kinds = (getattr(module, ref.strip().split(".")[1])
+                    for ref in call[1].split(",") if ref.strip())
+    main(load_params(), *parse_paths(kinds, argv[1:]))

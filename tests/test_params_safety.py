@@ -202,13 +202,14 @@ def test_split_leak_is_one_error_naming_the_prompts(shipped, how):
         assert name in msg
 
 
-@pytest.mark.parametrize("stage", ["capture_routing@base", "risk_diff@base", "eval_safety",
+@pytest.mark.parametrize("stage", ["capture_routing@base", "risk_diff@base",
+                                   "answer_safety_base", "answer_safety_finetuned",
                                    "train_gate@base",
                                    "capture_routing@finetuned", "risk_diff@finetuned"])
 @pytest.mark.parametrize("how", ["appended_to_test", "new_id_in_test"])
 def test_stages_refuse_a_leaked_table_before_any_work(shipped, tmp_path, monkeypatch, stage,
                                                       how):
-    """Fault injection: the leak the issue planted (risk_diff and eval_safety used to exit 0
+    """Fault injection: a leaked table (risk_diff and eval_safety used to exit 0
     with changed metrics); each stage that reads the table stops on it, writing nothing."""
     df, names = leaked(shipped, how)
     (tmp_path / "data/prompts").mkdir(parents=True)

@@ -27,7 +27,7 @@ from steerline.core.io import staged_outputs, write_json
 from steerline.core.params import load_params
 from steerline.model.gguf import save_model
 from steerline.model.load import check_weights, load_causal_lm, load_tokenizer, moe_config
-from steerline.steering.experts import SteeringPlan, read_experts_json
+from steerline.steering.experts import read_experts_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,6 @@ def test_eval_steering_and_eval_safety_publish_all_or_none(tmp_path, monkeypatch
     assert json.loads(out.metrics.read_text()) == {"a": 1}
     assert out.hist.read_text() == "g\n0.5\n"
 
-    params = load_params(ROOT / "params.yaml")
     sout = eval_safety.Outputs(tmp_path / "s/m.json", tmp_path / "s/d.json",
                                tmp_path / "s/a.parquet", tmp_path / "s/p.png",
                                tmp_path / "s/b.csv", tmp_path / "s/t.png")
@@ -303,8 +302,8 @@ def test_eval_steering_and_eval_safety_publish_all_or_none(tmp_path, monkeypatch
         {"base": pd.DataFrame({"x": [1]})}, {"base": {"refusal_unsafe": r,
                                                       "over_refusal_safe": r}},
         {}, {"base": {"refusal_unsafe": 0.1}}, {"finetuned": {"n_experts_trained": 0}},
-        {params.eval_safety.model: {"steered": SteeringPlan()}}, {"total": 1.0})
-    before = old_outputs([sout.metrics, sout.details, sout.answers, sout.plot_png,
+        "models/moe (test split)", "models/moe (test split): base", {"total": 1.0})
+    before = old_outputs([sout.metrics, sout.details, sout.answers_judged, sout.plot_png,
                           sout.plot_csv, sout.tradeoff_png])
     real = write_json
 
@@ -314,7 +313,7 @@ def test_eval_steering_and_eval_safety_publish_all_or_none(tmp_path, monkeypatch
         real(obj, path)
     monkeypatch.setattr(eval_safety, "write_json", details_fail)
     with pytest.raises(UserError, match=f"cannot write {sout.details}: No space left"):
-        eval_safety.write(result, params, sout)
+        eval_safety.write(result, sout)
     assert_untouched(before)
 
 

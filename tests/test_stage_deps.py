@@ -32,7 +32,8 @@ def _src_deps(stage: str) -> set[str]:
     return {d for d in spec.get("do", spec)["deps"] if d.startswith("src/")}
 
 
-STEERMOE = ["capture_routing", "risk_diff", "select_experts", "finetune_experts", "eval_safety"]
+STEERMOE = ["capture_routing", "risk_diff", "select_experts", "finetune_experts", "train_gate",
+            "answer_safety_base", "answer_safety_finetuned", "eval_safety"]
 MAT_STEER = ["prepare_attributes", "extract_activations", "train_steering", "eval_baselines",
              "eval_steering"]
 
@@ -79,11 +80,22 @@ RERUNS = {
                     "eval_baselines", "eval_steering"], []),
     "select_experts.threshold": (["select_experts@base", "select_experts@finetuned"],
                                  ["capture_routing@finetuned", "risk_diff@finetuned",
-                                  "finetune_experts", "train_gate@finetuned", "eval_safety"]),
-    "expert_steering.delta": (["eval_safety"], []),
-    "finetuned_steering.activate.delta": (["eval_safety"], []),
-    "finetuned_steering.activate.gate": (["eval_safety"], []),
-    "prompt_gate.cs": (["train_gate@base", "train_gate@finetuned", "eval_safety"], []),
+                                  "finetune_experts", "train_gate@finetuned",
+                                  "answer_safety_base", "answer_safety_finetuned",
+                                  "eval_safety"]),
+    # one model's steering regenerates only that model's answers; the fine-tuned model's
+    # reference input (the base answers to the safe prompts) keeps its bytes, so DVC skips it
+    "expert_steering.delta": (["answer_safety_base"], ["answer_safety_finetuned", "eval_safety"]),
+    "finetuned_steering.activate.delta": (["answer_safety_finetuned"], ["eval_safety"]),
+    "finetuned_steering.activate.gate": (["answer_safety_finetuned"], ["eval_safety"]),
+    "prompt_gate.cs": (["train_gate@base", "train_gate@finetuned"],
+                       ["answer_safety_base", "answer_safety_finetuned", "eval_safety"]),
+    "prompt_gate.n_bootstrap": (["train_gate@base", "train_gate@finetuned", "eval_safety"],
+                                ["answer_safety_base", "answer_safety_finetuned"]),
+    # a judge change loads no model: the answers come from the cache
+    "eval_safety.judge_window": (["eval_safety"], []),
+    "eval_safety.max_new_tokens": (["answer_safety_base", "answer_safety_finetuned"],
+                                   ["eval_safety"]),
 }
 
 

@@ -1,0 +1,283 @@
+"""answer_safety's runs: one model's eval_safety variants answer the split's prompts, unjudged.
+
+- answer_safety_base: `eval_safety.model` as base and steered (the SteerMoE router plan of
+  `expert_steering`), and the base answers to the safe prompts that every variant's perplexity
+  scores (the reference file);
+- answer_safety_finetuned: `eval_safety.finetuned` as finetuned, finetuned_deactivate and
+  finetuned_activate (its own unsafe experts forced out of / into the top-k by
+  `finetuned_steering`);
+- in both, each steered variant whose `gate` is a source gets its gated twin `<variant>_gated`:
+  the same plan on the prompts the model's prompt gate (train_gate) fires on.
+One stage per model, so a change to one model's steering params regenerates only that model's
+answers; eval_safety judges and joins the two folders. Answers come from the `backend` engine
+(vLLM by default: all of one model's variants in one call, steered per request), perplexity
+from the transformers model with the same hooks.
+
+Each writes a folder of steermoe.safety.answers.ModelAnswers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from steerline.backends import make_backend
+from steerline.core.io import (
+    read_json,
+    staged_outputs,
+    write_parquet,
+    write_timings,
+)
+from steerline.core.params import Params
+from steerline.model.load import load_moe, load_tokenizer
+from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
+from steerline.steermoe.data.safety import read_safety_prompts
+from steerline.steermoe.gating.features import prompt_features
+from steerline.steermoe.gating.prompt_gate import load_gate
+from steerline.steermoe.safety.answers import PROMPT_COLUMNS, ModelAnswers
+from steerline.steermoe.safety.evaluate import (
+    Answer,
+    backend_answers,
+    benign_nll_rows,
+    select_eval_prompts,
+    selection_plan,
+)
+from steerline.steermoe.safety.gated import GatedPlan
+
+Plan = SteeringPlan | GatedPlan | None
+Shape = tuple[Any, int, int]  # (MoE layer indices or count, experts, top_k)
+log = logging.getLogger("answer_safety")
+
+
+@dataclass(frozen=True)
+class BaseInputs:
+    prompts: Path  # data/prompts/safety.parquet
+    experts: Path  # selected on the base model's routing
+    risk_diff: Path  # the raw ranking (on_empty_selection: risk_diff_ranking)
+    gate: Path  # train_gate's folder for eval_safety.model
+
+
+@dataclass(frozen=True)
+class BaseOutputs:
+    answers: Path  # folder (ModelAnswers)
+    reference: Path  # base answers to the safe prompts: prompt_id, text, answer
+
+
+@dataclass(frozen=True)
+class FinetunedInputs:
+    prompts: Path
+    experts_finetuned: Path  # selected on the fine-tuned model's routing
+    gate_finetuned: Path  # train_gate's folder for eval_safety.finetuned
+    reference: Path  # answer_safety_base's reference file
+
+
+@dataclass(frozen=True)
+class FinetunedOutputs:
+    answers_finetuned: Path  # folder (ModelAnswers)
+
+
+def eval_prompts(params: Params, path: Path) -> pd.DataFrame:
+    """The split's seeded eval prompts (PROMPT_COLUMNS), the same for both models."""
+    p = params.eval_safety
+    return select_eval_prompts(read_safety_prompts(path), p.max_unsafe, p.max_safe, params.seed,
+                               split=p.split)
+
+
+def check_selected_on(selection: dict[str, Any], path: Path, model_dir: str) -> None:
+    """An experts.json steers only the model it was selected on."""
+    picked_on = (selection.get("criteria") or {}).get("model")
+    if picked_on and Path(picked_on).resolve() != Path(model_dir).resolve():
+        raise ValueError(f"{path} was selected on {picked_on!r}, not on {model_dir!r}: rerun "
+                         "its detection stages on that model or fix eval_safety's paths")
+
+
+def gate_sources(params: Params) -> dict[str, str]:
+    """Steered variant -> the gate source of its gated twin (variants with gate none: absent)."""
+    s, fs = params.expert_steering, params.finetuned_steering
+    sources = {"steered": s.gate, "finetuned_deactivate": fs.deactivate.gate,
+               "finetuned_activate": fs.activate.gate}
+    return {name: src for name, src in sources.items() if src != "none"}
+
+
+def gate_scores(params: Params, model_dir: str, gate_dir: Path, sources: set[str],
+                texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each needed gate source's (score [N], fires [N] bool) per prompt, from one unsteered
+    prefill of the model it gates."""
+    p, g = params.eval_safety, params.prompt_gate
+    gates = {src: load_gate(gate_dir, src) for src in sorted(sources)}
+    layers = sorted({gate.layer for gate in gates.values() if gate.layer is not None})
+    model, tokenizer = load_moe(model_dir, p.dtype)
+    feats = prompt_features(model, tokenizer, texts, layers, g.batch_size,
+                            desc=f"gate features {model_dir}")
+    del model
+    return {src: (gate.scores(feats), gate.fires(feats)) for src, gate in gates.items()}
+
+
+def with_gated(variants: dict[str, Plan], sources: dict[str, str],
+               scores: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Plan]:
+    """The variants with each gated twin after its ungated variant."""
+    out: dict[str, Plan] = {}
+    for name, plan in variants.items():
+        out[name] = plan
+        if name in sources and isinstance(plan, SteeringPlan):
+            out[f"{name}_gated"] = GatedPlan(plan, scores[sources[name]][1], sources[name])
+    return out
+
+
+def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
+                 make_variants: Callable[[Shape], dict[str, Plan]], sources: dict[str, str],
+                 gate_dir: Path, reference: pd.DataFrame | None, seconds: dict[str, float]
+                 ) -> ModelAnswers:
+    """Every variant of `model_dir` (make_variants: from the backend's shape) answers `prompts`
+    in one backend call, each variant in `sources` with its gated twin; then each ungated
+    variant scores the reference answers' NLL (reference None: this model's first, unsteered
+    variant's answers to the safe prompts)."""
+    p = params.eval_safety
+    texts = prompts["text"].tolist()
+    t = time.perf_counter()
+    scores = {}
+    if sources:
+        scores = gate_scores(params, model_dir, gate_dir, set(sources.values()), texts)
+        seconds["gate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    options = {"seed": params.seed} if p.backend == "vllm" else {}
+    with make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size,
+                      **options) as backend:
+        variants = with_gated(make_variants((backend.moe_layers or backend.n_layers,
+                                             backend.n_experts, backend.top_k)),
+                              sources, scores)
+        answers = backend_answers(backend, tokenizer, texts, list(variants.values()),
+                                  p.max_new_tokens)
+    rows = pd.concat([answer_rows(name, prompts, ans)
+                      for name, ans in zip(variants, answers, strict=True)], ignore_index=True)
+    seconds["generate"] = time.perf_counter() - t
+
+    if reference is None:
+        reference = safe_answers(rows, next(iter(variants)))
+    t = time.perf_counter()
+    model, tokenizer = load_moe(model_dir, p.dtype)
+    nll = []
+    for name, vp in variants.items():
+        if not isinstance(vp, GatedPlan):
+            row_nll, count = benign_nll_rows(model, tokenizer, reference, vp, p.batch_size, name)
+            nll.append(pd.DataFrame({"variant": name,
+                                     "prompt_id": reference["prompt_id"].to_numpy(),
+                                     "nll": row_nll, "n_tokens": count}))
+    del model
+    seconds["perplexity"] = time.perf_counter() - t
+    meta = {"model": model_dir, "split": p.split,
+            "generation": {"backend": p.backend, "max_new_tokens": p.max_new_tokens,
+                           "greedy": True},
+            "variants": {name: variant_kind(vp) for name, vp in variants.items()},
+            "plans": {name: {"n_activated": len(vp.activate),
+                             "n_deactivated": len(vp.deactivate),
+                             "layers": len(vp.per_layer()), "plan": vp.to_json()}
+                      for name, vp in variants.items() if isinstance(vp, SteeringPlan)}}
+    return ModelAnswers(rows, pd.concat(nll, ignore_index=True), gate_frame(prompts, scores),
+                        meta)
+
+
+def variant_kind(plan: Plan) -> dict[str, str]:
+    if isinstance(plan, GatedPlan):
+        return {"kind": "gated", "source": plan.source}
+    return {"kind": "unsteered" if plan is None else "steered"}
+
+
+def answer_rows(name: str, prompts: pd.DataFrame, answers: list[Answer]) -> pd.DataFrame:
+    """One variant's unjudged answers, one row per prompt, in the prompts' order."""
+    return pd.DataFrame({
+        "variant": name, **{c: prompts[c].to_numpy() for c in PROMPT_COLUMNS},
+        "answer": [a.text for a in answers],
+        "n_generated": np.asarray([a.n_generated for a in answers], dtype=np.int32),
+        "finished": np.asarray([a.finished for a in answers], dtype=bool),
+    })
+
+
+def safe_answers(rows: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """`variant`'s answers to the safe prompts (prompt_id, text, answer): the reference that
+    every variant's perplexity scores."""
+    own = rows[rows["variant"] == variant]
+    return own[own["label"] == "safe"][["prompt_id", "text", "answer"]]
+
+
+def gate_frame(prompts: pd.DataFrame, scores: dict[str, tuple[np.ndarray, np.ndarray]]
+               ) -> pd.DataFrame:
+    ids = prompts["prompt_id"].to_numpy()
+    frames = [pd.DataFrame({"source": src, "prompt_id": ids, "score": sc,
+                            "fires": np.asarray(fires, dtype=bool)})
+              for src, (sc, fires) in sorted(scores.items())]
+    empty = pd.DataFrame({"source": pd.Series(dtype=object), "prompt_id": ids[:0],
+                          "score": np.zeros(0), "fires": np.zeros(0, dtype=bool)})
+    return pd.concat(frames, ignore_index=True) if frames else empty
+
+
+def main_base(params: Params, inputs: BaseInputs, out: BaseOutputs) -> None:
+    p, s = params.eval_safety, params.expert_steering
+    torch.manual_seed(params.seed)
+    prompts = eval_prompts(params, inputs.prompts)
+    selection = read_experts_json(inputs.experts)
+    check_selected_on(selection, inputs.experts, p.model)
+
+    def plans(shape: Shape) -> dict[str, Plan]:
+        return {"base": None,
+                "steered": selection_plan(selection, s.mode, s.n_experts, s.delta,
+                                          s.on_empty_selection,
+                                          lambda: pd.read_parquet(inputs.risk_diff), *shape)}
+
+    seconds: dict[str, float] = {}
+    sources = {v: src for v, src in gate_sources(params).items() if v == "steered"}
+    result = answer_model(params, p.model, prompts, plans, sources, inputs.gate, None, seconds)
+    result.meta["steering"] = {"expert_steering": {"mode": s.mode, "n_experts": s.n_experts,
+                                                   "delta": s.delta, "gate": s.gate}}
+    reference = safe_answers(result.answers, "base").reset_index(drop=True)
+    write_timings("answer_safety_base", seconds)
+    with staged_outputs() as staged:
+        result.write(staged.dir(out.answers))
+        write_parquet(reference, staged(out.reference))
+    log.info("%s: %d variants x %d prompts answered", p.model,
+             len(result.meta["variants"]), len(prompts))
+
+
+def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutputs) -> None:
+    p, fs = params.eval_safety, params.finetuned_steering
+    torch.manual_seed(params.seed)
+    prompts = eval_prompts(params, inputs.prompts)
+    info_path = Path(p.finetuned) / "trained_experts.json"
+    if not info_path.is_file():
+        raise ValueError(f"{info_path} not found: run the finetune_experts stage first")
+    info = read_json(info_path)
+    selection = read_experts_json(inputs.experts_finetuned)
+    check_selected_on(selection, inputs.experts_finetuned, p.finetuned)
+    reference = pd.read_parquet(inputs.reference)
+    if not set(reference["prompt_id"]) <= set(prompts["prompt_id"]):
+        raise ValueError(f"{inputs.reference} answers other prompts than this split's: rerun "
+                         "answer_safety_base with the same eval_safety params")
+
+    def plans(shape: Shape) -> dict[str, Plan]:
+        return {"finetuned": None,
+                **{f"finetuned_{d}": directional_plan(selection, d, c.n_experts, c.delta,
+                                                      *shape)
+                   for d, c in (("deactivate", fs.deactivate), ("activate", fs.activate))}}
+
+    seconds: dict[str, float] = {}
+    sources = {v: src for v, src in gate_sources(params).items() if v != "steered"}
+    result = answer_model(params, p.finetuned, prompts, plans, sources, inputs.gate_finetuned,
+                          reference, seconds)
+    result.meta["steering"] = {"finetuned_steering": fs.model_dump()}
+    result.meta["finetuned"] = {"n_experts_trained": info["n_experts"], "source": info["source"],
+                                "checks": info.get("checks")}
+    write_timings("answer_safety_finetuned", seconds)
+    with staged_outputs() as staged:
+        result.write(staged.dir(out.answers_finetuned))
+    log.info("%s: %d variants x %d prompts answered", p.finetuned,
+             len(result.meta["variants"]), len(prompts))
