@@ -92,6 +92,23 @@ def edit(i: int, **cells: object) -> str:
     return jsonl([{**r, **cells} if k == i else r for k, r in enumerate(GOOD)])
 
 
+def test_csv_jsonl_and_parquet_files_give_one_table(tmp_path):
+    """One documented format in three containers; parquet may hold the groups as integers."""
+    rows = [{**r, "group": i % 5} for i, r in enumerate(GOOD)]
+    (tmp_path / "a.jsonl").write_text(jsonl(rows), encoding="utf-8")
+    pd.DataFrame(rows).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
+    tables = []
+    for ext in ("jsonl", "csv", "parquet"):
+        p = params_with([{"name": "mine", "path": str(tmp_path / f"a.{ext}"),
+                          "test_fraction": 0.3}])
+        tables.append(prepare_attributes.prepare_attributes(
+            RAW_INPUTS, p.prepare_attributes, p.seed, p.attributes)["mine"])
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other)
+    assert set(tables[0]["group_id"]) == {f"mine:{g}" for g in range(5)}
+
+
 @pytest.mark.parametrize(("name", "content", "needles"), [
     ("missing.jsonl", None, ["not found: check the path"]),
     ("empty.jsonl", "", ["is empty", "add at least one prompt"]),
