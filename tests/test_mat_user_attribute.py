@@ -160,6 +160,7 @@ def test_too_few_groups_for_three_splits_is_named(tmp_path):
 @pytest.mark.parametrize(("attributes", "match"), [
     (["truthfulqa", "truthfulqa"], "'truthfulqa' is listed twice"),
     ([{"name": "bbq", "path": EXAMPLE, "test_fraction": 0.3}], "takes a built-in's name"),
+    ([{"name": "loss", "path": EXAMPLE, "test_fraction": 0.3}], "names train_steering's dev "),
     (["tqa"], "attributes.0.built-in': Input should be 'truthfulqa', 'toxigen' or 'bbq'"),
     ([{"name": "Formal", "path": EXAMPLE, "test_fraction": 0.3}], "attributes.0.file.name"),
     ([{"name": "formal", "path": EXAMPLE}], "attributes.0.file.test_fraction' is missing"),

@@ -126,6 +126,8 @@ Split = Literal["train", "dev", "test"]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 BuiltinAttribute = Literal["truthfulqa", "toxigen", "bbq"]  # params.yaml's default order
 BUILTIN_ATTRIBUTES: tuple[str, ...] = get_args(BuiltinAttribute)
+# train_steering's curves are dev/<attribute>/... beside dev/loss/...: no attribute takes "loss"
+RESERVED_ATTRIBUTE = "loss"
 
 
 class UserAttributeParams(Strict):
@@ -344,6 +346,9 @@ class Params(Strict):
             if not isinstance(a, str) and a.name in BUILTIN_ATTRIBUTES:
                 raise ValueError(f"attributes: the user attribute {a.name!r} takes a built-in's "
                                  f"name: give it another name, or list the built-in as {a.name}")
+            if not isinstance(a, str) and a.name == RESERVED_ATTRIBUTE:
+                raise ValueError(f"attributes: {a.name!r} names train_steering's dev losses "
+                                 "(dev/loss/...): give the attribute another name")
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"attributes: {repeated[0]!r} is listed twice: list each once")
