@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from families import build
+from families import GPT_OSS_WINDOWED, build
 from test_capture_dp import TEXTS, tiny64  # noqa: F401 (the fixture)
 from test_families_vllm import assert_vllm_matches_and_steers
 
@@ -58,7 +58,11 @@ def test_native_routed_experts_equal_the_hooks(tiny64, tokenizer):  # noqa: F811
 
 @pytest.mark.parametrize("name", SERVED)
 def test_vllm_hooks_capture_and_steer_each_family(name, tokenizer, tmp_path):
-    model = build(name, vocab=len(tokenizer))
+    # vLLM's OLMoE / GPT-OSS / DeepSeek never tie lm_head (check_vllm_family refuses tied ones)
+    untie = dict(tie_word_embeddings=False) if name in ("olmoe", "gpt_oss", "deepseek_v2",
+                                                         "deepseek_v3") else {}
+    config = GPT_OSS_WINDOWED if name == "gpt_oss" else None
+    model = build(name, vocab=len(tokenizer), config=config, **untie)
     assert family_of(model.config).name in VLLM_FAMILIES
     if name == "deepseek_v3":  # the keys vLLM reads its routing from (check_vllm_family)
         model.config.topk_method, model.config.scoring_func = "noaux_tc", "sigmoid"
