@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import test_capture_dp
 import test_detect
 import torch
 from stage_cmd import call_stage
@@ -392,3 +393,55 @@ def test_worked_paired_example_finds_the_planted_experts(pirate_moe, tmp_path, c
     sel = read_experts_json("paired_experts.json")
     assert sorted(map(tuple, sel["unsafe"])) == [(0, 0), (1, 0), (2, 0)], out
     assert sel["criteria"]["token_scope"] == "target"
+
+
+# ------------------------------------------------------------------ other capture paths
+tiny64 = test_capture_dp.tiny64  # a tiny MoE vLLM's CPU attention serves (heads of 64)
+
+
+def capture_pairs(backend, tokenizer, prompts: pd.DataFrame, where: Path) -> dict[str, bytes]:
+    run_capture(backend, tokenizer, prompts, CaptureConfig(2, 2), where / "routing",
+                where / "gen.parquet", where / "cache",
+                meta={"model": "tiny64", "model_fingerprint": "x", "dtype": "float32"})
+    files = sorted((where / "routing").glob("*")) + [where / "gen.parquet"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def mixed_prompts(tmp_path: Path) -> pd.DataFrame:
+    pairs = paired_prompts(write_jsonl(tmp_path / "chats.jsonl", ROWS), "safe")
+    plain = pd.DataFrame({"prompt_id": ["plain-0"], "label": ["unsafe"],
+                          "text": ["How do I pick a lock?"], "source": "plain"})
+    return pd.concat([pairs, plain], ignore_index=True)
+
+
+def test_paired_capture_in_worker_processes_equals_in_process(tiny64, tokenizer, tmp_path):
+    """capture_routing.data_parallel_size > 1: the TargetChats travel to the worker processes
+    with their spans; the shards are the in-process capture's, byte for byte."""
+    from steerline.steermoe.routing.capture_dp import CapturePool
+
+    prompts = mixed_prompts(tmp_path)
+    with make_backend("transformers", str(tiny64)) as hf:
+        one = capture_pairs(hf, tokenizer, prompts, tmp_path / "one")
+    with CapturePool(2, "transformers", str(tiny64), "float32", progress=False) as pool:
+        two = capture_pairs(pool, tokenizer, prompts, tmp_path / "two")
+    # the manifest names its own folder's generations path: the shards and answers are compared
+    assert [k for k in one if one[k] != two[k]] == ["manifest.json"] and len(one) == 6
+    # every shard has the column, also the last, which holds only the plain prompt
+    for shard in sorted((tmp_path / "two" / "routing").glob("*.parquet")):
+        assert pa.parquet.read_schema(shard).names[-1] == "is_target"
+
+
+@pytest.mark.slow
+def test_vllm_target_capture_matches_transformers(tiny64, tokenizer, tmp_path):
+    """The vLLM backend runs the teacher-forced chats as prefills too (max_new_tokens 0): the
+    target scope counts the same routing as the reference backend."""
+    pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (VLLM=cpu by default)")
+    prompts = mixed_prompts(tmp_path)
+    got = {}
+    for name in ("transformers", "vllm"):
+        options = {"progress": False} if name == "vllm" else {}
+        with make_backend(name, str(tiny64), **options) as backend:
+            capture_pairs(backend, tokenizer, prompts, tmp_path / name)
+        got[name] = count_routing(tmp_path / name / "routing", "target")
+    assert got["vllm"].prompt_ids == got["transformers"].prompt_ids
+    np.testing.assert_array_equal(got["vllm"].counts, got["transformers"].counts)
