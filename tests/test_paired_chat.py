@@ -445,3 +445,40 @@ def test_vllm_target_capture_matches_transformers(tiny64, tokenizer, tmp_path):
         got[name] = count_routing(tmp_path / name / "routing", "target")
     assert got["vllm"].prompt_ids == got["transformers"].prompt_ids
     np.testing.assert_array_equal(got["vllm"].counts, got["transformers"].counts)
+
+
+def test_pipeline_stages_on_a_paired_source_with_the_target_scope(pirate_moe, tmp_path,
+                                                                   monkeypatch):
+    """prepare_safety (the paired example as the only source) -> capture_routing (transformers)
+    -> risk_diff with token_scope target: the report is the pooled contrast over the detect
+    split's target spans, the planted experts on top."""
+    import yaml
+
+    from steerline.core.params import load_params
+    from steerline.pipeline import capture_routing, prepare_safety, risk_diff
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare_safety"]["sources"] = [paired_entry(str(EXAMPLE), name="pirate_pairs",
+                                                     prompt_id="pirate_pairs-{index:02d}")]
+    raw["capture_routing"]["backend"] = "transformers"
+    raw["risk_diff"].update(token_scope="target", n_permutations=200, n_bootstrap=50)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    params = load_params(tmp_path / "params.yaml")
+    table = tmp_path / "safety.parquet"
+    prepare_safety.main(params, prepare_safety.Inputs(), prepare_safety.Outputs(table))
+    capture_routing.main(params, capture_routing.Inputs(str(pirate_moe), table),
+                         capture_routing.Outputs(tmp_path / "r", tmp_path / "g.parquet",
+                                                 tmp_path / "c"))
+    out = risk_diff.Outputs(tmp_path / "rd.parquet", tmp_path / "h.png", tmp_path / "p.csv",
+                            tmp_path / "s.json")
+    risk_diff.main(params, risk_diff.Inputs(tmp_path / "r", table), out)
+    prompts = pd.read_parquet(table)
+    detect = prompts[prompts["split"] == "detect"]
+    assert len(detect) == 12 and detect.groupby("pair_id").size().eq(2).all()
+    rd = pd.read_parquet(out.report)
+    meta = pa.parquet.read_schema(out.report).metadata
+    assert meta[b"token_scope"] == b"target" and meta[b"n_prompts_unsafe"] == b"6"
+    assert not any(c.startswith("matched_") for c in rd.columns)  # pooled only
+    top = rd.sort_values("risk_diff", ascending=False).head(3)
+    assert sorted(top["expert"].tolist()) == [0, 0, 0]
