@@ -92,9 +92,10 @@ def run_capture(
                                      "moe_layers": json.dumps(list(backend.moe_layers))})
     if getattr(backend, "native", False):  # vLLM's own capture returns no routing weights
         shard_meta["weights"] = "absent"
+    if paired:  # every shard gets the is_target column (capture_shard), and says so
+        shard_meta[META_TARGET] = "1"
     keyed = [shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]
     if paired:  # the chats and targets are the prompts of those rows (their text is a part)
-        shard_meta[META_TARGET] = "1"
         keyed += [prompts["messages"].tolist(), prompts["target"].tolist()]
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
     work = cache_dir / key
