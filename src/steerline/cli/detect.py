@@ -10,6 +10,10 @@ Params come from params.yaml's capture_routing / risk_diff / select_experts sect
 when run in the project (else DEFAULTS, the committed params.yaml's values), flags override.
 The selection is on the pooled contrast only: your files carry no look-alike pairs (the matched
 contrast of select_experts.require: matched / both needs prepare_safety's XSTest sources).
+
+`--paired FILE` reads the SteerMoE original's paired chats instead of two prompt files
+(steermoe.data.paired_chat: messages_0 / messages_1 with their target spans, `--messages-0`
+naming messages_0's label); each chat runs teacher-forced and the default scope is `target`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 from steerline.cli.common import PARAMS, CliError, params_section, require_file
 
 DEFAULT_MOE = "models/moe"
-SCOPES = ("user", "generated", "all")
+SCOPES = ("user", "generated", "all", "target")
 # params.yaml's committed values, used outside the project (no params.yaml in the cwd)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "capture_routing": {"max_new_tokens": 32, "batch_size": 16, "shard_prompts": 64,
@@ -50,9 +54,15 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                ".jsonl / .parquet with a text column)")
     p.add_argument("--model", default=DEFAULT_MOE, help=f"MoE model directory (default "
                    f"{DEFAULT_MOE})")
-    p.add_argument("--unsafe", required=True, metavar="FILE", help="prompts of the behaviour to "
+    p.add_argument("--unsafe", metavar="FILE", help="prompts of the behaviour to "
                    "find (.txt, .csv, .jsonl, .parquet)")
-    p.add_argument("--safe", required=True, metavar="FILE", help="the reference prompts")
+    p.add_argument("--safe", metavar="FILE", help="the reference prompts")
+    p.add_argument("--paired", metavar="FILE", help="instead of --unsafe / --safe: the SteerMoE "
+                   "original's paired chats (.jsonl / .parquet rows of messages_0, messages_1, "
+                   "messages_0_target, messages_1_target), run teacher-forced")
+    p.add_argument("--messages-0", choices=("unsafe", "safe"), dest="messages_0",
+                   help="with --paired: the label of each row's messages_0 chat (messages_1 "
+                   "gets the other)")
     p.add_argument("--text-column", default="text", metavar="NAME", help="the prompt column of "
                    ".csv / .jsonl / .parquet files (default: text)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="pairs per side in the "
@@ -64,7 +74,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--backend", default="transformers", help="transformers (the reference, "
                    "default) or vllm")
     p.add_argument("--scope", choices=SCOPES, help="tokens counted: the user's text, the "
-                   "generated answer, or all (default: params.yaml risk_diff.token_scope)")
+                   "generated answer, all, or a paired chat's target span (default: target "
+                   "with --paired, else params.yaml risk_diff.token_scope)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (default: "
                    "params.yaml capture_routing.max_new_tokens)")
     p.add_argument("--threshold", type=float, help="|risk_diff| an expert must exceed (default: "
@@ -90,7 +101,14 @@ def settings(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int]:
         return {**merged, **{k: v for k, v in flags.items() if v is not None}}
 
     capture = section("capture_routing", {"max_new_tokens": args.max_new_tokens})
-    rd = section("risk_diff", {"token_scope": args.scope, "n_permutations": args.n_permutations})
+    scope = args.scope or ("target" if getattr(args, "paired", None) else None)
+    rd = section("risk_diff", {"token_scope": scope, "n_permutations": args.n_permutations})
+    if rd["token_scope"] == "generated" and getattr(args, "paired", None):
+        raise CliError("--paired chats run teacher-forced, so nothing is generated: use --scope "
+                       "target (the default), user or all")
+    if rd["token_scope"] == "target" and not getattr(args, "paired", None):
+        raise CliError("--scope target counts the target spans of paired chats: give --paired "
+                       "FILE, or another --scope")
     sel = section("select_experts", {"threshold": args.threshold, "alpha": args.alpha})
     if capture["max_new_tokens"] < (1 if rd["token_scope"] == "generated" else 0):
         raise CliError("--scope generated needs --max-new-tokens >= 1")
@@ -157,6 +175,7 @@ def run(args: argparse.Namespace) -> None:
     from steerline.model.arch import DenseModelError
     from steerline.model.fingerprint import FINGERPRINT_CACHE, model_fingerprint
     from steerline.model.load import moe_config
+    from steerline.steermoe.data.paired_chat import paired_prompts
     from steerline.steermoe.data.prompt_files import labelled_prompts
     from steerline.steermoe.detection.expert_table import render
     from steerline.steermoe.detection.risk_diff import compute_risk_diff
@@ -171,10 +190,25 @@ def run(args: argparse.Namespace) -> None:
     if out.is_dir():
         raise CliError(f"--out {out} is a directory: give a file name (e.g. "
                        f"{out / 'experts.json'})")
+    if args.paired is not None:
+        if args.unsafe is not None or args.safe is not None:
+            raise CliError("give --paired FILE or --unsafe FILE --safe FILE, not both")
+        if args.messages_0 is None:
+            raise CliError("--paired needs --messages-0 unsafe|safe: the label of each row's "
+                           "messages_0 chat (the original's example: messages_0 safe)")
+    elif args.unsafe is None or args.safe is None:
+        raise CliError("give --unsafe FILE and --safe FILE (or --paired FILE --messages-0 "
+                       "LABEL)")
+    elif args.messages_0 is not None:
+        raise CliError("--messages-0 labels the chats of --paired FILE: drop it, or give "
+                       "--paired")
     risk, select, cap, seed = settings(args)
     # every input is checked before the model is loaded, and nothing is written before the end
-    prompts = labelled_prompts(args.unsafe, args.safe, args.text_column,
-                               "name the prompt column with --text-column NAME")
+    if args.paired is not None:
+        prompts = paired_prompts(args.paired, args.messages_0)
+    else:
+        prompts = labelled_prompts(args.unsafe, args.safe, args.text_column,
+                                   "name the prompt column with --text-column NAME")
     require_file(args.model, "the model directory", "run `dvc repro build_models` or pass "
                  "--model DIR")
     try:
@@ -184,7 +218,9 @@ def run(args: argparse.Namespace) -> None:
                        f"{DEFAULT_MOE})") from None
     n_unsafe = int((prompts["label"] == "unsafe").sum())
     n_safe = len(prompts) - n_unsafe
-    print(f"{n_unsafe} unsafe prompts ({args.unsafe}), {n_safe} safe prompts ({args.safe}); "
+    files = (f"{args.unsafe}), {n_safe} safe prompts ({args.safe}" if args.paired is None else
+             f"{args.paired}), {n_safe} safe chats ({args.paired}")
+    print(f"{n_unsafe} unsafe {'prompts' if args.paired is None else 'chats'} ({files}); "
           f"model {args.model} ({args.backend}), scope {risk.token_scope}, seed {seed}",
           file=sys.stderr)
 

@@ -110,3 +110,79 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, user_text: str) -> ChatPromp
     head, tail = ids[:first], ids[last + 1:]
     return ChatPrompt(ids=head + user + tail,
                       is_template=[True] * len(head) + [False] * len(user) + [True] * len(tail))
+
+
+@dataclass(frozen=True)
+class TargetChat(ChatPrompt):
+    """A whole chat run teacher-forced (one prefill, nothing generated), with its target span:
+    the SteerMoE original's paired-chat rows (steermoe.data.paired_chat). is_template is False
+    on the user messages' text (risk_diff's `user` scope), is_target True on the target's
+    tokens (the `target` scope)."""
+
+    is_target: list[bool]
+
+
+def _slot(k: int) -> str:
+    return f"\ue000steerline message {k}\ue001"
+
+
+def render_target_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                       target: str) -> TargetChat:
+    """Apply the chat template to a whole chat (the generation prompt after it, as the original's
+    vLLM `llm.chat` adds it; causal attention keeps it out of the earlier tokens' routing) and
+    mark the target span: the last occurrence of `target` in the last message holding it; a
+    token is in the span if any of its characters is. Each message's text is located by
+    rendering placeholders (render_chat's reason: the template's own text could match)."""
+    def render(contents: list[str]) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": c} for m, c in zip(messages, contents, strict=True)],
+            tokenize=False, add_generation_prompt=True)
+
+    slotted = render([_slot(k) for k in range(len(messages))])
+    spans: list[tuple[int, int]] = []
+    pieces, cursor, pos = [], 0, 0
+    for k, m in enumerate(messages):
+        at = slotted.find(_slot(k), cursor)
+        if at < 0 or slotted.count(_slot(k)) != 1:
+            raise UserError(f"the chat template drops or repeats message {k + 1} "
+                            f"({m['role']}) of the chat {_short(m['content'])}: its tokens "
+                            "cannot be located; use a model whose template keeps every message")
+        pieces.append(slotted[cursor:at])
+        pos += at - cursor
+        spans.append((pos, pos + len(m["content"])))
+        pieces.append(m["content"])
+        pos += len(m["content"])
+        cursor = at + len(_slot(k))
+    pieces.append(slotted[cursor:])
+    rendered = "".join(pieces)
+    if render([m["content"] for m in messages]) != rendered:
+        raise UserError(f"the chat template alters the text of the chat "
+                        f"{_short(messages[-1]['content'])}: its target cannot be located")
+    holder = max((k for k, m in enumerate(messages) if target in m["content"]), default=None)
+    if holder is None:
+        raise UserError(f"target {_short(target)} is in no message of its chat: copy the span "
+                        "from the chat's text exactly")
+    t0 = spans[holder][0] + messages[holder]["content"].rfind(target)
+    t1 = t0 + len(target)
+    enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+
+    def inside(lo: int, hi: int) -> list[bool]:
+        return [s < hi and e > lo and e > s for s, e in offsets]
+
+    in_text = [inside(*sp) for sp in spans]
+    any_text = [any(col) for col in zip(*in_text, strict=True)]
+    controls = _control_ids(tokenizer, [i for i, t in zip(ids, any_text, strict=True) if not t])
+    forged = [i for i, t in zip(ids, any_text, strict=True) if t and i in controls]
+    if forged:
+        # a message holding control-token text would forge turns (render_chat's reason); a
+        # whole chat has no single user span to re-tokenize, so it is refused
+        raise UserError(f"a message of the chat {_short(messages[-1]['content'])} holds the chat "
+                        f"template's control token {tokenizer.convert_ids_to_tokens(forged[0])!r}"
+                        ": remove it from the message")
+    user = [False] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] == "user":
+            user = [u or t for u, t in zip(user, in_text[k], strict=True)]
+    return TargetChat(ids=ids, is_template=[not u for u in user], is_target=inside(t0, t1))

@@ -53,8 +53,9 @@ class SafetySourceParams(Strict):
     path: str  # relative to the repository root; a dep of the stage (dvc.yaml, by index)
     prompt_id: str  # template: {index} (0-based file position) or {COLUMN}, e.g. "x-{index:04d}"
     text: str | None  # the prompt column (null for txt: one prompt per line)
-    format: Literal["csv", "jsonl", "parquet", "txt"] | None
-    label: Literal["unsafe", "safe"] | None  # every row's label, or:
+    # paired_chat: the SteerMoE original's messages_0 / messages_1 rows (.jsonl / .parquet)
+    format: Literal["csv", "jsonl", "parquet", "txt", "paired_chat"] | None
+    label: Literal["unsafe", "safe"] | None  # every row's label (paired_chat: messages_0's), or:
     label_column: str | None  # the column holding unsafe / safe per row
     pair: str | None  # look-alike pairs: rows with equal values (one unsafe, one safe)
     pair_rule: Literal["xstest"] | None  # XSTest v2's contrast_T / T layout instead
@@ -94,7 +95,8 @@ class CaptureRouting(Strict):
 
 
 class RiskDiff(Strict):
-    token_scope: Literal["user", "generated", "all"]
+    # target: the target spans of paired_chat prompts (teacher-forced, docs/own_behaviour.md)
+    token_scope: Literal["user", "generated", "all", "target"]
     # Prompt-label shuffles, one matmul per chunk: per-pair p-values (smallest 1/(n+1)) and the
     # max-|risk_diff| null. select_experts needs the p-values, so at least 1.
     n_permutations: int = Field(ge=1, le=1_000_000)

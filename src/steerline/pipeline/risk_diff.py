@@ -62,9 +62,11 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         staged(out.plot_data).write_text(plot_csv)
         write_json(summary, staged(out.summary))
     sig = summary["significant"]
+    # the target scope (paired chats) has the pooled contrast only: no matched counts to log
+    matched = sig.get("matched", {"q_perm": "n/a", "q_token_z": "n/a"})
     log.info(
         "scope %s: %s safe / %s unsafe tokens, max |risk_diff| %.4f; pairs with q <= %g: pooled "
-        "%d prompt-level / %d token-level, matched %d / %d; %s beyond the null's q%s; "
+        "%d prompt-level / %d token-level, matched %s / %s; %s beyond the null's q%s; "
         "agreement %s",
         meta["token_scope"],
         meta["n_tokens_safe"],
@@ -73,8 +75,8 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         summary["alpha"],
         sig["pooled"]["q_perm"],
         sig["pooled"]["q_token_z"],
-        sig["matched"]["q_perm"],
-        sig["matched"]["q_token_z"],
+        matched["q_perm"],
+        matched["q_token_z"],
         meta.get("n_beyond_null", "n/a"),
         meta["null_quantile"],
         summary["agreement"],

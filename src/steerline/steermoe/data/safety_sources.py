@@ -28,6 +28,12 @@ import pandas as pd
 
 from steerline.core.errors import UserError
 from steerline.core.prompt_table import PromptFileError, read_prompt_table
+from steerline.steermoe.data.paired_chat import (
+    OTHER_LABEL,
+    chat_json,
+    file_format,
+    read_paired_rows,
+)
 from steerline.steermoe.data.safety import (
     COLUMNS,
     LABELS,
@@ -42,6 +48,11 @@ XSTEST_PARTNERS = {"contrast_discr": "real_group_nons_discr",
 #: a source file's format by extension (prepare_safety.sources[].format, when not given)
 SOURCE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 PAIR_RULES = ("xstest",)
+#: the SteerMoE original's paired-chat rows (steermoe.data.paired_chat): never from an extension
+PAIRED_CHAT = "paired_chat"
+#: the table's columns for paired-chat rows (present only when a source is paired_chat, so a
+#: table of single prompts keeps its bytes): the chat (JSON) and its target span's text
+CHAT_COLUMNS = ["messages", "target"]
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _FIX = "fix prepare_safety.sources in params.yaml"
 
@@ -88,9 +99,9 @@ class SafetySource:
 def source_format(src: SafetySource) -> str:
     """The source's format: given, or from its file's extension."""
     if src.format is not None:
-        if src.format not in SOURCE_FORMATS.values():
+        if src.format not in (*SOURCE_FORMATS.values(), PAIRED_CHAT):
             raise SourceError(f"{src.where}: format {src.format!r} is not one of "
-                              f"{', '.join(SOURCE_FORMATS.values())}: {_FIX}")
+                              f"{', '.join(SOURCE_FORMATS.values())}, {PAIRED_CHAT}: {_FIX}")
         return src.format
     fmt = SOURCE_FORMATS.get(Path(src.path).suffix.lower())
     if fmt is None:
@@ -153,6 +164,15 @@ def check_source(src: SafetySource) -> tuple[str, list[str]]:
                               f"columns, but {', '.join(used)} is given: use a csv / jsonl / "
                               f"parquet file for columns, or drop them; {_FIX}")
         return fmt, []
+    if fmt == PAIRED_CHAT:
+        used = [k for k, v in {"text": src.text, "pair": src.pair, "pair_rule": src.pair_rule,
+                               "max_prompts": src.max_prompts}.items() if v is not None]
+        if used:
+            raise SourceError(f"{src.where}: a paired_chat row is its own pair (messages_0, "
+                              f"messages_1) with fixed keys, but {', '.join(used)} is given: "
+                              f"set it to null; {_FIX}")
+        columns = [v for v in keyed.values() if v is not None] + fields
+        return fmt, list(dict.fromkeys(columns))
     if src.text is None:
         raise SourceError(f"{src.where}: no text column: name the prompt column (text: NAME); "
                           f"{_FIX}")
@@ -215,6 +235,8 @@ def load_source(src: SafetySource) -> pd.DataFrame:
         raise SourceError(f"{src.where}: the file is not there: check its path in "
                           "prepare_safety.sources (relative to the repository root), or add "
                           "the file")
+    if fmt == PAIRED_CHAT:
+        return _load_paired(src, columns)
     keys = {"text": src.text, "label_column": src.label_column, "pair": src.pair,
             "group": src.group, "stratum": src.stratum}
     fixes = {col: f"set the source's {key} to a column of the file; {_FIX}"
@@ -298,6 +320,69 @@ def load_source(src: SafetySource) -> pd.DataFrame:
     return out
 
 
+def _load_paired(src: SafetySource, columns: list[str]) -> pd.DataFrame:
+    """A paired_chat source's rows: two per file row (prompt_id `<template>-0` for messages_0,
+    `-1` for messages_1), both in one unit (the row's), as are pairs that share a request (the
+    same normalised user text: else one request could sit in detect and test) and groups."""
+    fixes = {col: f"set the source's {key} to a key of the file; {_FIX}"
+             for key, col in (("stratum", src.stratum), ("group", src.group),
+                              ("label_column", src.label_column)) if col is not None}
+    fixes.update({f: f"name a key of the file in the source's prompt_id ({src.prompt_id!r}); "
+                     f"{_FIX}" for f in _template_fields(src) if f != "index" and f not in fixes})
+    try:
+        table, rows = read_paired_rows(src.path, file_format(Path(src.path)), columns, fixes)
+    except PromptFileError as err:
+        msg = str(err)
+        if msg.startswith(str(src.path)):
+            msg = msg[len(str(src.path)):].lstrip(": ")
+        raise SourceError(f"{src.where}: {msg}") from None
+    where = [r.where for r in rows]
+    ids = _prompt_ids(src, table, where)
+    if src.label is not None:
+        first = [src.label] * len(rows)
+    else:
+        cells = _cells(src, table, where, src.label_column, "label_column")
+        bad = [(w, c) for w, c in zip(where, cells, strict=True) if c not in LABELS]
+        if bad:
+            w, c = bad[0]
+            raise SourceError(f"{src.where}: {w}, column {src.label_column!r} (label_column: the "
+                              f"label of messages_0) is {c!r}: write unsafe or safe")
+        first = [str(c) for c in cells]
+    strata = (_cells(src, table, where, src.stratum, "stratum") if src.stratum
+              else [None] * len(rows))
+    groups = (_cells(src, table, where, src.group, "group") if src.group
+              else [None] * len(rows))
+    # units: a row's two chats, joined with rows of the same group or a shared request
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_key: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        keys = [f"text:{normalise_text(t)}" for t in r.texts]
+        keys += [] if groups[i] is None else [f"group:{groups[i]}"]
+        for key in keys:
+            j = by_key.setdefault(key, i)
+            a, b = root(i), root(j)
+            parent[max(a, b)] = min(a, b)  # the root stays the first row in file order
+    out = []
+    for i, r in enumerate(rows):
+        unit = root(i)
+        stratum = strata[unit]
+        for side in (0, 1):
+            out.append({"prompt_id": f"{ids[i]}-{side}", "text": r.texts[side],
+                        "label": first[i] if side == 0 else OTHER_LABEL[first[i]],
+                        "source": src.name,
+                        "pair_id": f"{ids[unit]}-0",
+                        "stratum": src.name if stratum is None else f"{src.name}/{stratum}",
+                        "messages": chat_json(r.chats[side]), "target": r.targets[side]})
+    return pd.DataFrame(out)
+
+
 def xstest_pairs(df: pd.DataFrame, where: Path | str) -> pd.Series:
     """pair_id per XSTest row (columns prompt_id, type, id): the safe twin's prompt_id for both
     prompts of a contrast pair, the row's own prompt_id for a safe prompt without a twin."""
@@ -346,6 +431,10 @@ def _cross_source_checks(df: pd.DataFrame) -> None:
                           f"{pid!r} is made twice: give each source its own prompt_id template "
                           f"(e.g. \"{srcs[0]}-{{index:04d}}\"); {_FIX}")
     norm = df["text"].map(normalise_text)
+    if "messages" in df.columns:  # a paired chat is its whole chat and target, not its request
+        chat = df["messages"].notna()
+        norm = norm.where(~chat, "chat:" + df["messages"].astype(str) + "\x00"
+                          + df["target"].astype(str))
     both = df[norm.ne("")].groupby(norm[norm.ne("")])["label"].nunique()
     if (both > 1).any():
         rows = df[norm == both[both > 1].index[0]]
@@ -383,7 +472,11 @@ def build_safety_prompts(
     _cross_source_checks(df)
     validate_prompts(df, "safety prompts")
     df["split"] = split_grouped(df, detect_fraction, dev_fraction, seed)
-    df = df[COLUMNS].sort_values("prompt_id").reset_index(drop=True)
+    columns = COLUMNS + (CHAT_COLUMNS if "messages" in df.columns else [])
+    if "messages" in df.columns:  # other sources' rows: null, not NaN (a chat is text or none)
+        for col in CHAT_COLUMNS:
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+    df = df[columns].sort_values("prompt_id").reset_index(drop=True)
     # the raw data can hold the same request twice (e.g. a copy under another AdvBench row):
     # refused here, before anything is written, as every reader of the table would refuse it
     check_split_integrity(df, "safety prompts from " + ", ".join(str(s.path) for s in sources))

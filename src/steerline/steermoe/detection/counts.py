@@ -8,7 +8,8 @@ reader thread) and the manifest's SHA-256 check (a second thread) run beside the
 pyarrow and hashlib release the GIL.
 
 A token is in scope by `token_scope`: "user" (the prompt's own text: neither generated nor chat
-template), "generated" (the model's answer), or "all".
+template), "generated" (the model's answer), "all", or "target" (the target span of a paired
+chat, steermoe.data.paired_chat: the is_target column only such captures have).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from steerline.core.errors import UserError
 from steerline.steermoe.routing.schema import (
     LABELS,
     META_N_EXPERTS,
     META_N_LAYERS,
+    META_TARGET,
     META_TOP_K,
     iter_routing_shard_batches,
     read_routing_manifest,
@@ -37,8 +40,13 @@ from steerline.steermoe.routing.schema import (
 )
 
 TOKEN_SCOPES = ("user", "generated", "all")
+#: the target spans of paired chats (a capture with META_TARGET); apart from TOKEN_SCOPES, whose
+#: reads need only READ_COLUMNS and which every capture can count
+TARGET_SCOPE = "target"
+SCOPES = (*TOKEN_SCOPES, TARGET_SCOPE)
 # the routing columns counting reads (the others, e.g. weights, are never decoded)
 READ_COLUMNS = ("prompt_id", "label", "is_generated", "is_template", "experts")
+TARGET_COLUMNS = (*READ_COLUMNS, "is_target")
 # A batch whose prompts average fewer in-scope tokens than this is counted with one bincount
 # over (prompt, layer, expert) bins, in groups of prompts of at most _MAX_BINS bins (its output
 # is [bins] int64); otherwise with one bincount per prompt over (layer, expert), whose input is
@@ -131,6 +139,8 @@ def _bool_column(batch: pa.RecordBatch, name: str, shard: str | Path) -> np.ndar
 
 def _scope_mask(batch: pa.RecordBatch, token_scope: str, shard: str | Path) -> np.ndarray | None:
     """[rows] bool of in-scope tokens, or None meaning all rows."""
+    if token_scope == TARGET_SCOPE:
+        return _bool_column(batch, "is_target", shard)
     if token_scope == "all":
         return None
     generated = _bool_column(batch, "is_generated", shard)
@@ -183,21 +193,24 @@ def count_routing(
     missing columns, bad labels or expert ids, a prompt with both labels, only one label
     present, no in-scope tokens of a label.
     """
-    if token_scope not in TOKEN_SCOPES:
-        raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
+    if token_scope not in SCOPES:
+        raise ValueError(f"token_scope must be one of {SCOPES}, got {token_scope!r}")
+    columns = TARGET_COLUMNS if token_scope == TARGET_SCOPE else READ_COLUMNS
     path = Path(routing_dir)
     if not path.is_dir():  # a single shard file: no manifest to check
         meta = read_routing_meta(path)
-        batches = iter_routing_shard_batches(path, READ_COLUMNS, batch_rows, progress)
+        _check_target_capture(meta, token_scope, routing_dir)
+        batches = iter_routing_shard_batches(path, columns, batch_rows, progress)
         return count_batches(_prefetch(batches), meta, token_scope, source=str(routing_dir))
     # every check of verify_routing but the SHA-256 pass, which reads every byte of every shard:
     # it runs in a thread beside the counting, and nothing is returned before it passed
     meta = read_routing_meta(path, check_hashes=False)
+    _check_target_capture(meta, token_scope, routing_dir)
     manifest = read_routing_manifest(path)
     with ThreadPoolExecutor(max_workers=1) as pool:
         hashed = pool.submit(verify_routing_hashes, path, manifest)
         try:
-            batches = iter_routing_shard_batches(path, READ_COLUMNS, batch_rows, progress)
+            batches = iter_routing_shard_batches(path, columns, batch_rows, progress)
             counts = count_batches(_prefetch(batches), meta, token_scope, str(routing_dir),
                                    expected_prompts=int(manifest.get("n_prompts", 0)))  # fmt: skip
         except Exception:
@@ -206,6 +219,16 @@ def count_routing(
             raise
         hashed.result()
     return counts
+
+
+def _check_target_capture(meta: Mapping[str, Any], token_scope: str, where: str | Path) -> None:
+    if token_scope == TARGET_SCOPE and str(meta.get(META_TARGET)) != "1":
+        raise UserError(
+            f"token scope 'target' counts the target spans of paired-chat prompts, but the "
+            f"routing in {where} was captured without any: add a paired_chat source to "
+            "prepare_safety.sources (docs/own_behaviour.md) and rerun capture_routing, or set "
+            "risk_diff.token_scope to user, generated or all"
+        )
 
 
 def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -268,8 +291,9 @@ def count_batches(
     (token, slot) pairs counts tokens. The result does not depend on how the rows are cut
     into batches. `expected_prompts`: a capacity hint (see _PromptAccumulator).
     """
-    if token_scope not in TOKEN_SCOPES:
-        raise ValueError(f"token_scope must be one of {TOKEN_SCOPES}, got {token_scope!r}")
+    if token_scope not in SCOPES:
+        raise ValueError(f"token_scope must be one of {SCOPES}, got {token_scope!r}")
+    columns = TARGET_COLUMNS if token_scope == TARGET_SCOPE else READ_COLUMNS
     n_layers, top_k, n_experts = (int(meta[k]) for k in (META_N_LAYERS, META_TOP_K, META_N_EXPERTS))
     width = n_layers * n_experts
     acc = _PromptAccumulator(width, expected_prompts)
@@ -279,7 +303,7 @@ def count_batches(
     layer_base = (np.arange(n_layers) * n_experts).astype(col_type)[:, None]
 
     for shard, batch in batches:
-        missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
+        missing = [c for c in columns if c not in batch.schema.names]
         if missing:
             raise ValueError(f"routing batch from {shard} has no column {missing[0]!r}")
         if batch.num_rows == 0:

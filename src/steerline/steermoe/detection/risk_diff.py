@@ -17,7 +17,7 @@ from steerline.steermoe.data.contrasts import (
     needs_sources,
     prompt_sources,
 )
-from steerline.steermoe.detection.counts import count_routing
+from steerline.steermoe.detection.counts import TARGET_SCOPE, count_routing
 from steerline.steermoe.detection.inference import check_null_quantile, null_quantiles
 from steerline.steermoe.detection.table import contrast_columns, risk_diff_table
 from steerline.steermoe.routing.schema import PER_SHARD_PREFIX
@@ -57,7 +57,9 @@ def compute_risk_diff(
     contrasts: dict[str, Any] = {}
     null = np.zeros(0)
     for contrast in CONTRASTS:
-        if source is None and needs_sources(contrast):
+        # the matched / style contrasts compare the xstest / advbench sources' prompts, which
+        # have no target span: the target scope (paired chats) has the pooled contrast only
+        if needs_sources(contrast) and (source is None or token_scope == TARGET_SCOPE):
             continue
         sides = contrast_sides(contrast, source, counts.unsafe)
         cols, c_null, sizes = contrast_columns(

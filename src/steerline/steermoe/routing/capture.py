@@ -21,7 +21,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from steerline.backends import Backend
-from steerline.core.chat import render_chat
+from steerline.core.chat import TargetChat, render_chat, render_target_chat
+from steerline.core.errors import UserError
 from steerline.core.faults import kill_point
 from steerline.core.io import atomic_dir, write_parquet
 from steerline.model.arch import DenseModelError
@@ -29,6 +30,7 @@ from steerline.steering.capture import check_context
 from steerline.steermoe.data.safety import check_prompt_texts, validate_prompts
 from steerline.steermoe.routing.capture_dp import CapturePool
 from steerline.steermoe.routing.schema import (
+    META_TARGET,
     routing_metadata,
     routing_shards,
     write_routing_manifest,
@@ -69,17 +71,33 @@ def run_capture(
     check_prompt_texts(prompts, "capture_routing prompts")
     validate_prompts(prompts, "capture_routing prompts")
     prompts = prompts.sort_values("prompt_id").reset_index(drop=True)
-    chats = [render_chat(tokenizer, t) for t in prompts["text"]]
+    # paired-chat rows (a `messages` column: steermoe.data.paired_chat) run teacher-forced
+    paired = "messages" in prompts.columns and bool(prompts["messages"].notna().any())
+    if not paired:
+        chats = [render_chat(tokenizer, t) for t in prompts["text"]]
+    else:
+        chats = [render_chat(tokenizer, t) if not isinstance(m, str) else
+                 _target_chat(tokenizer, pid, m, tgt) for pid, t, m, tgt in zip(
+                     prompts["prompt_id"], prompts["text"], prompts["messages"],
+                     prompts["target"], strict=True)]
     ids, labels = prompts["prompt_id"].tolist(), prompts["label"].tolist()
-    check_context(chats, ids, cfg.max_new_tokens, backend.max_context)
+    if not paired:
+        check_context(chats, ids, cfg.max_new_tokens, backend.max_context)
+    else:  # a teacher-forced chat generates nothing: its own length is what must fit
+        for c, pid in zip(chats, ids, strict=True):
+            check_context([c], [pid], 0 if isinstance(c, TargetChat) else cfg.max_new_tokens,
+                          backend.max_context)
     shard_meta = routing_metadata(backend.n_layers, backend.top_k, backend.n_experts,
                                   **{**meta, "backend": backend.name,
                                      "moe_layers": json.dumps(list(backend.moe_layers))})
     if getattr(backend, "native", False):  # vLLM's own capture returns no routing weights
         shard_meta["weights"] = "absent"
-    key = hashlib.sha256(
-        json.dumps([shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]).encode()
-    ).hexdigest()[:16]
+    if paired:  # every shard gets the is_target column (capture_shard), and says so
+        shard_meta[META_TARGET] = "1"
+    keyed = [shard_meta, cfg.__dict__, ids, prompts["text"].tolist(), labels]
+    if paired:  # the chats and targets are the prompts of those rows (their text is a part)
+        keyed += [prompts["messages"].tolist(), prompts["target"].tolist()]
+    key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
     work = cache_dir / key
     if cache_dir.is_dir():  # shards of other captures (older params, prompts or models)
         for stale in cache_dir.iterdir():
@@ -116,6 +134,23 @@ def run_capture(
         write_routing_manifest(tmp, model_config, generations_path)  # last: the commit point
     shutil.rmtree(work, ignore_errors=True)
     return generations
+
+
+def _target_chat(tokenizer: PreTrainedTokenizerBase, prompt_id: str, messages: str,
+                 target: object) -> TargetChat:
+    """A paired-chat row's TargetChat; a chat the template cannot place names its prompt."""
+    try:
+        chat = json.loads(messages)
+    except json.JSONDecodeError as err:
+        raise UserError(f"prompt {prompt_id!r}: its messages are not a JSON chat ({err.msg}): "
+                        "rebuild the prompt table (prepare_safety)") from None
+    if not isinstance(target, str):
+        raise UserError(f"prompt {prompt_id!r} has a chat but no target: rebuild the prompt "
+                        "table (prepare_safety)")
+    try:
+        return render_target_chat(tokenizer, chat, target)
+    except UserError as err:
+        raise UserError(f"prompt {prompt_id!r}: {err}") from None
 
 
 def routing_store_bytes(routing_dir: Path) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steerline.core.chat import ChatPrompt
+from steerline.core.chat import ChatPrompt, TargetChat
 from steerline.steermoe.routing.shard import capture_shard
 
 INFO_KEYS = ("name", "n_layers", "moe_layers", "top_k", "n_experts", "max_context", "native")
@@ -172,7 +172,8 @@ class CapturePool:
         n = len(self.workers)
         for w in self.workers:
             mine = [{"k": s["k"], "ids": s["ids"], "labels": s["labels"],
-                     "chats": [[c.ids, c.is_template] for c in s["chats"]]}
+                     "chats": [[c.ids, c.is_template, *([c.is_target] if isinstance(
+                         c, TargetChat) else [])] for c in s["chats"]]}
                     for s in shards[w.rank::n]]
             # absolute: a worker's working directory is the parent's when it started
             job = {"work": str(work.resolve()), "meta": shard_meta,
@@ -251,7 +252,9 @@ def worker_main(argv: list[str] | None = None) -> None:
         work = Path(job["work"])
         for s in job["shards"]:
             k = int(s["k"])
-            chats = [ChatPrompt(list(ids), list(tmpl)) for ids, tmpl in s["chats"]]
+            # a third list: a paired chat's target span (TargetChat, teacher-forced)
+            chats = [ChatPrompt(list(c[0]), list(c[1])) if len(c) == 2
+                     else TargetChat(list(c[0]), list(c[1]), list(c[2])) for c in s["chats"]]
             capture_shard(backend, tokenizer, chats, s["ids"], s["labels"],
                           job["max_new_tokens"], job["meta"], work, k)
             kill_point(f"capture:shard:{k}")

@@ -29,6 +29,13 @@ ROUTING_SCHEMA = pa.schema(
         ("weights", pa.list_(pa.float16())),
     ]
 )
+#: a capture of paired-chat prompts (steermoe.data.paired_chat) adds one column: True on the
+#: tokens of each chat's target span (risk_diff's `target` scope). Other captures lack it, so
+#: their shards keep the schema above, byte for byte.
+TARGET_FIELD = pa.field("is_target", pa.bool_())
+ROUTING_SCHEMA_TARGET = ROUTING_SCHEMA.append(TARGET_FIELD)
+#: shard metadata key of such a capture ("1"): every shard of it has the is_target column
+META_TARGET = "target_spans"
 LABELS = ("safe", "unsafe")
 # Required Parquet key-value metadata of every shard; values are strings on disk.
 META_N_LAYERS = "n_layers"
@@ -89,8 +96,10 @@ def routing_table(
     is_template: np.ndarray,
     experts: np.ndarray,
     weights: np.ndarray,
+    is_target: np.ndarray | None = None,
 ) -> pa.Table:
     """Build a ROUTING_SCHEMA table from per-token arrays; experts/weights are [N, n_layers*top_k].
+    With `is_target` (a paired-chat capture), a ROUTING_SCHEMA_TARGET table.
 
     Vectorized (one flat buffer plus offsets), so capture can write large shards cheaply.
     """
@@ -117,7 +126,10 @@ def routing_table(
         lists(experts.astype(np.int16, copy=False), pa.int16()),
         lists(weights.astype(np.float16, copy=False), pa.float16()),
     ]
-    return pa.Table.from_arrays(columns, schema=ROUTING_SCHEMA)
+    if is_target is None:
+        return pa.Table.from_arrays(columns, schema=ROUTING_SCHEMA)
+    columns.append(pa.array(np.asarray(is_target, dtype=bool)))
+    return pa.Table.from_arrays(columns, schema=ROUTING_SCHEMA_TARGET)
 
 
 def routing_shards(routing_dir: str | Path) -> list[Path]:
