@@ -594,3 +594,21 @@ def test_dense_layers_keep_the_models_layer_numbers(tmp_path: Path, routing_arra
     with pytest.raises(ValueError, match="must list 3 increasing layer numbers"):
         compute_risk_diff(write_shards(tmp_path / "bad", routing_arrays, 2, bad),
                           n_permutations=0)
+
+
+def test_own_sources_have_the_pooled_contrast_only(
+    routing_dir: Path, routing_arrays: dict[str, np.ndarray]
+) -> None:
+    """A table of a user's own sources (none named xstest / advbench) gets the pooled contrast,
+    equal to the one without a table, and select_experts' require: both names the fix."""
+    from steerline.steermoe.detection.select_experts import select_experts
+
+    prompts = prompt_table(routing_arrays)
+    prompts["source"] = np.where(prompts["label"] == "unsafe", "pirate", "plain")
+    opts = {"n_permutations": 20, "null_quantile": 0.95, "seed": 0}
+    df, meta = compute_risk_diff(routing_dir, prompts=prompts, **opts)
+    alone, _ = compute_risk_diff(routing_dir, **opts)
+    assert list(json.loads(meta["contrasts"])) == ["pooled"]
+    pd.testing.assert_frame_equal(df, alone)
+    with pytest.raises(ValueError, match="set select_experts.require: pooled"):
+        select_experts(df, threshold=0.05, top_k=10, alpha=0.05, require="both")

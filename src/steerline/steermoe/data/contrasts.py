@@ -46,6 +46,14 @@ def needs_sources(contrast: Contrast) -> bool:
     return any(src is not None for src, _ in (*contrast.case, *contrast.reference))
 
 
+def sources_present(contrast: Contrast, source: np.ndarray) -> bool:
+    """Some source the contrast names has prompts in `source` [P]: a table of only other
+    sources (a user's own) has no matched or style contrast, while one that lacks a side of
+    them is an error (contrast_sides)."""
+    named = {src for src, _ in (*contrast.case, *contrast.reference) if src is not None}
+    return bool(named & set(source.tolist()))
+
+
 def _in(groups: Sequence[Group], source: np.ndarray | None, label: np.ndarray) -> np.ndarray:
     out = np.zeros(len(label), bool)
     for src, lab in groups:

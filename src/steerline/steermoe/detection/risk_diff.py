@@ -16,6 +16,7 @@ from steerline.steermoe.data.contrasts import (
     contrast_sides,
     needs_sources,
     prompt_sources,
+    sources_present,
 )
 from steerline.steermoe.detection.counts import TARGET_SCOPE, count_routing
 from steerline.steermoe.detection.inference import check_null_quantile, null_quantiles
@@ -59,7 +60,9 @@ def compute_risk_diff(
     for contrast in CONTRASTS:
         # the matched / style contrasts compare the xstest / advbench sources' prompts, which
         # have no target span: the target scope (paired chats) has the pooled contrast only
-        if needs_sources(contrast) and (source is None or token_scope == TARGET_SCOPE):
+        # and a user's own sources (none named xstest / advbench) have the pooled one only
+        if needs_sources(contrast) and (source is None or token_scope == TARGET_SCOPE
+                                        or not sources_present(contrast, source)):
             continue
         sides = contrast_sides(contrast, source, counts.unsafe)
         cols, c_null, sizes = contrast_columns(

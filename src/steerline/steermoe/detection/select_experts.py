@@ -44,7 +44,9 @@ def _check(df: pd.DataFrame, threshold: float, top_k: int, alpha: float, require
         if col not in df.columns:
             raise ValueError(
                 f"risk_diff report has no column {col!r} (needed by require={require!r}; has "
-                f"{list(df.columns)}): rerun risk_diff"
+                f"{list(df.columns)}): rerun risk_diff; the matched contrast needs prompts of "
+                "the sources named xstest (and style advbench): with other sources set "
+                "select_experts.require: pooled"
             )
     bad = [c for c in needed if df[c].isna().any()]
     if bad:
