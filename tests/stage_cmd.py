@@ -37,10 +37,10 @@ def call_stage(name: str) -> None:
     from steerline.pipeline.stage import parse_paths
 
     argv = stage_argv(name)
-    call = re.search(r"stage_cli\(([^)]*)\)", Path(argv[0]).read_text())
+    script = Path(argv[0]).read_text()
+    call = re.search(r"stage_cli\(([^)]*)\)", script)
     assert call, f"{argv[0]} does not call stage_cli"
-    module_name = re.search(r"from steerline\.pipeline import (\w+)",
-                            Path(argv[0]).read_text())[1]
+    module_name = re.search(r"from steerline\.pipeline import (\w+)", script)[1]
     module = importlib.import_module(f"steerline.pipeline.{module_name}")
     main, *kinds = (getattr(module, ref.strip().split(".")[1])
                     for ref in call[1].split(",") if ref.strip())

@@ -135,11 +135,11 @@ def with_gated(variants: dict[str, Plan], sources: dict[str, str],
 def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
                  make_variants: Callable[[Shape], dict[str, Plan]], sources: dict[str, str],
                  gate_dir: Path, reference: pd.DataFrame | None, seconds: dict[str, float]
-                 ) -> ModelAnswers:
+                 ) -> tuple[ModelAnswers, pd.DataFrame]:
     """Every variant of `model_dir` (make_variants: from the backend's shape) answers `prompts`
     in one backend call, each variant in `sources` with its gated twin; then each ungated
     variant scores the reference answers' NLL (reference None: this model's first, unsteered
-    variant's answers to the safe prompts)."""
+    variant's answers to the safe prompts). Returns the answers and the reference scored."""
     p = params.eval_safety
     texts = prompts["text"].tolist()
     t = time.perf_counter()
@@ -184,7 +184,7 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
                              "layers": len(vp.per_layer()), "plan": vp.to_json()}
                       for name, vp in variants.items() if isinstance(vp, SteeringPlan)}}
     return ModelAnswers(rows, pd.concat(nll, ignore_index=True), gate_frame(prompts, scores),
-                        meta)
+                        meta), reference
 
 
 def variant_kind(plan: Plan) -> dict[str, str]:
@@ -236,14 +236,14 @@ def main_base(params: Params, inputs: BaseInputs, out: BaseOutputs) -> None:
 
     seconds: dict[str, float] = {}
     sources = {v: src for v, src in gate_sources(params).items() if v == "steered"}
-    result = answer_model(params, p.model, prompts, plans, sources, inputs.gate, None, seconds)
+    result, reference = answer_model(params, p.model, prompts, plans, sources, inputs.gate, None,
+                                     seconds)
     result.meta["steering"] = {"expert_steering": {"mode": s.mode, "n_experts": s.n_experts,
                                                    "delta": s.delta, "gate": s.gate}}
-    reference = safe_answers(result.answers, "base").reset_index(drop=True)
     write_timings("answer_safety_base", seconds)
     with staged_outputs() as staged:
         result.write(staged.dir(out.answers))
-        write_parquet(reference, staged(out.reference))
+        write_parquet(reference.reset_index(drop=True), staged(out.reference))
     log.info("%s: %d variants x %d prompts answered", p.model,
              len(result.meta["variants"]), len(prompts))
 
@@ -271,8 +271,8 @@ def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutput
 
     seconds: dict[str, float] = {}
     sources = {v: src for v, src in gate_sources(params).items() if v != "steered"}
-    result = answer_model(params, p.finetuned, prompts, plans, sources, inputs.gate_finetuned,
-                          reference, seconds)
+    result, _ = answer_model(params, p.finetuned, prompts, plans, sources,
+                             inputs.gate_finetuned, reference, seconds)
     result.meta["steering"] = {"finetuned_steering": fs.model_dump()}
     result.meta["finetuned"] = {"n_experts_trained": info["n_experts"], "source": info["source"],
                                 "checks": info.get("checks")}
