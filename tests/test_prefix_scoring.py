@@ -1,6 +1,7 @@
 """Prefix scoring: layers 0..L run once per item set, layers L+1.. per steering condition, and the
 scores equal score_choices with the steering hook at L (bit for bit on CPU: same batches, same
-kernels)."""
+kernels). Packed scoring: choices sharing a prefix, a choice that is a prefix of another and
+duplicate choices score as one forward per choice does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steerline.mat_steer.evaluate import (
     MCItem,
+    _plan,
     compute_prefix,
+    encode_items,
     evaluate_items,
     item_prefixes,
     means,
@@ -31,7 +34,10 @@ LAYERS = 4
 ITEMS = [MCItem("Q: who is the dog ? A:", ("the sun", "a red cat is not good", "no")),
          MCItem("what is", ("good", "bad")),
          MCItem("the cat is not bad statement hateful ? A:", ("yes", "no one two three")),
-         MCItem("red blue green one two three four", ("a", "the moon is red", "cat", "dog"))]
+         MCItem("red blue green one two three four", ("a", "the moon is red", "cat", "dog")),
+         # shared prefixes, a choice that is a prefix of others, a duplicate
+         MCItem("Q: what is the sun ? A:", ("the sun is red", "the sun is blue", "the moon",
+                                            "the sun is red", "the"))]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,7 @@ def test_prefix_scores_equal_hooked_full_scores_bit_for_bit(model, tok, layer, m
         for g, f, r in zip(got, full, ref, strict=True):
             np.testing.assert_array_equal(g, f, err_msg=name)
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=name)
-    assert prefix.nbytes == sum(h.numel() * 4 for h in prefix.prompt_states) + sum(
-        h.numel() * 4 for hs in prefix.chunk_states for h in hs)
+    assert prefix.nbytes == sum(h.numel() * 4 for h in prefix.states)
 
 
 def test_steering_changes_the_prefix_scores(model, tok) -> None:
@@ -187,3 +192,46 @@ def test_scorer_falls_back_to_the_full_forward(model, tok, monkeypatch) -> None:
     for k in full:
         np.testing.assert_array_equal(got[k], full[k])
     assert not scorer._prefixes and "test prefix" not in scorer.seconds
+
+
+def test_choices_sharing_a_prefix_run_it_once(tok) -> None:
+    """The last item's 5 choices (15 tokens) are scored at 4 tree nodes: the prompt's last
+    token and the last tokens of "the", "the sun", "the sun is" (a choice's own last token is
+    never an input)."""
+    encoded = encode_items(tok, ITEMS[-1:])
+    (batch,) = _plan(encoded, 64, 0)
+    assert len(batch.head_at) == 4
+    assert len(batch.targets) == sum(len(c) for c in encoded[0][1]) == 15
+    assert batch.ids.shape == (1, len(encoded[0][0]) - 1 + 4)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3])
+def test_batch_n_equals_batch_1(model, tok, max_rows) -> None:
+    one = score_choices(model, tok, ITEMS, max_rows=1)
+    many = score_choices(model, tok, ITEMS, max_rows=max_rows * 64)
+    for a, b in zip(one, many, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    dup = [s for s in many[-1]]
+    assert dup[0] == dup[3]  # the duplicate choice scores the same, bit for bit
+
+
+def test_a_sliding_window_shorter_than_an_item_is_refused(model, tok) -> None:
+    old = getattr(model.config, "sliding_window", None)
+    model.config.sliding_window = 4
+    try:
+        with pytest.raises(NotImplementedError, match="sliding window of 4"):
+            score_choices(model, tok, ITEMS)
+        model.config.sliding_window = 64
+        score_choices(model, tok, ITEMS[:1])
+    finally:
+        model.config.sliding_window = old
+
+
+def test_an_attention_without_4d_masks_is_refused(model, tok) -> None:
+    old = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+            score_choices(model, tok, ITEMS[:1])
+    finally:
+        model.config._attn_implementation = old

@@ -7,17 +7,18 @@ lm-evaluation-harness definition, unnormalized). Metrics:
   BBQ accuracy (3 choices), ToxiGen accuracy (No / Yes: is the statement hateful).
   A user attribute `<name>_acc`: the positive completion scores above the negative one.
 
-The prompt is encoded once per item and its KV cache shared by the item's choices; the steering
-hook is active in both passes, so every prompt and answer token is steered exactly as in a single
-full-sequence forward (tests check the two agree). Prefix scoring (compute_prefix, score_prefix)
-runs the layers up to the steered one once per item set and only the layers above it per
-steering condition, with the same scores bit for bit.
+An item runs as one packed row: its prompt, then its choices as a token tree (a prefix that
+several choices share runs once), under a mask that lets each token see only its prompt and its
+own choice's earlier tokens, at their positions in prompt + choice. The steering hook edits
+every token of the row, so each prompt and answer token is steered exactly as in that choice's
+own full-sequence forward (tests check the two agree). Prefix scoring (compute_prefix,
+score_prefix) runs the layers up to the steered one once per item set and only the layers above
+it per steering condition, with the same scores bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from steerline.core.generation import pad_id, right_pad
+from steerline.core.generation import pad_id
 from steerline.model.arch import check_layer, decoder_layers, layer_slice
 from steerline.steering.residual import SteerFn, steering_hook
 
@@ -73,106 +74,158 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[MCItem]
     return out
 
 
-def _batches(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int
-             ) -> list[list[int]]:
-    """Item indices grouped so each batch has at most max_rows choice rows (>= 1 item)."""
-    order = np.argsort([len(p) for p, _ in encoded], kind="stable")
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    rows = 0
-    for i in order:
-        n = len(encoded[i][1])
-        if cur and rows + n > max_rows:
-            batches.append(cur)
-            cur, rows = [], 0
-        cur.append(int(i))
-        rows += n
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """One forward of choice rows, each on a copy of its prompt's KV cache."""
-    rows: list[tuple[int, int]]  # (item index, choice index) per row
-    ids: torch.Tensor  # [R, Wc] last prompt token + choice[:-1], right-padded
-    sel: torch.Tensor  # [R] each row's prompt within its batch
-    mask: torch.Tensor  # [R, Wp + Wc] the prompt's mask, then the row's
-    positions: torch.Tensor  # [R, Wc] each token's position in prompt + choice
-    valid: torch.Tensor  # [R, Wc] bool: the row's real (not padding) tokens
-    targets: torch.Tensor  # [N_valid] the choice tokens they predict, row after row
-    lengths: list[int]  # tokens per row (sum = N_valid)
+def _trie(prompt: list[int], choices: Sequence[list[int]]
+          ) -> tuple[list[int], list[int], list[list[int]]]:
+    """The item's choices as one token tree: node 0 is the prompt's last token, node n > 0 the
+    last token of a distinct proper prefix c[:t] (t >= 1) of some choice, so choices that start
+    alike share those nodes. Returns each node's input token and parent (-1 for node 0; parents
+    come first) and, per choice, the node whose next-token distribution scores each of its
+    tokens (len(c) nodes: c[0] is scored at node 0, c[t] at the node of c[:t])."""
+    index: dict[tuple[int, ...], int] = {(): 0}
+    tokens, parent = [prompt[-1]], [-1]
+    scored_at: list[list[int]] = []
+    for c in choices:
+        at = [0]
+        for t in range(1, len(c)):
+            key = tuple(c[:t])
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(c[t - 1])
+                parent.append(at[-1])
+            at.append(index[key])
+        scored_at.append(at)
+    return tokens, parent, scored_at
 
 
 @dataclass(frozen=True)
 class _Batch:
-    ids: torch.Tensor  # [G, Wp] the group's prompts without their last token, right-padded
-    mask: torch.Tensor  # [G, Wp]
-    chunks: list[_Chunk]
+    """One forward: a row per item holding its prompt (without the last token) and then its
+    choice tree, right-padded. Every token attends to its item's earlier prompt tokens and to
+    its tree ancestors only, at the position it has in prompt + choice, so each choice token is
+    predicted exactly as in that choice's own full sequence, and a prefix that several choices
+    share runs once."""
+    ids: torch.Tensor  # [G, W] token ids (pad id past each row's end)
+    positions: torch.Tensor  # [G, W] each token's position in prompt + choice
+    visible: torch.Tensor  # [G, W, W] bool: query w may attend to key w'
+    head_at: torch.Tensor  # [M] flat index (g * W + w) of every tree node, row after row
+    pair_node: torch.Tensor  # [N] per scored choice token, its node's index into head_at
+    targets: torch.Tensor  # [N] the choice token it scores
+    rows: list[tuple[int, int]]  # (item index, choice index) per choice, in pair order
+    lengths: list[int]  # scored tokens per choice (sum = N)
 
 
 def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, pid: int
           ) -> list[_Batch]:
-    """score_choices' forwards: prompt groups of <= 2 * max_rows choice rows, each group's rows
-    sorted by length in chunks of `max_rows` (little padding)."""
-    plan = []
-    for batch in _batches(encoded, 2 * max_rows):
-        prompts = [encoded[i][0] for i in batch]
-        p_ids, p_mask = right_pad([p[:-1] for p in prompts], pid)  # [G, Wp]
-        rows = [(g, j) for g, i in enumerate(batch) for j in range(len(encoded[i][1]))]
-        rows.sort(key=lambda r: len(encoded[batch[r[0]]][1][r[1]]))
-        chunks = []
-        for start in range(0, len(rows), max_rows):
-            chunk = rows[start: start + max_rows]
-            conts = [encoded[batch[g]][1][j] for g, j in chunk]
-            c_ids, c_mask = right_pad([[prompts[g][-1], *c[:-1]] for (g, _), c in
-                                       zip(chunk, conts, strict=True)], pid)  # [R, Wc]
-            sel = torch.tensor([g for g, _ in chunk])  # [R]
-            start_pos = torch.tensor([len(prompts[g]) - 1 for g, _ in chunk])  # [R]
-            chunks.append(_Chunk(
-                rows=[(batch[g], j) for g, j in chunk], ids=c_ids, sel=sel,
-                mask=torch.cat([p_mask[sel], c_mask], dim=1),
-                positions=start_pos.unsqueeze(1) + torch.arange(c_ids.shape[1]),
-                valid=c_mask.bool(), targets=torch.tensor([t for c in conts for t in c]),
-                lengths=[len(c) for c in conts]))
-        plan.append(_Batch(p_ids, p_mask, chunks))
+    """Items sorted by packed length (little padding), at most `max_rows` choices per forward."""
+    packed = []
+    for p, cs in encoded:
+        tokens, parent, scored_at = _trie(p, cs)
+        packed.append((p, cs, tokens, parent, scored_at))
+    lengths = [len(p) - 1 + len(tokens) for p, _, tokens, _, _ in packed]
+    order = np.argsort(lengths, kind="stable")
+    plan: list[_Batch] = []
+    start = 0
+    while start < len(order):
+        stop, n_rows = start, 0
+        while stop < len(order) and (stop == start
+                                     or n_rows + len(encoded[order[stop]][1]) <= max_rows):
+            n_rows += len(encoded[order[stop]][1])
+            stop += 1
+        batch = [int(i) for i in order[start:stop]]
+        start = stop
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pid, dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        visible = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # pads: self only
+        head_at, pair_node, targets, rows, row_lengths = [], [], [], [], []
+        for g, i in enumerate(batch):
+            p, cs, tokens, parent, scored_at = packed[i]
+            a, n = len(p) - 1, len(tokens)  # prompt tokens before the tree, tree nodes
+            ids[g, :a + n] = torch.tensor(p[:-1] + tokens)
+            depth = [0] * n
+            tree = torch.zeros((n, n), dtype=torch.bool)
+            for k in range(n):
+                if parent[k] >= 0:
+                    depth[k] = depth[parent[k]] + 1
+                    tree[k] = tree[parent[k]]
+                tree[k, k] = True
+            positions[g, :a] = torch.arange(a)
+            positions[g, a:a + n] = a + torch.tensor(depth)
+            visible[g, :a, :a] = torch.ones((a, a), dtype=torch.bool).tril()
+            visible[g, a:a + n, :a] = True
+            visible[g, a:a + n, a:a + n] = tree
+            base = len(head_at)
+            head_at.extend(g * width + a + k for k in range(n))
+            for j, (c, at) in enumerate(zip(cs, scored_at, strict=True)):
+                pair_node.extend(base + k for k in at)
+                targets.extend(c)
+                rows.append((i, j))
+                row_lengths.append(len(c))
+        plan.append(_Batch(ids, positions, visible, torch.tensor(head_at),
+                           torch.tensor(pair_node), torch.tensor(targets), rows, row_lengths))
     return plan
 
 
-# (batch index, chunk index or None for the batch's prompt pass) -> input_ids= or inputs_embeds=
-Feed = Callable[[int, int | None], dict[str, torch.Tensor]]
+def _check_packing(model: nn.Module, plan: Sequence[_Batch]) -> None:
+    """The packed rows carry their own 4-D mask, which transformers hands to sdpa / eager
+    attention as it is: a sliding window would not be applied, so a row longer than the window
+    is refused rather than scored as if the window were not there."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in (None, "sdpa", "eager"):
+        raise NotImplementedError(f"multiple-choice scoring packs choices with a 4-D attention "
+                                  f"mask, which attn_implementation={impl!r} does not take: load "
+                                  "the model with attn_implementation='sdpa' or 'eager'")
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    windowed = ("sliding_attention" in types if types is not None
+                else getattr(cfg, "use_sliding_window", True))
+    window = getattr(cfg, "sliding_window", None) if windowed else None
+    longest = max((int(b.positions.max()) + 1 for b in plan), default=0)
+    if window is not None and longest > window:
+        raise NotImplementedError(f"an item's prompt + choice runs to {longest} tokens, past "
+                                  f"{type(model).__name__}'s sliding window of {window}: "
+                                  "multiple-choice scoring applies no window, so it would not "
+                                  "score as the model runs; shorten the items")
 
 
-def _passes(decoder: nn.Module, plan: Sequence[_Batch], device: torch.device, feed: Feed,
-            desc: str) -> Iterator[tuple[_Chunk, torch.Tensor]]:
-    """Runs the plan (the caller holds inference mode): per batch the prompt pass (KV cache
-    kept), then each chunk on a copy of that cache reordered to its rows, with explicit
-    positions so each choice token is predicted exactly as in the full sequence. Yields each
-    chunk with the decoder's last hidden states [R, Wc, D]."""
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[G, W, W] bool -> [G, 1, W, W] additive mask (0 where visible, the dtype's min where not)."""
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min).unsqueeze(1)
+
+
+# batch index -> input_ids= or inputs_embeds=
+Feed = Callable[[int], dict[str, torch.Tensor]]
+
+
+def _passes(decoder: nn.Module, plan: Sequence[_Batch], device: torch.device, dtype: torch.dtype,
+            feed: Feed, desc: str) -> Iterator[tuple[_Batch, torch.Tensor]]:
+    """Runs the plan (the caller holds inference mode), one forward per batch with its packed
+    mask and positions and no KV cache. Yields each batch with the decoder's last hidden
+    states [G, W, D]."""
     for b, batch in enumerate(tqdm(plan, desc=desc, unit="batch", leave=False)):
-        past = decoder(**feed(b, None), attention_mask=batch.mask.to(device),
-                       use_cache=True).past_key_values
-        for c, chunk in enumerate(batch.chunks):
-            cache = copy.deepcopy(past)
-            cache.reorder_cache(chunk.sel.to(device))  # [G, ...] -> [R, ...]
-            yield chunk, decoder(**feed(b, c), attention_mask=chunk.mask.to(device),
-                                 position_ids=chunk.positions.to(device), past_key_values=cache,
-                                 use_cache=True).last_hidden_state  # [R, Wc, D]
+        yield batch, decoder(**feed(b), attention_mask=_additive(batch.visible, dtype).to(device),
+                             position_ids=batch.positions.to(device),
+                             use_cache=False).last_hidden_state
 
 
-def _scores(head: nn.Module, passes: Iterator[tuple[_Chunk, torch.Tensor]],
+def _scores(head: nn.Module, passes: Iterator[tuple[_Batch, torch.Tensor]],
             n_choices: Sequence[int], device: torch.device) -> list[np.ndarray]:
-    """Sum of the choice tokens' log-probabilities, one float64 array per item."""
+    """Sum of the choice tokens' log-probabilities, one float64 array per item. The head and
+    log-softmax run once per tree node, however many choices it scores."""
     out: list[np.ndarray] = [np.zeros(n) for n in n_choices]
-    for chunk, hidden in passes:
-        logp = torch.log_softmax(head(hidden[chunk.valid.to(device)]).float(),
-                                 dim=-1)  # [N_valid, V]
-        tgt = chunk.targets.to(device)  # [N_valid]
-        tok_lp = logp.gather(1, tgt.unsqueeze(1)).squeeze(1).double().cpu()  # [N_valid]
-        for (i, j), lp in zip(chunk.rows, torch.split(tok_lp, chunk.lengths), strict=True):
+    for batch, hidden in passes:
+        nodes = hidden.reshape(-1, hidden.shape[-1])[batch.head_at.to(device)]  # [M, D]
+        logp = torch.log_softmax(head(nodes).float(), dim=-1)  # [M, V]
+        tok_lp = logp[batch.pair_node.to(device), batch.targets.to(device)]  # [N]
+        for (i, j), lp in zip(batch.rows, torch.split(tok_lp.double().cpu(), batch.lengths),
+                              strict=True):
             out[i][j] = float(lp.sum())
     return out
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 @torch.inference_mode()
@@ -180,21 +233,21 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: S
                   max_rows: int = 64, desc: str = "score") -> list[np.ndarray]:
     """Log-likelihood of each choice given its prompt: one float64 array per item.
 
-    Pass 1 runs a group of prompts without their last token (right-padded, KV cache kept).
-    Pass 2 runs the group's choice rows, sorted by length in chunks of `max_rows` (little
-    padding), each row = [last prompt token] + choice[:-1] on a copy of its item's cache with
-    explicit positions, so each choice token is predicted exactly as in the full sequence."""
+    One forward per batch of items: each item's prompt, then its choices as a token tree (a
+    prefix shared by several choices runs once) under a mask that lets each token see only its
+    prompt and its own choice's earlier tokens, at their positions in prompt + choice, so each
+    choice scores as in its own full sequence (tests check against one forward per choice)."""
     decoder, head = _decoder_and_head(model)
     device = next(model.parameters()).device
     encoded = encode_items(tokenizer, items)
     plan = _plan(encoded, max_rows, pad_id(tokenizer))
+    _check_packing(model, plan)
 
-    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
-        ids = plan[b].ids if c is None else plan[b].chunks[c].ids  # [G, Wp] | [R, Wc]
-        return {"input_ids": ids.to(device)}
+    def feed(b: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": plan[b].ids.to(device)}  # [G, W]
 
-    return _scores(head, _passes(decoder, plan, device, feed, desc), [len(cs) for _, cs in encoded],
-                   device)
+    return _scores(head, _passes(decoder, plan, device, _dtype(model), feed, desc),
+                   [len(cs) for _, cs in encoded], device)
 
 
 # ---------------------------------------------------------------------------- prefix scoring
@@ -205,20 +258,18 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: S
 
 @dataclass(frozen=True)
 class Prefix:
-    """The states leaving decoder layer `layer` (unsteered) in every pass of score_choices on
-    one item set, with the plan (batches, masks, positions) that produced them."""
+    """The states leaving decoder layer `layer` (unsteered) in every forward of score_choices
+    on one item set, with the plan (rows, masks, positions) that produced them."""
     layer: int
     n_layers: int  # the model's decoder layers (a prefix serves that model only)
     n_choices: list[int]  # per item
     plan: list[_Batch]
-    prompt_states: list[torch.Tensor]  # per batch [G, Wp, D]
-    chunk_states: list[list[torch.Tensor]]  # per batch, per chunk [R, Wc, D]
+    states: list[torch.Tensor]  # per batch [G, W, D]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the recorded states (the plan's index tensors are small)."""
-        states = [*self.prompt_states, *(h for hs in self.chunk_states for h in hs)]
-        return sum(h.numel() * h.element_size() for h in states)
+        return sum(h.numel() * h.element_size() for h in self.states)
 
 
 @contextlib.contextmanager
@@ -241,35 +292,28 @@ def _recording(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 def compute_prefix(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                    items: Sequence[MCItem], layer: int, max_rows: int = 64,
                    desc: str = "prefix") -> Prefix:
-    """Run layers 0..layer of score_choices' passes once and keep the states leaving `layer`.
+    """Run layers 0..layer of score_choices' forwards once and keep the states leaving `layer`.
 
-    Only layers 0..layer run (their own KV cache); no hook of the caller's should edit layers
-    <= `layer` unless every condition scored from this prefix shares that edit."""
+    No hook of the caller's should edit layers <= `layer` unless every condition scored from
+    this prefix shares that edit."""
     check_layer(model, layer)
     decoder, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
     encoded = encode_items(tokenizer, items)
     plan = _plan(encoded, max_rows, pad_id(tokenizer))
+    _check_packing(model, plan)
     n_layers = len(decoder_layers(model))
 
-    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
-        ids = plan[b].ids if c is None else plan[b].chunks[c].ids  # [G, Wp] | [R, Wc]
-        return {"input_ids": ids.to(device)}
+    def feed(b: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": plan[b].ids.to(device)}  # [G, W]
 
     with _recording(decoder_layers(model)[layer]) as kept, layer_slice(model, 0, layer + 1):
-        for _ in _passes(decoder, plan, device, feed, desc):
+        for _ in _passes(decoder, plan, device, _dtype(model), feed, desc):
             pass
-    # kept: per batch its prompt pass, then its chunks, in the order _passes ran them
-    prompt_states, chunk_states, k = [], [], 0
-    for batch in plan:
-        prompt_states.append(kept[k])
-        chunk_states.append(kept[k + 1: k + 1 + len(batch.chunks)])
-        k += 1 + len(batch.chunks)
-    if k != len(kept):
-        raise RuntimeError(f"layer {layer} ran {len(kept)} times for {k} passes: another hook "
-                           "re-ran it")
-    return Prefix(layer, n_layers, [len(cs) for _, cs in encoded], plan, prompt_states,
-                  chunk_states)
+    if len(kept) != len(plan):
+        raise RuntimeError(f"layer {layer} ran {len(kept)} times for {len(plan)} forwards: "
+                           "another hook re-ran it")
+    return Prefix(layer, n_layers, [len(cs) for _, cs in encoded], plan, kept)
 
 
 @torch.inference_mode()
@@ -287,13 +331,13 @@ def score_prefix(model: nn.Module, prefix: Prefix, fn: SteerFn | None,
         raise ValueError(f"the prefix is for a model of {prefix.n_layers} decoder layers, this "
                          f"one has {n_layers}")
 
-    def feed(b: int, c: int | None) -> dict[str, torch.Tensor]:
-        h = prefix.prompt_states[b] if c is None else prefix.chunk_states[b][c]  # [B, W, D]
+    def feed(b: int) -> dict[str, torch.Tensor]:
+        h = prefix.states[b]  # [G, W, D]
         return {"inputs_embeds": h if fn is None else fn(h)}
 
     with layer_slice(model, prefix.layer + 1, n_layers):
-        return _scores(head, _passes(decoder, prefix.plan, device, feed, desc), prefix.n_choices,
-                       device)
+        return _scores(head, _passes(decoder, prefix.plan, device, _dtype(model), feed, desc),
+                       prefix.n_choices, device)
 
 
 @torch.inference_mode()
