@@ -261,7 +261,9 @@ def run(args: argparse.Namespace) -> None:
         more = f"; at least {need} prompts per label make it possible" if need else ""
         print(f"too few prompts to reach significance: with {n_unsafe} unsafe and {n_safe} safe "
               f"prompts the smallest p-value the permutation test can give is {p_min:.3g} > alpha "
-              f"{select.alpha}{more} (the ranking above is descriptive)")
+              f"{select.alpha}{more} (the ranking above is descriptive; its p_perm are Monte Carlo "
+              f"estimates from {risk.n_permutations} shuffles, which can fall a little below "
+              "that bound)")
     empty = [side for side in ("unsafe", "safe") if not selection[side]]
     if empty:
         top = [f"{int(r.layer)}:{int(r.expert)}" for r in df.sort_values(

@@ -261,18 +261,7 @@ def evaluate_variant(
     with expert_steering(model, plan or SteeringPlan()):  # an empty plan hooks nothing
         answers = greedy_answers(model, tokenizer, prompts["text"].tolist(), max_new_tokens,
                                  batch_size, desc=f"{name} generate")
-        verdicts = judge.judge(prompts["text"].tolist(), [a.text for a in answers])
-        frame = pd.DataFrame({
-            "variant": name,
-            "prompt_id": prompts["prompt_id"].to_numpy(),
-            "label": prompts["label"].to_numpy(),
-            "source": prompts["source"].to_numpy(),
-            "text": prompts["text"].to_numpy(),
-            "answer": [a.text for a in answers],
-            "refusal": np.asarray(verdicts, dtype=bool),
-            "n_generated": np.asarray([a.n_generated for a in answers], dtype=np.int32),
-            "finished": np.asarray([a.finished for a in answers], dtype=bool),
-        })[ANSWER_COLUMNS]
+        frame = answer_frame(name, prompts, answers, judge)
         metrics = refusal_metrics(frame)
         ref = reference if reference is not None else frame[frame["label"] == "safe"]
         nll, n_tok = answer_nll(model, tokenizer, ref["text"].tolist(), ref["answer"].tolist(),
