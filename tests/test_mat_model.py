@@ -40,7 +40,9 @@ def model(tok) -> LlamaForCausalLM:
 
 
 TEXTS = ["the cat is good", "Q: who is the dog ? A: the sun", "a", "red blue green one two three",
-         "what is not bad ?"]
+         "what is not bad ?",
+         # packed as token trees: a shared start, a text that is the start of others, a duplicate
+         "Q: who is the dog ? A: the moon", "Q: who is the dog ?", "the cat is good"]
 
 
 def _hidden_states(model, tok, text: str, layer: int) -> torch.Tensor:
@@ -53,6 +55,7 @@ def _hidden_states(model, tok, text: str, layer: int) -> torch.Tensor:
 def test_batched_equals_single_equals_hidden_states(model, tok, pooling) -> None:
     layer = 0  # hidden_states[-1] is after the final norm, so compare a non-final layer
     batched = extract_activations(model, tok, TEXTS, layer, pooling, batch_size=4)
+    np.testing.assert_array_equal(batched[0], batched[-1])  # the duplicate: the same node
     single = extract_activations(model, tok, TEXTS, layer, pooling, batch_size=1)
     np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-5)
     for i, text in enumerate(TEXTS):

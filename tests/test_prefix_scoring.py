@@ -25,6 +25,7 @@ from steerline.mat_steer.evaluate import (
     score_prefix,
 )
 from steerline.model.arch import decoder_layers, layer_slice, layer_slice_unsupported
+from steerline.model.packing import pack
 from steerline.pipeline import steering_eval
 from steerline.pipeline.steering_eval import Scorer
 from steerline.steering.gated import SteeringModule
@@ -202,7 +203,7 @@ def test_choices_sharing_a_prefix_run_it_once(tok) -> None:
     (batch,) = _plan(encoded, 64, 0)
     assert len(batch.head_at) == 4
     assert len(batch.targets) == sum(len(c) for c in encoded[0][1]) == 15
-    assert batch.ids.shape == (1, len(encoded[0][0]) - 1 + 4)
+    assert batch.packed.ids.shape == (1, len(encoded[0][0]) - 1 + 4)
 
 
 @pytest.mark.parametrize("max_rows", [1, 3])
@@ -231,7 +232,17 @@ def test_an_attention_without_4d_masks_is_refused(model, tok) -> None:
     old = model.config._attn_implementation
     model.config._attn_implementation = "flash_attention_2"
     try:
-        with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+        with pytest.raises(NotImplementedError, match="attn_implementation=.sdpa."):
             score_choices(model, tok, ITEMS[:1])
     finally:
         model.config._attn_implementation = old
+
+
+def test_pack_merges_shared_starts_into_one_tree() -> None:
+    p = pack([[[5, 6, 7], [5, 6, 8], [5]], [[9]]], pad_id=0)
+    assert p.ids.tolist() == [[5, 6, 7, 8], [9, 0, 0, 0]]
+    assert p.positions.tolist() == [[0, 1, 2, 2], [0, 0, 0, 0]]
+    assert p.paths == [[[0, 1, 2], [0, 1, 3], [0]], [[4]]]
+    # each node sees its ancestors and itself; a pad sees itself only
+    assert p.visible[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    assert p.visible[1].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]

@@ -1,4 +1,4 @@
-"""Residual-stream activations after one decoder layer, batched, padding handled.
+"""Residual-stream activations after one decoder layer, texts packed as token trees.
 
 "After decoder layer `layer`" (0-based) is the output of `model.model.layers[layer]`, i.e.
 `output_hidden_states[layer + 1]` of a plain forward for every layer but the last (the last entry
@@ -25,9 +25,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from steerline.core.generation import pad_id, right_pad
+from steerline.core.generation import pad_id
 from steerline.core.io import parquet_metadata, read_npy
 from steerline.model.arch import check_layer, decoder_layers
+from steerline.model.packing import additive_mask, check_packed_attention, pack
 
 Pooling = Literal["last", "mean"]
 META_COLUMNS = ["example_id", "group_id", "label", "split"]
@@ -68,27 +69,19 @@ def capture_layer_output(model: nn.Module, layer: int, stop: bool = True) -> Ite
 
 
 def run_to_layer(model: nn.Module, layer: int, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states after decoder layer `layer`: input_ids [B, L] -> [B, L, D]."""
+                 attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Hidden states after decoder layer `layer`: input_ids [B, L] -> [B, L, D]. The mask is
+    [B, L] (padding) or a prepared [B, 1, L, L] one (packed rows, with their positions)."""
     with capture_layer_output(model, layer, stop=True) as box:
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
         except _Stop:
             pass
     if "hidden" not in box:
         raise RuntimeError(f"decoder layer {layer} was not called by the forward")
     return box["hidden"]
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """hidden [B, L, D], attention_mask [B, L] (right padding) -> [B, D]."""
-    mask = attention_mask.to(hidden.dtype)  # [B, L]
-    if pooling == "last":
-        last = attention_mask.sum(1) - 1  # [B]
-        return hidden[torch.arange(hidden.shape[0]), last]
-    if pooling == "mean":
-        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-    raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -108,21 +101,35 @@ def extract_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                         texts: Sequence[str], layer: int, pooling: Pooling = "last",
                         batch_size: int = 32, max_length: int | None = 512,
                         desc: str = "activations") -> np.ndarray:
-    """texts [N] -> float32 [N, D]: the residual stream after decoder layer `layer`, pooled.
+    """texts [N] -> float32 [N, D]: the residual stream after decoder layer `layer`, pooled
+    over each text's tokens (`last`: its last token; `mean`: all of them).
 
-    Texts are batched in length order (less padding) and returned in input order."""
+    Texts run in token order, `batch_size` per forward packed as one token tree
+    (steerline.model.packing), so texts that start alike (the same context with other answers)
+    compute that start once; returned in input order."""
     check_layer(model, layer)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
     ids = tokenize(tokenizer, texts, max_length)
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    check_packed_attention(model, max(len(x) for x in ids))
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # shared prefixes side by side
     out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
-    pid = pad_id(tokenizer)
+    pid, dtype = pad_id(tokenizer), next(model.parameters()).dtype
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch"):
         idx = order[start: start + batch_size]
-        input_ids, mask = right_pad([ids[i] for i in idx], pid)
-        hidden = run_to_layer(model, layer, input_ids.to(model.device), mask.to(model.device))
-        out[idx] = pool(hidden.float(), mask.to(hidden.device), pooling).cpu().numpy()
+        packed = pack([[ids[i] for i in idx]], pid)  # one row [1, W]
+        hidden = run_to_layer(model, layer, packed.ids.to(model.device),
+                              additive_mask(packed.visible, dtype).to(model.device),
+                              packed.positions.to(model.device))[0].float()  # [W, D]
+        paths = packed.paths[0]
+        if pooling == "last":
+            pooled = hidden[torch.tensor([path[-1] for path in paths], device=hidden.device)]
+        else:
+            pooled = torch.stack([hidden[torch.tensor(path, device=hidden.device)].mean(0)
+                                  for path in paths])
+        out[idx] = pooled.cpu().numpy()  # [len(idx), D]
     return out
 
 

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from steerline.core.generation import pad_id
 from steerline.model.arch import check_layer, decoder_layers, layer_slice
+from steerline.model.packing import Packed, additive_mask, check_packed_attention, pack
 from steerline.steering.residual import SteerFn, steering_hook
 
 METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")  # the built-ins'
@@ -74,40 +75,13 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: Sequence[MCItem]
     return out
 
 
-def _trie(prompt: list[int], choices: Sequence[list[int]]
-          ) -> tuple[list[int], list[int], list[list[int]]]:
-    """The item's choices as one token tree: node 0 is the prompt's last token, node n > 0 the
-    last token of a distinct proper prefix c[:t] (t >= 1) of some choice, so choices that start
-    alike share those nodes. Returns each node's input token and parent (-1 for node 0; parents
-    come first) and, per choice, the node whose next-token distribution scores each of its
-    tokens (len(c) nodes: c[0] is scored at node 0, c[t] at the node of c[:t])."""
-    index: dict[tuple[int, ...], int] = {(): 0}
-    tokens, parent = [prompt[-1]], [-1]
-    scored_at: list[list[int]] = []
-    for c in choices:
-        at = [0]
-        for t in range(1, len(c)):
-            key = tuple(c[:t])
-            if key not in index:
-                index[key] = len(tokens)
-                tokens.append(c[t - 1])
-                parent.append(at[-1])
-            at.append(index[key])
-        scored_at.append(at)
-    return tokens, parent, scored_at
-
-
 @dataclass(frozen=True)
 class _Batch:
-    """One forward: a row per item holding its prompt (without the last token) and then its
-    choice tree, right-padded. Every token attends to its item's earlier prompt tokens and to
-    its tree ancestors only, at the position it has in prompt + choice, so each choice token is
-    predicted exactly as in that choice's own full sequence, and a prefix that several choices
-    share runs once."""
-    ids: torch.Tensor  # [G, W] token ids (pad id past each row's end)
-    positions: torch.Tensor  # [G, W] each token's position in prompt + choice
-    visible: torch.Tensor  # [G, W, W] bool: query w may attend to key w'
-    head_at: torch.Tensor  # [M] flat index (g * W + w) of every tree node, row after row
+    """One forward: a row per item, its prompt + choice sequences packed as one token tree
+    (steerline.model.packing), so the prompt and a prefix several choices share run once and
+    each choice token is predicted exactly as in that choice's own full sequence."""
+    packed: Packed
+    head_at: torch.Tensor  # [M] flat index of every node that predicts a choice token
     pair_node: torch.Tensor  # [N] per scored choice token, its node's index into head_at
     targets: torch.Tensor  # [N] the choice token it scores
     rows: list[tuple[int, int]]  # (item index, choice index) per choice, in pair order
@@ -116,12 +90,10 @@ class _Batch:
 
 def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, pid: int
           ) -> list[_Batch]:
-    """Items sorted by packed length (little padding), at most `max_rows` choices per forward."""
-    packed = []
-    for p, cs in encoded:
-        tokens, parent, scored_at = _trie(p, cs)
-        packed.append((p, cs, tokens, parent, scored_at))
-    lengths = [len(p) - 1 + len(tokens) for p, _, tokens, _, _ in packed]
+    """Items sorted by packed length (little padding), at most `max_rows` choices per forward
+    (an item with more gets a forward alone)."""
+    seqs = [[p + c[:-1] for c in cs] for p, cs in encoded]  # the last choice token is no input
+    lengths = [len({tuple(x[:t]) for x in item for t in range(1, len(x) + 1)}) for item in seqs]
     order = np.argsort(lengths, kind="stable")
     plan: list[_Batch] = []
     start = 0
@@ -133,65 +105,29 @@ def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, p
             stop += 1
         batch = [int(i) for i in order[start:stop]]
         start = stop
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pid, dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        visible = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # pads: self only
-        head_at, pair_node, targets, rows, row_lengths = [], [], [], [], []
+        packed = pack([seqs[i] for i in batch], pid)
+        head_at: list[int] = []
+        pair_node, targets, rows, row_lengths = [], [], [], []
         for g, i in enumerate(batch):
-            p, cs, tokens, parent, scored_at = packed[i]
-            a, n = len(p) - 1, len(tokens)  # prompt tokens before the tree, tree nodes
-            ids[g, :a + n] = torch.tensor(p[:-1] + tokens)
-            depth = [0] * n
-            tree = torch.zeros((n, n), dtype=torch.bool)
-            for k in range(n):
-                if parent[k] >= 0:
-                    depth[k] = depth[parent[k]] + 1
-                    tree[k] = tree[parent[k]]
-                tree[k, k] = True
-            positions[g, :a] = torch.arange(a)
-            positions[g, a:a + n] = a + torch.tensor(depth)
-            visible[g, :a, :a] = torch.ones((a, a), dtype=torch.bool).tril()
-            visible[g, a:a + n, :a] = True
-            visible[g, a:a + n, a:a + n] = tree
-            base = len(head_at)
-            head_at.extend(g * width + a + k for k in range(n))
-            for j, (c, at) in enumerate(zip(cs, scored_at, strict=True)):
-                pair_node.extend(base + k for k in at)
+            p, cs = encoded[i]
+            # the nodes that predict choice tokens: from the prompt's last token on
+            scored = [path[len(p) - 1:] for path in packed.paths[g]]
+            local = {node: len(head_at) + k
+                     for k, node in enumerate(sorted({n for path in scored for n in path}))}
+            head_at.extend(sorted(local, key=local.__getitem__))
+            for j, (c, path) in enumerate(zip(cs, scored, strict=True)):
+                pair_node.extend(local[n] for n in path)
                 targets.extend(c)
                 rows.append((i, j))
                 row_lengths.append(len(c))
-        plan.append(_Batch(ids, positions, visible, torch.tensor(head_at),
-                           torch.tensor(pair_node), torch.tensor(targets), rows, row_lengths))
+        plan.append(_Batch(packed, torch.tensor(head_at), torch.tensor(pair_node),
+                           torch.tensor(targets), rows, row_lengths))
     return plan
 
 
 def _check_packing(model: nn.Module, plan: Sequence[_Batch]) -> None:
-    """The packed rows carry their own 4-D mask, which transformers hands to sdpa / eager
-    attention as it is: a sliding window would not be applied, so a row longer than the window
-    is refused rather than scored as if the window were not there."""
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in (None, "sdpa", "eager"):
-        raise NotImplementedError(f"multiple-choice scoring packs choices with a 4-D attention "
-                                  f"mask, which attn_implementation={impl!r} does not take: load "
-                                  "the model with attn_implementation='sdpa' or 'eager'")
-    cfg = model.config
-    types = getattr(cfg, "layer_types", None)
-    windowed = ("sliding_attention" in types if types is not None
-                else getattr(cfg, "use_sliding_window", True))
-    window = getattr(cfg, "sliding_window", None) if windowed else None
-    longest = max((int(b.positions.max()) + 1 for b in plan), default=0)
-    if window is not None and longest > window:
-        raise NotImplementedError(f"an item's prompt + choice runs to {longest} tokens, past "
-                                  f"{type(model).__name__}'s sliding window of {window}: "
-                                  "multiple-choice scoring applies no window, so it would not "
-                                  "score as the model runs; shorten the items")
-
-
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[G, W, W] bool -> [G, 1, W, W] additive mask (0 where visible, the dtype's min where not)."""
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min).unsqueeze(1)
+    check_packed_attention(model, max((int(b.packed.positions.max()) + 1 for b in plan),
+                                      default=0))
 
 
 # batch index -> input_ids= or inputs_embeds=
@@ -204,8 +140,9 @@ def _passes(decoder: nn.Module, plan: Sequence[_Batch], device: torch.device, dt
     mask and positions and no KV cache. Yields each batch with the decoder's last hidden
     states [G, W, D]."""
     for b, batch in enumerate(tqdm(plan, desc=desc, unit="batch", leave=False)):
-        yield batch, decoder(**feed(b), attention_mask=_additive(batch.visible, dtype).to(device),
-                             position_ids=batch.positions.to(device),
+        mask = additive_mask(batch.packed.visible, dtype).to(device)  # [G, 1, W, W]
+        yield batch, decoder(**feed(b), attention_mask=mask,
+                             position_ids=batch.packed.positions.to(device),
                              use_cache=False).last_hidden_state
 
 
@@ -244,7 +181,7 @@ def score_choices(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: S
     _check_packing(model, plan)
 
     def feed(b: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": plan[b].ids.to(device)}  # [G, W]
+        return {"input_ids": plan[b].packed.ids.to(device)}  # [G, W]
 
     return _scores(head, _passes(decoder, plan, device, _dtype(model), feed, desc),
                    [len(cs) for _, cs in encoded], device)
@@ -305,7 +242,7 @@ def compute_prefix(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     n_layers = len(decoder_layers(model))
 
     def feed(b: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": plan[b].ids.to(device)}  # [G, W]
+        return {"input_ids": plan[b].packed.ids.to(device)}  # [G, W]
 
     with _recording(decoder_layers(model)[layer]) as kept, layer_slice(model, 0, layer + 1):
         for _ in _passes(decoder, plan, device, _dtype(model), feed, desc):
