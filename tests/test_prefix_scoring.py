@@ -212,8 +212,7 @@ def test_batch_n_equals_batch_1(model, tok, max_rows) -> None:
     many = score_choices(model, tok, ITEMS, max_rows=max_rows * 64)
     for a, b in zip(one, many, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    dup = [s for s in many[-1]]
-    assert dup[0] == dup[3]  # the duplicate choice scores the same, bit for bit
+    assert many[-1][0] == many[-1][3]  # the duplicate choice scores the same, bit for bit
 
 
 def test_a_sliding_window_shorter_than_an_item_is_refused(model, tok) -> None:

@@ -31,7 +31,13 @@ from transformers import PreTrainedTokenizerBase
 
 from steerline.core.generation import pad_id
 from steerline.model.arch import check_layer, decoder_layers, layer_slice
-from steerline.model.packing import Packed, additive_mask, check_packed_attention, pack
+from steerline.model.packing import (
+    Packed,
+    additive_mask,
+    check_packed_attention,
+    pack,
+    tree_size,
+)
 from steerline.steering.residual import SteerFn, steering_hook
 
 METRICS = ("truthfulqa_mc1", "truthfulqa_mc2", "bbq_acc", "toxigen_acc")  # the built-ins'
@@ -93,7 +99,7 @@ def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, p
     """Items sorted by packed length (little padding), at most `max_rows` choices per forward
     (an item with more gets a forward alone)."""
     seqs = [[p + c[:-1] for c in cs] for p, cs in encoded]  # the last choice token is no input
-    lengths = [len({tuple(x[:t]) for x in item for t in range(1, len(x) + 1)}) for item in seqs]
+    lengths = [tree_size(item) for item in seqs]
     order = np.argsort(lengths, kind="stable")
     plan: list[_Batch] = []
     start = 0
@@ -112,9 +118,9 @@ def _plan(encoded: Sequence[tuple[list[int], list[list[int]]]], max_rows: int, p
             p, cs = encoded[i]
             # the nodes that predict choice tokens: from the prompt's last token on
             scored = [path[len(p) - 1:] for path in packed.paths[g]]
-            local = {node: len(head_at) + k
-                     for k, node in enumerate(sorted({n for path in scored for n in path}))}
-            head_at.extend(sorted(local, key=local.__getitem__))
+            nodes = sorted({n for path in scored for n in path})
+            local = {node: len(head_at) + k for k, node in enumerate(nodes)}
+            head_at.extend(nodes)
             for j, (c, path) in enumerate(zip(cs, scored, strict=True)):
                 pair_node.extend(local[n] for n in path)
                 targets.extend(c)

@@ -47,6 +47,11 @@ def _tree(seqs: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[lis
     return tokens, parent, paths
 
 
+def tree_size(seqs: Sequence[Sequence[int]]) -> int:
+    """Nodes of the tree `pack` builds from `seqs` (the row's width before padding)."""
+    return len(_tree(seqs)[0])
+
+
 def pack(rows: Sequence[Sequence[Sequence[int]]], pad_id: int) -> Packed:
     """Each row's sequences merged into one tree, rows right-padded to the widest."""
     trees = [_tree(seqs) for seqs in rows]
