@@ -12,6 +12,11 @@ Last line: one JSON object (bench contract: bench, ratio, equal, goal, baseline)
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import time

@@ -9,6 +9,11 @@ object (bench contract: bench, ratio, equal, goal, baseline).
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import tempfile

@@ -29,6 +29,11 @@ Goals (measured on the 2-core CPU this project targets, with other jobs running)
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import tempfile

@@ -24,6 +24,11 @@ The last line is one JSON object (tools.bench_contract).
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import hashlib
 import json

@@ -11,6 +11,11 @@ baseline); equal: the steered run with all steering vectors zero gives the unste
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared CPU: do not spin (see dvc.yaml)

@@ -16,6 +16,11 @@ Usage (after `dvc repro`): python scripts/finetune_ddp_check.py [--num-processes
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import logging

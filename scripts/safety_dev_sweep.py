@@ -19,6 +19,11 @@ the pipeline.
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import logging

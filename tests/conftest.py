@@ -16,7 +16,14 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
+from steerline import numerics
 from steerline.model.gguf import find_gguf
+
+
+def pytest_configure(config):
+    # Before any test module imports vLLM: its CPU kernels as the stages get them (steerline is
+    # loaded first by pytest's `-p steerline`, so numpy and torch are already under the contract).
+    numerics.pin_vllm_cpu()
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,15 @@ routers (logit std ~1e-3), so float ties between backends show up if they are mi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from steerline import numerics
 from steerline.backends import ActivationSteering, Steering, eos_token_ids, make_backend
 from steerline.backends.compare import compare_runs
 from steerline.backends.hf import TransformersBackend
@@ -126,3 +129,14 @@ def test_capture_stage_writes_contract_with_backend(setup, tmp_path):
     schema = pq.read_schema(shards[0])
     assert schema.remove_metadata().equals(ROUTING_SCHEMA)
     assert schema.metadata[b"backend"] == b"vllm" and schema.metadata[b"n_layers"] == b"30"
+
+
+def test_vllm_runs_its_avx2_kernels_under_the_numerics_contract(setup):
+    """vLLM picks its kernel library from the CPU it finds (AVX-512 / AMX paths on recent Intel):
+    under steerline's contract it loads the AVX2 one, as on any other x86-64 CPU."""
+    if numerics.native() or torch.backends.cpu.get_cpu_capability() != "AVX2":
+        pytest.skip("numerics contract off, or no AVX2")
+    maps = Path("/proc/self/maps").read_text()
+    loaded = {lib for lib in ("_C.abi3.so", "_C_AVX2.abi3.so", "_C_AVX512.abi3.so")
+              if f"/vllm/{lib}" in maps}
+    assert loaded == {"_C_AVX2.abi3.so"}

@@ -17,6 +17,11 @@ reports.
 
 from __future__ import annotations
 
+# isort: off
+import steerline  # noqa: F401  (the numerics contract: before numpy / torch load)
+
+# isort: on
+
 import argparse
 import json
 import math

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from steerline import numerics
 from steerline.backends.base import Backend, Generated, Prompt, eos_token_ids, prompt_ids
 from steerline.backends.vllm_native import (
     native_engine_kwargs,
@@ -62,6 +63,7 @@ CPU_KV_CACHE_BYTES = 1 << 30  # default KV cache on CPU (vLLM's own default is s
 
 
 def vllm_available() -> bool:
+    numerics.pin_vllm_cpu()
     try:
         import vllm  # noqa: F401
     except Exception:  # noqa: BLE001 (any import failure means: no usable vLLM)
@@ -109,6 +111,7 @@ class VLLMBackend(Backend):
             load_tokenizer(model_path)
         self.llm = None
         self._threads: tuple[Any, int] | None = None
+        self._env_set: list[str] = []  # variables this engine set, removed by close()
         # vLLM's own routed-experts capture where it exists and fits (steerline.backends.
         # vllm_native: GPU, routing rule "engine", no weights); the hooks otherwise.
         self.native = use_native(capture, gpu, routing_rule)
@@ -121,11 +124,14 @@ class VLLMBackend(Backend):
             # other at every parallel op (measured up to 30x slower); an OMP_NUM_THREADS set here
             # also stops vLLM cutting serving to one thread. The stage commands set
             # OMP_WAIT_POLICY=PASSIVE, so waiting threads sleep instead of spinning.
-            if "OMP_NUM_THREADS" not in os.environ:
-                n = torch.get_num_threads()
-                self._threads = (torch.set_num_threads, n)
-                os.environ["OMP_NUM_THREADS"] = str(n)
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            # Under steerline's numerics contract OMP_NUM_THREADS is already its fixed count.
+            self._threads = (torch.set_num_threads, torch.get_num_threads())
+            for var, value in (("OMP_NUM_THREADS", str(torch.get_num_threads())),
+                               ("VLLM_CPU_OMP_THREADS_BIND", "nobind")):
+                if var not in os.environ:
+                    os.environ[var] = value
+                    self._env_set.append(var)
+        numerics.pin_vllm_cpu()  # before vLLM picks its CPU kernels
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -323,8 +329,9 @@ class VLLMBackend(Backend):
             (set_threads, n), self._threads = self._threads, None
             torch.set_num_threads = set_threads
             set_threads(n)
-            for var in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND"):
-                os.environ.pop(var, None)
+        for var in self._env_set:
+            os.environ.pop(var, None)
+        self._env_set = []
 
 
 def _has(cap: Capture | None, position: int) -> bool:

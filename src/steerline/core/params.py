@@ -316,7 +316,8 @@ class EvalSafety(Strict):
 
 
 class Params(Strict):
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0)  # what the methods draw (params.yaml)
+    data_seed: int = Field(ge=0)  # which items each split and evaluation subset holds
     build_models: BuildModels
     prepare_safety: PrepareSafety
     capture_routing: CaptureRouting

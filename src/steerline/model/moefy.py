@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -61,8 +62,6 @@ def principal_coordinates(profiles: np.ndarray, k: int) -> np.ndarray:
 
     From the eigendecomposition of the float64 Gram matrix (the smaller of X X^T and X^T X) with
     BLAS on one thread: numpy's multithreaded SVD is extremely slow on a busy shared CPU."""
-    from threadpoolctl import threadpool_limits
-
     x = np.asarray(profiles, dtype=np.float64)
     k = min(k, *x.shape)
     with threadpool_limits(limits=1, user_api="blas"):
@@ -86,7 +85,10 @@ def balanced_groups(profiles: np.ndarray, n_groups: int, seed: int) -> np.ndarra
         # clustering seconds instead of minutes (k-means and the assignment below see only
         # distances, so a column's sign does not change the groups).
         profiles = principal_coordinates(profiles, 64)
-    km = KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit(profiles)
+    # One OpenMP thread: scikit-learn's k-means adds per-thread partial centers in the order the
+    # threads finish, so its centers (and the groups) would vary from run to run otherwise.
+    with threadpool_limits(limits=1):
+        km = KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit(profiles)
     c = km.cluster_centers_
     dist = (profiles**2).sum(1)[:, None] - 2 * profiles @ c.T + (c**2).sum(1)[None]  # [n, G]
     # Greedy balanced assignment: most confident (neuron, cluster) pairs first, capacity `size`.

@@ -87,8 +87,8 @@ class FinetunedOutputs:
 def eval_prompts(params: Params, path: Path) -> pd.DataFrame:
     """The split's seeded eval prompts (PROMPT_COLUMNS), the same for both models."""
     p = params.eval_safety
-    return select_eval_prompts(read_safety_prompts(path), p.max_unsafe, p.max_safe, params.seed,
-                               split=p.split)
+    return select_eval_prompts(read_safety_prompts(path), p.max_unsafe, p.max_safe,
+                               params.data_seed, split=p.split)
 
 
 def check_selected_on(selection: dict[str, Any], path: Path, model_dir: str) -> None:

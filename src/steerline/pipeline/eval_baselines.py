@@ -68,7 +68,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     if not 0 <= layer < len(decoder_layers(model)):
         raise ValueError(f"activations are from layer {layer}; {model_path} has "
                          f"{len(decoder_layers(model))} layers: re-run extract_activations")
-    test_items, dev_items = eval_items(tables, p, params.seed, attributes)
+    test_items, dev_items = eval_items(tables, p, params.data_seed, attributes)
     scorer = Scorer(model, tokenizer, layer, p.max_rows, {"dev": dev_items, "test": test_items})
 
     train = split_pos_neg(acts, labels, splits, "train")

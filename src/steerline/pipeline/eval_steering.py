@@ -152,7 +152,7 @@ def run(params: Params, inputs: Inputs) -> EvalRun:
         raise ValueError(f"{inputs.baselines} was scored at layer {choices['layer']} of "
                          f"{choices['model']}, the checkpoint steers layer {config.layer} of "
                          f"{config.model}: re-run eval_baselines")
-    test_items, _ = eval_items(tables, p, params.seed, attributes)
+    test_items, _ = eval_items(tables, p, params.data_seed, attributes)
     baselines = values_from_rows(pd.read_parquet(inputs.baselines / VALUES), test_items)
     model, tokenizer = load_causal_lm(config.model, p.dtype)
     check_compatible(config, model.config.hidden_size, len(decoder_layers(model)))

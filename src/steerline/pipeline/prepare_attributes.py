@@ -141,9 +141,11 @@ def check_files_are_deps(attributes: list[Attribute], dvc_yaml: Path = Path("dvc
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     t0 = time.perf_counter()
     check_files_are_deps(params.attributes)
-    tables = prepare_attributes(inputs, params.prepare_attributes, params.seed, params.attributes)
+    tables = prepare_attributes(inputs, params.prepare_attributes, params.data_seed,
+                                params.attributes)
     for task, df in tables.items():
-        write_parquet(df, out.attributes / f"{task}.parquet", metadata={"seed": str(params.seed)})
+        write_parquet(df, out.attributes / f"{task}.parquet",
+                      metadata={"data_seed": str(params.data_seed)})
         counts = df.groupby(["split", "label"]).size().unstack(fill_value=0)
         items = df.groupby("split")["item_id"].nunique().to_dict()
         log.info("%s: %d rows, items per split %s\n%s", task, len(df), items, counts)

@@ -53,9 +53,9 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     check_sources_are_deps(len(p.sources))
     sources = [SafetySource(**{**s.model_dump(), "path": Path(s.path)}) for s in p.sources]
     df = build_safety_prompts(sources, detect_fraction=p.detect_fraction,
-                              dev_fraction=p.dev_fraction, seed=params.seed)
+                              dev_fraction=p.dev_fraction, seed=params.data_seed)
     # the metadata the table has always had: the sources are params, dvc.lock records them
-    write_parquet(df, out.prompts, {"seed": str(params.seed),
+    write_parquet(df, out.prompts, {"data_seed": str(params.data_seed),
                                     "detect_fraction": str(p.detect_fraction),
                                     "dev_fraction": str(p.dev_fraction)})
     counts = df.groupby(["split", "source", "label"]).size()
