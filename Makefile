@@ -14,7 +14,7 @@ PLOTS_PAGE := .dvc/plots.html
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test lint bench report docs clean-venv
+.PHONY: setup repro test lint bench report docs seeds clean-venv
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -72,6 +72,17 @@ report: setup
 # written when a report or key is missing). `python -m tools.docs_results --check` only checks.
 docs: setup
 	$(BIN)/python -m tools.docs_results
+
+# Headlines across seeds (docs/numerics.md#seeds): the pipeline at each seed of SEEDS as a queued
+# DVC experiment seed-N (one at a time, ~20 min each on 2 cores; `data_seed` keeps the splits),
+# then reports/seeds.json beside this checkout's run; `make docs` renders it. Not in `make repro`:
+# CI runs one seed.
+SEEDS ?= 1 2
+seeds: setup
+	for s in $(SEEDS); do $(BIN)/dvc exp run --queue -f -n seed-$$s -S seed=$$s || exit 1; done
+	$(BIN)/dvc queue start -j 1
+	while $(BIN)/dvc queue status | grep -qE "Queued|Running"; do sleep 30; done
+	$(BIN)/python -m steerline.report.seeds $(addprefix seed-,$(SEEDS))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,8 +3,8 @@ train_steering (MAT-Steer), on tiny random inputs; prints one JSON line {core: s
 output bytes}. tests/test_numerics.py runs it in fresh processes under different thread counts
 and ISA settings of the caller, which the numerics contract must make irrelevant.
 
-Sizes: the vocabulary is the default model's (49,152): its log-softmax is a reduction torch
-splits by thread, as in the real stages."""
+Sizes: the default model's vocabulary (49,152); without the contract the moefy and mat_steer
+cores give other bytes at 1 and 2 threads, and at AVX-512 and AVX2 (docs/numerics.md)."""
 
 # isort: off
 import steerline  # noqa: F401  (the numerics contract, before numpy / torch load)

@@ -56,6 +56,7 @@ WRITERS = {
     "safety_dev_sweep.csv": "scripts/safety_dev_sweep.py (see docs/choices.md)",
     "gate_dev.json": "the train_gate@base stage",
     "gate_finetuned_dev.json": "the train_gate@finetuned stage",
+    "seeds.json": "`make seeds` (python -m steerline.report.seeds)",
 }
 
 ATTRIBUTES = {"truthfulqa": "TruthfulQA", "toxigen": "ToxiGen", "bbq": "BBQ"}
@@ -267,6 +268,34 @@ def headline(r: Reports) -> str:
     return "\n\n".join([md_table(["result", "committed run"], rows),
                         source_line("moefy.json", "safety_eval_details.json",
                                     "mat_steer_eval.json")])
+
+
+def seed_value(name: str, x: float) -> str:
+    """A headline of seeds.json as the other tables show it: rates in %, counts whole."""
+    if name.endswith(("refusal_unsafe", "over_refusal_safe")):
+        return pct(x)
+    return str(int(x)) if float(x).is_integer() and not name.startswith("moefy.") else f3(x)
+
+
+@block("seeds")
+def seeds_block(r: Reports) -> str:
+    """docs/numerics.md: each SteerMoE headline per seed with mean and range; goals per seed."""
+    s = r.json("seeds.json")
+    h, g = s.at("headlines"), s.at("goals")
+    seeds = list(h.at(h.keys()[0], "per_seed").keys())
+    rows = []
+    for name in h.keys():
+        per = [seed_value(name, h.num(name, "per_seed", x)) for x in seeds]
+        rows.append([name, *per, seed_value(name, h.num(name, "mean")),
+                     f"{seed_value(name, h.num(name, 'min'))} to "
+                     f"{seed_value(name, h.num(name, 'max'))}"])
+    goals = [[v, g.text(v, "goal"), *(yes_no(g.flag(v, "met", x)) for x in seeds),
+              f"{g.count(v, 'n_met')} of {g.count(v, 'n_seeds')}"] for v in g.keys()]
+    seed_cols = [f"seed {x}" for x in seeds]
+    return "\n\n".join([
+        md_table(["headline (rates in %)", *seed_cols, "mean", "range"], rows),
+        md_table(["eval_safety goal", "goal", *seed_cols, "met on"], goals),
+        source_line("seeds.json")])
 
 
 @block("moefy")

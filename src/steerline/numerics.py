@@ -14,12 +14,11 @@ imports nothing numeric: the libraries read these variables when they load.
   (numpy's and scipy's), numpy's own SIMD loops, Arrow's compute kernels, and vLLM's CPU
   kernels (`pin_vllm_cpu`, called by the vLLM backend before vLLM loads).
 - Threads. torch splits a reduction of many elements into one part per thread and adds the
-  parts (a sum of 3M floats differs between 1, 2, 4 and 16 threads; so does a log-softmax over
-  one token's 49,152-way vocabulary), scikit-learn's k-means adds per-thread partial centers in
-  the order the threads finish, and OpenBLAS splits dot products by thread. So the intra-op
-  thread count is part of the numerics: every OpenMP, MKL and OpenBLAS pool runs THREADS
-  threads, whatever the machine has or the caller set. MKL's strict CNR mode makes its GEMM
-  independent of the thread count as well.
+  parts (a sum of 3M floats differs between 1, 2, 4 and 16 threads), scikit-learn's k-means
+  adds per-thread partial centers in the order the threads finish, and OpenBLAS splits dot
+  products by thread. So the intra-op thread count is part of the numerics: every OpenMP, MKL
+  and OpenBLAS pool runs THREADS threads, whatever the machine has or the caller set. MKL's
+  strict CNR mode makes its GEMM independent of the thread count as well.
 - Opt-out: STEERLINE_NATIVE_NUMERICS=1 leaves every library to its own choice of kernels and
   threads: faster on a CPU with AVX-512 or many cores, with bytes that hold on that machine only.
 """
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 
 OPT_OUT = "STEERLINE_NATIVE_NUMERICS"
@@ -36,7 +36,7 @@ OPT_OUT = "STEERLINE_NATIVE_NUMERICS"
 # speed), a 1-core one runs 2 threads on its one core (slower, same bytes).
 THREADS = 2
 ISA = "AVX2"
-PINNED_ENV: dict[str, str] = {
+ISA_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorized kernels and their Sleef exp / log
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "MKL_CBWR": "AVX2,STRICT",  # STRICT: GEMM bitwise equal at any thread count
@@ -46,11 +46,16 @@ PINNED_ENV: dict[str, str] = {
     # numpy 2.x dispatch groups above AVX2 (X86_V3); baseline and AVX2 loops stay
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
     "ARROW_USER_SIMD_LEVEL": "AVX2",
+}
+THREAD_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": str(THREADS),
     "MKL_NUM_THREADS": str(THREADS),
     "OPENBLAS_NUM_THREADS": str(THREADS),
     "OMP_DYNAMIC": "FALSE",  # an OpenMP runtime may not hand out fewer threads than asked
+    # CUDA: cuBLAS's deterministic workspace (same GPU, same bytes run to run; docs/numerics.md)
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
+PINNED_ENV = {**ISA_ENV, **THREAD_ENV}
 # Loaded before the variables are set, these libraries keep what they read at load time.
 NUMERIC_MODULES = ("numpy", "torch", "sklearn", "scipy", "vllm")
 
@@ -62,12 +67,24 @@ def native() -> bool:
     return os.environ.get(OPT_OUT, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def cpu_has_avx2() -> bool:
+    """An x86-64 CPU with AVX2 (Linux: its /proc/cpuinfo flags; other systems: x86-64 at all)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx2" in line for line in f)
+    except OSError:
+        return True
+
+
 def pin() -> None:
-    """Set the contract's variables (overriding the caller's); warn when a numeric library had
-    already loaded, since it then kept its own choice."""
+    """Set the contract's variables (overriding the caller's): the thread counts always, the
+    AVX2 kernels where the CPU has them (elsewhere an AVX2 kernel would not run). Warns when a
+    numeric library had already loaded, since it then kept its own choice."""
     if native():
         return
-    os.environ.update(PINNED_ENV)
+    os.environ.update(PINNED_ENV if cpu_has_avx2() else THREAD_ENV)
     early = [m for m in NUMERIC_MODULES if m in sys.modules]
     if early:
         log.warning("steerline's numerics contract was set after %s loaded: import steerline "
@@ -76,18 +93,31 @@ def pin() -> None:
 
 
 def check() -> dict[str, str | int]:
-    """What this process computes with; raises when the contract is on but torch did not take
-    it (a library loaded before pin(), or a CPU without AVX2, where no x86-64 guarantee holds)."""
+    """What torch computes with in this process. Raises when the contract is on but torch did
+    not take it (torch loaded before pin()); warns on a CPU without AVX2 (an older x86 or an
+    ARM one), where bytes hold only on CPUs of that type."""
     import torch
 
-    got = {"mode": "native" if native() else "pinned",
-           "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
-    if got["mode"] == "pinned" and (got["isa"] != ISA or got["threads"] != THREADS):
+    got: dict[str, str | int] = {"mode": "native" if native() else "pinned",
+                                 "isa": torch.backends.cpu.get_cpu_capability(),
+                                 "threads": torch.get_num_threads()}
+    if got["mode"] == "native":
+        return got
+    if got["threads"] != THREADS or got["isa"] not in (ISA, "DEFAULT", "NO AVX", "ZVECTOR"):
         raise RuntimeError(
             f"steerline's numerics contract wants torch on {ISA} with {THREADS} threads, it runs "
-            f"{got['isa']} with {got['threads']}: import steerline before torch, or run on a "
-            f"CPU with AVX2 (or set {OPT_OUT}=1 for native numerics)")
+            f"{got['isa']} with {got['threads']}: import steerline before torch (or set "
+            f"{OPT_OUT}=1 for native numerics)")
+    if got["isa"] != ISA:
+        log.warning("this CPU has no %s (torch runs %s kernels): results are reproducible on "
+                    "CPUs of this type only", ISA, got["isa"])
     return got
+
+
+def check_if_loaded() -> None:
+    """check() when this process has loaded torch (a stage or command that computes)."""
+    if "torch" in sys.modules:
+        check()
 
 
 # torch.cpu's ISA queries that vLLM's CPU platform reads to pick its kernel library and paths.

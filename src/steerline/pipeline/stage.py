@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from steerline import numerics
 from steerline.core.errors import run_stage
 from steerline.core.params import load_params
 
@@ -50,4 +51,5 @@ def stage_cli(main: Callable[..., object], *path_types: type,
     doc = sys.modules[main.__module__].__doc__
     paths = parse_paths(path_types, sys.argv[1:] if argv is None else argv, doc)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    numerics.check_if_loaded()  # the stage's modules are loaded: torch runs the contract
     run_stage(lambda: main(load_params(), *paths))
