@@ -847,6 +847,9 @@ def dev_sweep_base_steering(r: Reports) -> str:
 def dev_sweep_history(r: Reports) -> str:
     s = sweep(r)
     h = s.history
+    if h.empty:
+        return "\n\n".join(["This sweep has no run of an earlier expert list.",
+                              source_line(SWEEP)])
     steered = h.apply(lambda row: bool(_steering(row)), axis=1)
     finetune = h[(h["reference"] == "base") & ~steered]
     picks = [pick_finetune(finetune)]
