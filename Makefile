@@ -79,7 +79,8 @@ docs: setup
 # CI runs one seed.
 SEEDS ?= 1 2
 seeds: setup
-	for s in $(SEEDS); do $(BIN)/dvc exp run --queue -f -n seed-$$s -S seed=$$s || exit 1; done
+	for s in $(SEEDS); do $(BIN)/dvc exp remove -q seed-$$s 2>/dev/null; \
+	  $(BIN)/dvc exp run --queue -n seed-$$s -S seed=$$s || exit 1; done
 	$(BIN)/dvc queue start -j 1
 	while $(BIN)/dvc queue status | grep -qE "Queued|Running"; do sleep 30; done
 	$(BIN)/python -m steerline.report.seeds $(addprefix seed-,$(SEEDS))
