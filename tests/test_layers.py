@@ -14,6 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # bottom to top; packages on one row are siblings that must not import each other
 LAYERS: list[tuple[str, ...]] = [
+    ("numerics",),  # the numerics contract, loaded by steerline/__init__ before anything numeric
     ("core",),
     ("model",),
     ("steering",),
