@@ -125,8 +125,9 @@ class VLLMBackend(Backend):
             # also stops vLLM cutting serving to one thread. The stage commands set
             # OMP_WAIT_POLICY=PASSIVE, so waiting threads sleep instead of spinning.
             # Under steerline's numerics contract OMP_NUM_THREADS is already its fixed count.
-            self._threads = (torch.set_num_threads, torch.get_num_threads())
-            for var, value in (("OMP_NUM_THREADS", str(torch.get_num_threads())),
+            n = torch.get_num_threads()
+            self._threads = (torch.set_num_threads, n)
+            for var, value in (("OMP_NUM_THREADS", str(n)),
                                ("VLLM_CPU_OMP_THREADS_BIND", "nobind")):
                 if var not in os.environ:
                     os.environ[var] = value

@@ -26,14 +26,14 @@ from typing import Any
 import yaml
 
 from steerline.core.errors import UserError, run_stage
-from steerline.core.io import write_json
+from steerline.core.io import read_json, write_json
 
 OUT = Path("reports/seeds.json")
 Files = Callable[[str], Any]  # a report's path under the run -> its parsed JSON
 
 
 def headlines(read: Files) -> dict[str, float]:
-    """One run's headline numbers, named `file-free` (e.g. finetuned.refusal_unsafe)."""
+    """One run's headline numbers by name (e.g. moefy.top1_agreement, finetuned.refusal_unsafe)."""
     moefy, rd = read("reports/moefy.json"), read("reports/risk_diff_summary.json")
     experts, rates = read("reports/experts_summary.json"), read("reports/safety_eval.json")
     out = {"moefy.top1_agreement": moefy["top1_agreement"], "moefy.mean_kl": moefy["mean_kl"],
@@ -63,9 +63,10 @@ def summarize(runs: dict[int, Files]) -> dict[str, Any]:
         xs = list(values.values())
         out["headlines"][name] = {"per_seed": values, "mean": round(statistics.fmean(xs), 6),
                                   "min": min(xs), "max": max(xs)}
-    for variant in next(iter(gs.values())):
+    first = next(iter(gs.values()))
+    for variant, (goal, _) in first.items():
         met = {str(s): gs[s][variant][1] for s in gs if variant in gs[s]}
-        out["goals"][variant] = {"goal": next(iter(gs.values()))[variant][0], "met": met,
+        out["goals"][variant] = {"goal": goal, "met": met,
                                  "n_met": sum(met.values()), "n_seeds": len(met)}
     return out
 
@@ -97,7 +98,7 @@ def workspace_reader(root: Path) -> Files:
     def read(path: str) -> Any:
         if not (root / path).is_file():
             raise UserError(f"{path} is missing: run `dvc repro` first")
-        return json.loads((root / path).read_text())
+        return read_json(root / path)
     return read
 
 
