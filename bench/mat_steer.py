@@ -33,7 +33,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from steerline.mat_steer.activations import PosNeg  # noqa: E402
-from steerline.mat_steer.checkpoint import renormalize  # noqa: E402
 from steerline.mat_steer.losses import LossWeights, mat_steer_losses  # noqa: E402
 from steerline.mat_steer.train import (  # noqa: E402
     TRAIN_THREADS,
@@ -41,7 +40,7 @@ from steerline.mat_steer.train import (  # noqa: E402
     intra_op_threads,
     run_epoch,
 )
-from steerline.steering.gated import SteeringModule
+from steerline.steering.gated import SteeringModule, renormalize
 
 D, T, PER_LABEL, BATCH, SIGMA, LR = 4096, 3, 1500, 96, 2.0, 1e-3
 W = LossWeights(mmd=1.0, sparse=0.9, ortho=0.1, pos=0.9, gate=0.0)  # the published weights

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,16 @@ def test_every_bench_prints_the_contract_keys(path):
     for key in ("bench", "ratio", "equal", "goal", "baseline"):
         assert f'"{key}":' in src, f"{path.name} never writes {key!r}"
     assert re.search(r'"goal": "ratio (>=|<=) [0-9.]+"', src), path.name
+
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_every_bench_imports_as_make_bench_runs_it(path, tmp_path):
+    """`python bench/x.py` puts bench/ first on sys.path, not the project root: a bench that
+    imports the dev `tools` package or a function that moved fails there. Its module body runs
+    (imports, constants), its main does not."""
+    probe = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='bench_probe')"
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(path.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]
