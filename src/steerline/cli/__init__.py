@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from steerline.cli import detect, experts, generate, routes, stages
 from steerline.cli.common import CliError
+from steerline.cli.terminal import escape_controls, escaped_stdout
 from steerline.core.errors import UserError
 
 COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "detect": detect,
@@ -48,14 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("generate", "routes"):
         quiet_progress()
     try:
-        COMMANDS[args.command].run(args)
-    except (CliError, UserError) as err:  # UserError: the library's own (a prompt file, a
-        # prompt render_chat refuses, a corrupt model)
-        print(f"steerline {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # the library's own errors already say what to fix (DenseModelError is a ValueError)
-        print(f"steerline {args.command}: error: {err}", file=sys.stderr)
+        with escaped_stdout():  # prompts, answers and tokens are user and model text
+            COMMANDS[args.command].run(args)
+    except (CliError, UserError, ValueError, FileNotFoundError, RuntimeError) as err:
+        # UserError: the library's own (a prompt file, a prompt render_chat refuses, a corrupt
+        # model); its ValueErrors and missing files already say what to fix (DenseModelError is
+        # a ValueError). The message may quote a prompt: escaped like stdout.
+        print(f"steerline {args.command}: error: {escape_controls(str(err))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `steerline experts | head`
         return 0
