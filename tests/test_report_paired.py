@@ -56,7 +56,7 @@ def test_mat_changes_marks_a_real_shift_and_skips_unchanged_conditions():
 
 
 def test_safety_changes_mcnemar_on_the_same_prompts():
-    rows, same = safety_changes(answers(12), answers(0), 500, 0)
+    rows, same = safety_changes(answers(12), answers(0))
     assert same == ["base"]
     row, safe = rows  # a changed variant shows both rates: over-refusal did not move
     assert safe[1:5] == ["over-refusal (safe)", "0.0%", "0.0%", "+0.0 points"]
@@ -64,7 +64,7 @@ def test_safety_changes_mcnemar_on_the_same_prompts():
     assert row[:2] == ["steered", "refusal (unsafe)"]
     assert row[2:5] == ["0.0%", "40.0%", "+40.0 points"] and row[-1] == "**yes**"
     assert row[5] == "0.000488"  # 2 * 0.5 ** 12: 12 discordant pairs, all one way
-    few, _ = safety_changes(answers(2), answers(0), 500, 0)
+    few, _ = safety_changes(answers(2), answers(0))
     assert few[0][-1] == "no"  # p = 0.5
 
 

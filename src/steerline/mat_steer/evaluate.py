@@ -348,11 +348,6 @@ def task_item_values(task: str, scores: Sequence[np.ndarray], info: Sequence[dic
     return {f"{task}_acc": np.array([float(np.argmax(s) == i["correct"]) for s, i in pairs])}
 
 
-def task_metrics(task: str, scores: Sequence[np.ndarray], info: Sequence[dict]
-                 ) -> dict[str, float]:
-    return {k: float(v.mean()) for k, v in task_item_values(task, scores, info).items()}
-
-
 def item_prefixes(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                   items_by_task: Mapping[str, pd.DataFrame], layer: int, max_rows: int = 64,
                   name: str = "") -> dict[str, Prefix]:
@@ -389,15 +384,6 @@ def evaluate_items(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     # the built-ins' metrics in their fixed order, then user attributes' in task order
     return {k: values[k] for k in [*(m for m in METRICS if m in values),
                                    *(m for m in values if m not in METRICS)]}
-
-
-def evaluate_condition(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                       items_by_task: Mapping[str, pd.DataFrame], layer: int,
-                       fn: SteerFn | Mapping[str, SteerFn | None] | None, max_rows: int = 64,
-                       name: str = "") -> dict[str, float]:
-    """All task metrics (means over items) with `fn` hooked at `layer` (see evaluate_items)."""
-    values = evaluate_items(model, tokenizer, items_by_task, layer, fn, max_rows, name)
-    return {k: float(v.mean()) for k, v in values.items()}
 
 
 def means(values: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -70,8 +70,7 @@ def mat_changes(new: pd.DataFrame, old: pd.DataFrame, n_boot: int, seed: int
     return rows, same
 
 
-def safety_changes(new: pd.DataFrame, old: pd.DataFrame, n_boot: int, seed: int
-                   ) -> tuple[Rows, list[str]]:
+def safety_changes(new: pd.DataFrame, old: pd.DataFrame) -> tuple[Rows, list[str]]:
     """Per variant: refusal on the unsafe prompts and over-refusal on the safe ones, old and new,
     the change in points and the exact McNemar p on the prompts both runs answered; and the
     variants whose every verdict is unchanged (no rows for them)."""
@@ -106,7 +105,10 @@ def section(root: Path, base: str, table: Callable[[list[str], Rows], str],
     header = ["condition / variant", "metric", base, "workspace", "change [95% CI]", "p",
               "significant"]
     parts, notes = [], []
-    for path, fn, what in ((MAT_ITEMS, mat_changes, "MAT-Steer test items"),
+    def mat_items(new: pd.DataFrame, old: pd.DataFrame) -> tuple[Rows, list[str]]:
+        return mat_changes(new, old, n_boot, seed)
+
+    for path, fn, what in ((MAT_ITEMS, mat_items, "MAT-Steer test items"),
                            (SAFETY_ANSWERS, safety_changes, "safety test prompts")):
         mine = root / path
         if not mine.is_file():
@@ -118,7 +120,7 @@ def section(root: Path, base: str, table: Callable[[list[str], Rows], str],
             notes.append(f"{path} at {base}: not available ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})")
             continue
-        rows, same = fn(pd.read_parquet(mine), old, n_boot, seed)
+        rows, same = fn(pd.read_parquet(mine), old)
         moved = [f"{r[0]} {r[1]}" for r in rows if r[-1] != "no"]
         line = (f"**{what}**: {len(moved)} of {len(rows)} changed metrics significant"
                 + (f" ({', '.join(moved)})" if moved else "")
