@@ -3,7 +3,7 @@
 Generation is steerline.core.generation's greedy loop (KV cache, left padding); capture runs the
 same loop with router hooks (steerline.steering.capture). Steering is per request at
 the API level: prompts are grouped by their Steering and each group runs inside that request's
-context managers, `expert_steering` (the SteerMoE router hook) and `mat_steer.hooks.steering_hook`
+context managers, `expert_steering` (the SteerMoE router hook) and `steering.residual.steering_hook`
 (activation steering on one decoder layer), which remove their hooks on exit.
 """
 

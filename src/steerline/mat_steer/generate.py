@@ -1,5 +1,5 @@
 """Generate text with a trained MAT-Steer checkpoint applied (core.generation.greedy_generate,
-i.e. transformers' `model.generate`).
+the package's one greedy loop, checked against transformers' `model.generate`).
 
 Library: `generate(model, tokenizer, prompts, module, config)`; the hook lives only inside
 `mat_steering(...)` and is removed on exit, also on errors. From the command line:
