@@ -11,7 +11,7 @@ import torch
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
-from steerline.cli import main
+from steerline.cli import COMMANDS, main
 from steerline.cli.terminal import escape_controls, escaped_stdout
 from steerline.model.gguf import save_model
 
@@ -60,3 +60,20 @@ def test_error_line_names_a_hostile_file_escaped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert not raw_controls(err) and "\\x1b]0;pwned\\x07missing.parquet" in err
+
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (PermissionError(13, "Permission denied", "models/gate/residual.json"), 2,
+     "steerline experts: error: Permission denied: models/gate/residual.json"),
+    (IsADirectoryError(21, "Is a directory", "experts.json"), 2,
+     "steerline experts: error: Is a directory: experts.json"),
+    (BrokenPipeError(32, "Broken pipe"), 0, ""),  # `steerline experts | head`
+])
+def test_os_errors_are_one_line_and_a_closed_pipe_is_not_an_error(monkeypatch, capsys, error,
+                                                                   code, line):
+    def fail(_args):
+        raise error
+    monkeypatch.setattr(COMMANDS["experts"], "run", fail)
+    assert main(["experts"]) == code
+    assert capsys.readouterr().err.strip() == line

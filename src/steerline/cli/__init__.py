@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from steerline.cli import detect, experts, generate, routes, stages
 from steerline.cli.common import CliError
 from steerline.cli.terminal import escape_controls, escaped_stdout
-from steerline.core.errors import UserError
+from steerline.core.errors import UserError, one_line
 
 COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "detect": detect,
             "stages": stages}
@@ -51,14 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with escaped_stdout():  # prompts, answers and tokens are user and model text
             COMMANDS[args.command].run(args)
-    except (CliError, UserError, ValueError, FileNotFoundError, RuntimeError) as err:
-        # UserError: the library's own (a prompt file, a prompt render_chat refuses, a corrupt
-        # model); its ValueErrors and missing files already say what to fix (DenseModelError is
-        # a ValueError). The message may quote a prompt: escaped like stdout.
-        print(f"steerline {args.command}: error: {escape_controls(str(err))}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `steerline experts | head`
+    except BrokenPipeError:  # `steerline experts | head` (an OSError: caught first)
         return 0
+    except (CliError, UserError, ValueError, OSError, RuntimeError) as err:
+        # UserError: the library's own (a prompt file, a prompt render_chat refuses, a corrupt
+        # model); its ValueErrors already say what to fix (DenseModelError is a ValueError);
+        # OSError: a file that is missing, unreadable or unwritable, named by one_line. The
+        # message may quote a prompt: escaped like stdout.
+        print(f"steerline {args.command}: error: {escape_controls(one_line(err))}",
+              file=sys.stderr)
+        return 2
     return 0
 
 
