@@ -19,6 +19,7 @@ from steerline.cli.common import (
 
 if TYPE_CHECKING:  # torch-heavy modules are imported when a command runs (fast --help)
     from steerline.steering.experts import SteeringPlan
+    from steerline.steermoe.gating.prompt_gate import PromptGate
 
 DEFAULT_MOE = "models/moe"
 RISK_DIFF = Path("reports/risk_diff.parquet")  # fallback ranking for an empty experts.json list
@@ -145,23 +146,15 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
     return "\n".join(rows)
 
 
-def gate_scores(folder: str, source: str, model: str, prompts: list[str], dtype: str
-                ) -> tuple[list[float], float]:
-    """Each prompt's gate score from one unsteered prefill of `model`, and the gate's
-    threshold."""
+def gate_scores(gate: PromptGate, model: str, prompts: list[str], dtype: str) -> list[float]:
+    """Each prompt's gate score from one unsteered prefill of `model`."""
     from steerline.model.load import load_moe
     from steerline.steermoe.gating.features import prompt_features
-    from steerline.steermoe.gating.prompt_gate import load_gate
 
-    require_file(folder, "the gate folder", "run `dvc repro train_gate` or pass another --gate")
-    try:
-        gate = load_gate(folder, source)
-    except ValueError as err:
-        raise CliError(str(err)) from None
     hf, tok = load_moe(model, dtype)
     feats = prompt_features(hf, tok, prompts, [gate.layer] if gate.layer is not None else [],
                             batch_size=8)
-    return [float(x) for x in gate.scores(feats)], gate.threshold
+    return [float(x) for x in gate.scores(feats)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -170,6 +163,7 @@ def run(args: argparse.Namespace) -> None:
     from steerline.mat_steer.checkpoint import load_steering
     from steerline.model.load import check_weights, load_tokenizer, model_context
     from steerline.steering.capture import check_context
+    from steerline.steermoe.gating.prompt_gate import load_gate
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
@@ -197,9 +191,14 @@ def run(args: argparse.Namespace) -> None:
         raise CliError("--compare needs something to compare: add --activate / --deactivate, "
                        "--experts or --mat")
 
-    if args.gate is not None and steering is None:
-        raise CliError("--gate decides which prompts are steered: add --activate / "
-                       "--deactivate, --experts or --mat")
+    gate = None
+    if args.gate is not None:
+        if steering is None:
+            raise CliError("--gate decides which prompts are steered: add --activate / "
+                           "--deactivate, --experts or --mat")
+        require_file(args.gate, "the gate folder",
+                     "run `dvc repro train_gate` or pass another --gate")
+        gate = load_gate(args.gate, args.gate_source)  # a corrupt gate: before the model load
 
     # weights, tokenizer and the context rule are checked before the (slow) model load
     check_weights(model)
@@ -209,9 +208,9 @@ def run(args: argparse.Namespace) -> None:
                   model_context(model))
     steered = [steering] * len(chats)
     gate_note = [""] * len(chats)
-    if args.gate is not None:
-        scores, threshold = gate_scores(args.gate, args.gate_source, str(model), args.prompt,
-                                        args.dtype)
+    if gate is not None:
+        threshold = gate.threshold
+        scores = gate_scores(gate, str(model), args.prompt, args.dtype)
         steered = [steering if sc >= threshold else None for sc in scores]
         gate_note = [f" (gate {args.gate_source}: {sc:.3f} "
                      f"{'>=' if sc >= threshold else '<'} {threshold:.3f}, "

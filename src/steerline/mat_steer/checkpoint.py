@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,26 +54,64 @@ def save_steering(module: SteeringModule, config: SteeringConfig, out: str | Pat
 
 
 def load_steering(path: str | Path) -> tuple[SteeringModule, SteeringConfig]:
-    """Load a checkpoint written by `save_steering`; shapes are checked against config.json."""
+    """Load a checkpoint written by `save_steering`, checked before use: config.json an object
+    with each key of its type, the safetensors file complete, its tensors finite and of the
+    shapes config.json gives; anything else is one ValueError naming the file."""
     path = Path(path)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: not a MAT-Steer checkpoint "
                                     "(run the train_steering stage)")
-    raw = json.loads((path / CONFIG_FILE).read_text())
-    config = SteeringConfig(attributes=list(raw["attributes"]), layer=int(raw["layer"]),
-                            hidden_size=int(raw["hidden_size"]), model=str(raw["model"]),
-                            training=dict(raw.get("training", {})))
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    fix = "rerun the train_steering stage (dvc repro train_steering) that writes it"
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError name no file
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({err}): {fix}") from None
+    problem = _config_problem(raw)
+    if problem is not None:
+        raise ValueError(f"{path / CONFIG_FILE} {problem}: {fix}")
+    config = SteeringConfig(attributes=raw["attributes"], layer=raw["layer"],
+                            hidden_size=raw["hidden_size"], model=raw["model"],
+                            training=raw.get("training", {}))
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except SafetensorError as err:  # a cut or overwritten file
+        raise ValueError(f"{path / WEIGHTS_FILE} is truncated or corrupt ({err}): {fix}") from None
     t, d = len(config.attributes), config.hidden_size
     expected = {"steering_vectors": (t, d), "gate_weight": (t, d), "gate_bias": (t,)}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
-        raise ValueError(f"{path}: tensor shapes {got} do not match config.json {expected}")
+        raise ValueError(f"{path}: tensor shapes {got} do not match config.json {expected}: "
+                         f"{fix}")
+    if not all(torch.isfinite(v).all() for v in tensors.values()):
+        raise ValueError(f"{path / WEIGHTS_FILE} holds NaN or infinite values: {fix}")
     module = SteeringModule(d, t)
     module.load_state_dict(tensors)
     module.eval()
     return module, config
+
+
+def _config_problem(raw: object) -> str | None:
+    """What is wrong with a checkpoint's config.json (None: nothing), as the rest of a
+    sentence."""
+    if not isinstance(raw, dict):
+        return f"is a JSON {type(raw).__name__}, not an object"
+    missing = [k for k in ("attributes", "layer", "hidden_size", "model") if k not in raw]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    attributes = raw["attributes"]
+    if not (isinstance(attributes, list) and attributes
+            and all(isinstance(a, str) for a in attributes)):
+        return f"has attributes {attributes!r}, not a non-empty list of names"
+    for key, low in (("layer", 0), ("hidden_size", 1)):
+        v = raw[key]
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            return f"has {key} {v!r}, not an int >= {low}"
+    if not isinstance(raw["model"], str):
+        return f"has model {raw['model']!r}, not a path"
+    if not isinstance(raw.get("training", {}), dict):
+        return "has a training entry that is not an object"
+    return None
 
 
 def check_compatible(config: SteeringConfig, hidden_size: int, n_layers: int) -> None:

@@ -219,6 +219,10 @@ def capped(
     return out
 
 
+# where an expert list of a plan comes from (expert_list's source), for messages
+_SOURCE_FILES = {"experts.json": "experts.json", "risk_diff_fallback": "the risk_diff report"}
+
+
 def plan_from_experts(
     selection: Mapping[str, Any],
     mode: Mode,
@@ -247,8 +251,18 @@ def plan_from_experts(
         ranked, source["activate"] = expert_list(
             selection, "safe", _n_pairs(n_layers, n_experts), fallback, n_layers, n_experts
         )
-        ranked = [p for p in ranked if p not in deactivate]
         activate = capped(ranked, top_k)[:n]
+        # an expert on both lists (a hand-edited or merged experts.json: select_experts splits
+        # them by the sign of risk_diff) would be forced into and out of the top-k at once
+        both = [p for p in activate if p in deactivate]
+        if both:
+            files = " and ".join(dict.fromkeys(_SOURCE_FILES[source[k]]
+                                               for k in ("deactivate", "activate")))
+            raise ValueError(
+                f"{files}: expert {list(both[0])} (layer, expert) is listed both as unsafe and "
+                "as safe, so mode 'both' would deactivate and activate it: remove it from one "
+                "list (or rerun select_experts), or steer with deactivate_unsafe or "
+                "activate_safe")
     # the count actually steered (after n and the per-layer caps), not the ranking's length
     for which, chosen, side in (("deactivate", deactivate, "unsafe"),
                                 ("activate", activate, "safe")):

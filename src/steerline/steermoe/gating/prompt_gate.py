@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
@@ -58,18 +59,68 @@ class PromptGate:
                    folder / f"{self.source}.json")
 
 
+_META_KEYS = ("source", "layer", "threshold", "n_features")  # what save writes besides info
+
+
 def load_gate(folder: str | Path, source: str) -> PromptGate:
+    """The `source` gate saved in `folder`, checked before use: a complete safetensors file,
+    a JSON object with each key of its type, finite numbers and shapes that agree; anything
+    else is one ValueError naming the file (a NaN threshold would otherwise never fire)."""
     folder = Path(folder)
     meta_path, weights_path = folder / f"{source}.json", folder / f"{source}.safetensors"
     if not meta_path.is_file() or not weights_path.is_file():
         raise ValueError(f"no {source} gate in {folder} ({meta_path.name} + {weights_path.name}):"
                          " run the train_gate stage, or pick a source it trains "
                          "(prompt_gate.sources)")
-    meta, tensors = read_json(meta_path), load_file(str(weights_path))
-    info = {k: v for k, v in meta.items() if k not in ("source", "layer", "threshold",
-                                                      "n_features")}
-    return PromptGate(meta["source"], meta["layer"], tensors["weight"],
-                      float(tensors["bias"][0]), float(meta["threshold"]), info)
+    fix = "rerun the train_gate stage (dvc repro train_gate) that writes it"
+    try:
+        meta = read_json(meta_path)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError name no file
+        raise ValueError(f"{meta_path} is not valid JSON ({err}): {fix}") from None
+    problem = _meta_problem(meta, source)
+    if problem is not None:
+        raise ValueError(f"{meta_path} {problem}: {fix}")
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as err:  # a cut or overwritten file
+        raise ValueError(f"{weights_path} is truncated or corrupt ({err}): {fix}") from None
+    n = meta["n_features"]
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if shapes != {"weight": (n,), "bias": (1,)}:
+        raise ValueError(f"{weights_path} holds {shapes}, {meta_path.name} expects weight "
+                         f"({n},) and bias (1,): {fix}")
+    if not all(np.isfinite(v).all() for v in tensors.values()):
+        raise ValueError(f"{weights_path} holds NaN or infinite weights: {fix}")
+    info = {k: v for k, v in meta.items() if k not in _META_KEYS}
+    return PromptGate(source, meta["layer"], tensors["weight"], float(tensors["bias"][0]),
+                      float(meta["threshold"]), info)
+
+
+def _meta_problem(meta: object, source: str) -> str | None:
+    """What is wrong with a gate's JSON (None: nothing), as the rest of a sentence."""
+    if not isinstance(meta, dict):
+        return f"is a JSON {type(meta).__name__}, not an object"
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    layer, threshold, n = meta["layer"], meta["threshold"], meta["n_features"]
+    if meta["source"] != source:
+        return f"has source {meta['source']!r}, not {source!r}"
+    if source == "routing" and layer is not None:
+        return f"has layer {layer!r}: a routing gate reads no layer (null)"
+    if source != "routing" and not (_is_int(layer) and layer >= 0):
+        return f"has layer {layer!r}, not a hidden_states index (an int >= 0)"
+    # a NaN threshold compares false with every score: the gate would never fire
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            and 0.0 <= threshold <= 1.0):
+        return f"has threshold {threshold!r}, not a number in [0, 1] (a sigmoid score)"
+    if not (_is_int(n) and n >= 1):
+        return f"has n_features {n!r}, not an int >= 1"
+    return None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
