@@ -4,6 +4,7 @@ models built in seconds for exact checks."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,12 @@ def real_moe_dir(real_moe, tmp_path_factory):
     path = tmp_path_factory.mktemp("real") / "moe"
     save_model(moe, tok, path)
     return path
+
+
+@pytest.fixture()
+def data_roots(monkeypatch, tmp_path):
+    """Tests run stages from a temporary workspace on data files kept in tmp_path or the
+    project: both count as data roots (the rule that params paths lie inside the repository
+    measures from the working folder)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("STEERLINE_DATA_ROOTS", os.pathsep.join([str(tmp_path), str(root)]))

@@ -92,7 +92,7 @@ def edit(i: int, **cells: object) -> str:
     return jsonl([{**r, **cells} if k == i else r for k, r in enumerate(GOOD)])
 
 
-def test_csv_jsonl_and_parquet_files_give_one_table(tmp_path):
+def test_csv_jsonl_and_parquet_files_give_one_table(tmp_path, data_roots):
     """One documented format in three containers; parquet may hold the groups as integers."""
     rows = [{**r, "group": i % 5} for i, r in enumerate(GOOD)]
     (tmp_path / "a.jsonl").write_text(jsonl(rows), encoding="utf-8")
@@ -129,8 +129,8 @@ def test_csv_jsonl_and_parquet_files_give_one_table(tmp_path):
      ["line 5 is not UTF-8", "save the file as UTF-8"]),
     ("rows.txt", "a\nb\n", ["is a .txt file", "write it as csv, jsonl, parquet"]),
 ])
-def test_a_bad_file_is_one_error_naming_it_and_nothing_is_written(tmp_path, name, content,
-                                                                 needles):
+def test_a_bad_file_is_one_error_naming_it_and_nothing_is_written(tmp_path, data_roots, name,
+                                                                 content, needles):
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -147,7 +147,7 @@ def test_a_bad_file_is_one_error_naming_it_and_nothing_is_written(tmp_path, name
     assert not out.attributes.exists()  # not even the built-in's table
 
 
-def test_too_few_groups_for_three_splits_is_named(tmp_path):
+def test_too_few_groups_for_three_splits_is_named(tmp_path, data_roots):
     path = tmp_path / "one_group.jsonl"
     path.write_text(jsonl([{**r, "group": "all"} for r in GOOD]), encoding="utf-8")
     p = params_with([{"name": "mine", "path": str(path), "test_fraction": 0.3}])
@@ -230,7 +230,8 @@ def tiny_base(tiny_dense, tokenizer, tmp_path) -> Path:
     return tmp_path / "base"
 
 
-def test_user_attribute_trains_and_evaluates_like_a_built_in(tiny_base, tmp_path, monkeypatch):
+def test_user_attribute_trains_and_evaluates_like_a_built_in(tiny_base, tmp_path, data_roots,
+                                                            monkeypatch):
     """ToxiGen and the formality example through every MAT-Steer stage on a tiny Llama: one
     steering vector and gate each, the baselines and MAT-Steer scored on both, and
     formality_acc paired and reported like toxigen_acc."""

@@ -447,7 +447,7 @@ def test_vllm_target_capture_matches_transformers(tiny64, tokenizer, tmp_path):
     np.testing.assert_array_equal(got["vllm"].counts, got["transformers"].counts)
 
 
-def test_pipeline_stages_on_a_paired_source_with_the_target_scope(pirate_moe, tmp_path,
+def test_pipeline_stages_on_a_paired_source_with_the_target_scope(pirate_moe, tmp_path, data_roots,
                                                                    monkeypatch):
     """prepare_safety (the paired example as the only source) -> capture_routing (transformers)
     -> risk_diff with token_scope target: the report is the pooled contrast over the detect

@@ -419,7 +419,7 @@ def test_own_sources_in_every_format_with_pairs_groups_and_strata(tmp_path, monk
     assert df.loc[df["prompt_id"] == "line-03", "text"].item() == "A plain line 3"
 
 
-def test_the_worked_example_is_a_params_source(tmp_path, monkeypatch):
+def test_the_worked_example_is_a_params_source(tmp_path, data_roots, monkeypatch):
     """data/examples/pirate as prepare_safety's only sources: the stage writes its table."""
     ex = ROOT / "data/examples/pirate"
     stage_dir(tmp_path, monkeypatch, [

@@ -31,10 +31,12 @@ def parse_pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
 
 def params_section(name: str, params: Path = PARAMS) -> dict[str, Any]:
     """One section of params.yaml (the pipeline's defaults), or {} when there is no file."""
+    from steerline.core.params import load_yaml  # here: the CLI starts without pydantic
+
     if not params.is_file():
         return {}
     try:
-        raw = yaml.safe_load(params.read_text()) or {}
+        raw = load_yaml(params) or {}
     except yaml.YAMLError as err:
         raise CliError(f"{params} is not valid YAML ({err}); fix it or pass the values as flags"
                        ) from None

@@ -73,10 +73,12 @@ def read_stages(path: Path) -> dict[str, dict[str, list[str]]]:
     if not path.is_file():
         raise CliError(f"{path} not found: run inside the project (dvc.yaml in this folder or "
                        "one above) or pass --dvc-yaml")
+    from steerline.core.params import load_yaml  # aliases bounded (pydantic: loaded late)
+
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path) or {}
         params_file = path.parent / "params.yaml"
-        params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
+        params = (load_yaml(params_file) or {}) if params_file.is_file() else {}
     except yaml.YAMLError as err:
         raise CliError(f"{path} is not valid YAML: {err}") from None
     stages = raw.get("stages")

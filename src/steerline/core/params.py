@@ -3,17 +3,22 @@
 Every key is required (a missing key or section is an error, never a silent default), types are
 strict (`true` is not an int, `"0.1"` is not a float), numbers are finite and bounded. Unknown
 keys are rejected with a message naming the key; invalid YAML is reported with file and line.
+An error quotes at most an excerpt of the value, and YAML aliases that expand past
+MAX_YAML_NODES nodes are refused before validation. The data files a stage reads (prompt
+sources, attribute files) lie inside the repository root or a folder of STEERLINE_DATA_ROOTS.
 Each stage reads only its own section (plus `seed`), and lists exactly those keys in dvc.yaml.
 MAT-Steer's loss weights are top-level keys so `dvc exp run -S lambda_sparse=0.5` works.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -22,6 +27,42 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+
+# Characters of a value an error message quotes: a 2 MB value would otherwise be a 2 MB line
+EXCERPT_CHARS = 200
+
+
+def excerpt(text: str) -> str:
+    """`text` cut to EXCERPT_CHARS characters plus its length when longer."""
+    if len(text) <= EXCERPT_CHARS:
+        return text
+    return f"{text[:EXCERPT_CHARS]}... ({len(text)} chars)"
+
+
+# Folders outside the repository whose data files params may name (os.pathsep-separated)
+DATA_ROOTS_ENV = "STEERLINE_DATA_ROOTS"
+
+
+def _data_roots() -> list[str]:
+    """The repository root (stages run from it) and the folders of STEERLINE_DATA_ROOTS, each
+    as written and with symlinks resolved."""
+    roots = [os.getcwd(), *(r for r in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if r)]
+    return [form for r in roots for form in (os.path.abspath(r), os.path.realpath(r))]
+
+
+def _inside_data_roots(path: str) -> str:
+    # `..` is collapsed but symlinks are not followed: a DVC cache linked from outside the
+    # repository still counts as inside it
+    where = Path(os.path.abspath(path))
+    if not any(where.is_relative_to(root) for root in _data_roots()):
+        raise ValueError(f"the file is outside the repository root {os.getcwd()}: give a path "
+                         f"inside it, or add the file's folder to {DATA_ROOTS_ENV}")
+    return path
+
+
+# A data file a stage reads: relative to the repository root, never outside it (nor an
+# absolute path elsewhere) unless under a folder of STEERLINE_DATA_ROOTS
+DataPath = Annotated[str, AfterValidator(_inside_data_roots)]
 
 
 class Strict(BaseModel):
@@ -50,7 +91,7 @@ class SafetySourceParams(Strict):
     (format: from the path's extension)."""
 
     name: str  # each row's source; the style / matched contrasts read advbench and xstest
-    path: str  # relative to the repository root; a dep of the stage (dvc.yaml, by index)
+    path: DataPath  # a dep of the stage (dvc.yaml, by index)
     prompt_id: str  # template: {index} (0-based file position) or {COLUMN}, e.g. "x-{index:04d}"
     text: str | None  # the prompt column (null for txt: one prompt per line)
     # paired_chat: the SteerMoE original's messages_0 / messages_1 rows (.jsonl / .parquet)
@@ -138,7 +179,7 @@ class UserAttributeParams(Strict):
 
     # the attribute's table, activations and metric (<name>_acc) are named by it
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
-    path: str  # csv / jsonl / parquet, relative to the repository root, inside a stage dep
+    path: DataPath  # csv / jsonl / parquet, inside a stage dep
     test_fraction: Fraction  # held out by group first; the rest split by dev_fraction
 
 
@@ -358,8 +399,9 @@ class Params(Strict):
         unknown = sorted(set(self.eval_steering.max_test_items) - set(names)
                          - set(BUILTIN_ATTRIBUTES))
         if unknown:
-            raise ValueError(f"eval_steering.max_test_items.{unknown[0]} is neither a built-in "
-                             f"nor an attribute of `attributes` {names}: fix its spelling")
+            raise ValueError(f"eval_steering.max_test_items.{excerpt(unknown[0])} is neither a "
+                             "built-in nor an attribute of `attributes` "
+                             f"{excerpt(str(names))}: fix its spelling")
         return self
 
     @property
@@ -372,6 +414,51 @@ class ParamsError(ValueError):
     """params.yaml does not match the schema."""
 
 
+# Nodes a YAML document may expand to through its aliases (params.yaml has a few hundred): a
+# 1.2 KB "billion laughs" of nested aliases expands to ~10^9, whose repr in an error message
+# alone takes gigabytes
+MAX_YAML_NODES = 100_000
+
+
+class YamlSizeError(ValueError):
+    """A YAML document expands past MAX_YAML_NODES nodes through its aliases."""
+
+
+def _expanded_nodes(node: yaml.Node, counted: dict[int, int]) -> int:
+    """The nodes of `node` with every alias written out, counted without writing them out:
+    an anchored node is counted once and its aliases reuse the count (-1 while it is being
+    counted: an alias inside its own anchor, which expands without end)."""
+    known = counted.get(id(node))
+    if known is not None:
+        return known if known >= 0 else MAX_YAML_NODES + 1
+    counted[id(node)] = -1
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1 + sum(_expanded_nodes(c, counted) for c in children)
+    counted[id(node)] = total
+    return total
+
+
+def load_yaml(path: Path) -> Any:
+    """yaml.safe_load of the file `path`, refusing (YamlSizeError) a document whose aliases
+    expand past MAX_YAML_NODES nodes before any Python object is built."""
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node, {})
+        if n > MAX_YAML_NODES:
+            raise YamlSizeError(f"{path}: its YAML aliases expand to over {MAX_YAML_NODES:,} "
+                                "values: write the values out instead of nesting aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _source_name(raw: object, loc: tuple) -> str:
     """' (source NAME)' for an error inside prepare_safety.sources[i] that has a name: the
     index alone does not say which file to fix."""
@@ -381,23 +468,32 @@ def _source_name(raw: object, loc: tuple) -> str:
         name = raw["prepare_safety"]["sources"][loc[2]]["name"]  # type: ignore[index]
     except (KeyError, IndexError, TypeError):
         return ""
-    return f" (source {name!r})" if isinstance(name, str) else ""
+    return f" (source {excerpt(repr(name))})" if isinstance(name, str) else ""
+
+
+# Errors one message lists (a params.yaml missing whole sections has ~30): a list of 100,000
+# bad items would otherwise make a line of 100,000 errors
+MAX_ERRORS = 50
 
 
 def _format(err: ValidationError, raw: object = None) -> str:
     lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS]:
+        key = excerpt(repr(".".join(str(p) for p in e["loc"])))  # a key may be user text
         of = _source_name(raw, tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown params key {key!r}{of}: remove it or fix its spelling")
+            lines.append(f"unknown params key {key}{of}: remove it or fix its spelling")
         elif not e["loc"]:  # a check across sections: its message names the keys
-            lines.append(e["msg"].removeprefix("Value error, "))
+            lines.append(msg)
         elif e["type"] == "missing":
-            lines.append(f"params key {key!r}{of} is missing: every key is required, add it to "
+            lines.append(f"params key {key}{of} is missing: every key is required, add it to "
                          "params.yaml (README, 'Params and your own model')")
         else:
-            lines.append(f"params key {key!r}{of}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"params key {key}{of}: {msg} (got {excerpt(repr(e.get('input')))})")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_ERRORS} more errors")
     return "; ".join(lines)
 
 
@@ -416,7 +512,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the stage from the repository root")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

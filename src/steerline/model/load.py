@@ -3,6 +3,9 @@
 Weights and tokenizer are checked before transformers or vLLM read them: a truncated
 safetensors file otherwise ends in safetensors' own traceback ("incomplete metadata"), and a
 directory without tokenizer files silently gets a tokenizer that encodes every text to [].
+A directory holding any pickle weight file (pytorch_model.bin, *.pt, ...) is refused: torch.load
+runs the code a pickle holds, and transformers reads pytorch_model.bin whenever
+model.safetensors is absent, even beside other *.safetensors files.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def load_causal_lm(path: str | Path, dtype: str = "float32",
     check_weights(path)
     tokenizer = load_tokenizer(path)  # before the weights: the cheaper failure first
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                 use_safetensors=True)
     model.to(device).eval()
     return model, tokenizer
 
@@ -40,6 +44,9 @@ _MAX_HEADER = 100_000_000
 # Files one of which a transformers tokenizer directory holds (fast or slow tokenizers)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
+# Suffixes of weight files read with pickle (torch.load), alone or before ".index.json" (the
+# index of a sharded pytorch_model-0000x-of-0000n.bin checkpoint)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def check_safetensors(file: str | Path) -> None:
@@ -71,8 +78,16 @@ def check_safetensors(file: str | Path) -> None:
 
 def check_weights(model_path: str | Path) -> None:
     """The safetensors weights of a model directory are all there and complete (sharded
-    checkpoints: every shard of model.safetensors.index.json), before any weight is read."""
+    checkpoints: every shard of model.safetensors.index.json) and no pickle weight file lies
+    beside them, before any weight is read."""
     path = Path(model_path)
+    pickles = [f for f in sorted(path.glob("*"))
+               if Path(f.name.removesuffix(".index.json")).suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"{pickles[0]} is part of a pickle checkpoint: steerline loads "
+                         "safetensors weights only (loading a pickle runs the code it holds): "
+                         "convert the checkpoint to safetensors (save_pretrained(..., "
+                         f"safe_serialization=True)) and remove {pickles[0].name} from {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
-import yaml
 
 from steerline.core.io import write_parquet
 from steerline.core.params import (
@@ -27,6 +26,7 @@ from steerline.core.params import (
     PrepareAttributes,
     UserAttributeParams,
     attribute_name,
+    load_yaml,
 )
 from steerline.core.prompt_table import read_prompt_table
 from steerline.mat_steer.data import (
@@ -129,7 +129,7 @@ def check_files_are_deps(attributes: list[Attribute], dvc_yaml: Path = Path("dvc
     stale with `dvc status` clean."""
     if os.environ.get("DVC_STAGE") != STAGE or not dvc_yaml.is_file():
         return
-    deps = [str(d) for d in yaml.safe_load(dvc_yaml.read_text())["stages"][STAGE]["deps"]]
+    deps = [str(d) for d in load_yaml(dvc_yaml)["stages"][STAGE]["deps"]]
     for entry in attributes:
         if not isinstance(entry, str) and not any(_inside(entry.path, d) for d in deps):
             raise AttributeFileError(

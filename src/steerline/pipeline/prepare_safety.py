@@ -8,11 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from steerline.core.errors import UserError
 from steerline.core.io import write_parquet
-from steerline.core.params import Params
+from steerline.core.params import Params, load_yaml
 from steerline.steermoe.data.safety_sources import SafetySource, build_safety_prompts
 
 STAGE = "prepare_safety"
@@ -40,7 +38,7 @@ def check_sources_are_deps(n_sources: int, dvc_yaml: Path = Path("dvc.yaml")) ->
     later edit of that file would leave the table stale with `dvc status` clean."""
     if os.environ.get("DVC_STAGE") != STAGE or not dvc_yaml.is_file():
         return
-    deps = yaml.safe_load(dvc_yaml.read_text())["stages"][STAGE].get("deps", [])
+    deps = load_yaml(dvc_yaml)["stages"][STAGE].get("deps", [])
     missing = [i for i in range(n_sources) if source_dep(i) not in deps]
     if missing:
         raise UserError(f"prepare_safety.sources[{missing[0]}] is not a dep of {STAGE} in "

@@ -363,9 +363,11 @@ def _params(root: Path) -> dict[str, Any]:
     """params.yaml as a dict ({} when missing or unreadable: the report never fails on it)."""
     import yaml
 
+    from steerline.core.params import load_yaml
+
     try:
-        return yaml.safe_load((root / "params.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        return load_yaml(root / "params.yaml") or {}
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: aliases past the size limit
         return {}
 
 

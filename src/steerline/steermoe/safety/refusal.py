@@ -213,13 +213,10 @@ def make_judge(name: str, model_path: str | None = None, window: int = 300,
     if name == "llm":
         if not model_path:
             raise ValueError("the llm refusal judge needs eval_safety.judge_model (a local model)")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from steerline.model.load import load_causal_lm  # safetensors only, weights checked
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        return LLMJudge(model.to(device), tokenizer)
+        model, tokenizer = load_causal_lm(model_path, dtype)
+        return LLMJudge(model, tokenizer)
     raise ValueError(f"unknown refusal judge {name!r}: use 'phrase' or 'llm'")
 
 
