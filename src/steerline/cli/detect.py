@@ -14,15 +14,26 @@ contrast of select_experts.require: matched / both needs prepare_safety's XSTest
 `--paired FILE` reads the SteerMoE original's paired chats instead of two prompt files
 (steermoe.data.paired_chat: messages_0 / messages_1 with their target spans, `--messages-0`
 naming messages_0's label); each chat runs teacher-forced and the default scope is `target`.
+
+--out and --report are checked before any model is loaded and published together at the end
+(both or neither). The capture works in a temporary folder steerline-detect-<pid>-*: SIGTERM
+and SIGINT remove it on the way out, and a run removes those left by processes that are gone
+(a SIGKILL runs no cleanup).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +49,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                   "n_bootstrap": 1000, "ci_level": 0.95},
     "select_experts": {"threshold": 0.05, "top_k": 50, "alpha": 0.05},
 }
+# the work folder's name: this prefix, the owning process id, "-", tempfile's random part
+WORK_PREFIX = "steerline-detect-"
 TABLE_HEADER = ["side", "#", "layer", "expert", "risk_diff", "a_safe_n", "a_unsafe_n", "p_perm",
                 "q_perm", "95% CI", "selected"]
 
@@ -166,12 +179,70 @@ def ranking_rows(df, top: int, selection: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def check_destination(flag: str, path: Path, example: str) -> None:
+    """A CliError unless `path` can be written at the end of the run: not a directory nor any
+    other non-file, in a folder that exists and is writable or can be created (the nearest
+    existing folder above it is writable)."""
+    if path.is_dir():
+        raise CliError(f"{flag} {path} is a directory: give a file name (e.g. {path / example})")
+    if path.exists() and not path.is_file():
+        raise CliError(f"{flag} {path} exists and is not a regular file: give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CliError(f"{flag} {path}: {folder} is not a folder: give a path in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: cannot write in {folder} (permission denied or a "
+                       "read-only file system): give a path in a writable folder")
+
+
+def remove_stale_work(root: Path) -> None:
+    """Delete the work folders under `root` of detect runs whose process is gone (killed by
+    SIGKILL or a power cut, which run no cleanup); those of live processes are kept."""
+    from steerline.core.io import pid_alive
+
+    for folder in root.glob(f"{WORK_PREFIX}*"):
+        pid, sep, _ = folder.name[len(WORK_PREFIX):].partition("-")
+        if sep and pid.isdigit() and not pid_alive(int(pid)) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise SystemExit(128 + signal) inside the block, so its `with` and
+    `finally` cleanups run (SIGTERM's default ends the process on the spot); the previous
+    handlers are put back after it. An ignored signal stays ignored, and off the main thread
+    (where Python cannot install handlers) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():  # None: a handler not installed from Python
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 def run(args: argparse.Namespace) -> None:
+    with exit_on_signals():
+        detect(args)
+
+
+def detect(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
     from steerline.backends import BACKENDS, make_backend
-    from steerline.core.io import write_json, write_parquet
+    from steerline.core.io import staged_outputs, write_json, write_parquet
     from steerline.model.arch import DenseModelError
     from steerline.model.fingerprint import FINGERPRINT_CACHE, model_fingerprint
     from steerline.model.load import moe_config
@@ -187,9 +258,11 @@ def run(args: argparse.Namespace) -> None:
     if args.top < 1:
         raise CliError(f"--top must be >= 1, got {args.top}")
     out = Path(args.out)
-    if out.is_dir():
-        raise CliError(f"--out {out} is a directory: give a file name (e.g. "
-                       f"{out / 'experts.json'})")
+    check_destination("--out", out, "experts.json")
+    if args.report is not None:
+        check_destination("--report", Path(args.report), "risk_diff.parquet")
+        if Path(args.report).resolve() == out.resolve():
+            raise CliError(f"--report {args.report} is also --out: give two file names")
     if args.paired is not None:
         if args.unsafe is not None or args.safe is not None:
             raise CliError("give --paired FILE or --unsafe FILE --safe FILE, not both")
@@ -203,7 +276,8 @@ def run(args: argparse.Namespace) -> None:
         raise CliError("--messages-0 labels the chats of --paired FILE: drop it, or give "
                        "--paired")
     risk, select, cap, seed = settings(args)
-    # every input is checked before the model is loaded, and nothing is written before the end
+    # every input and destination is checked before the model is loaded, and nothing is
+    # written before the end
     if args.paired is not None:
         prompts = paired_prompts(args.paired, args.messages_0)
     else:
@@ -228,7 +302,8 @@ def run(args: argparse.Namespace) -> None:
     # the project's fingerprint cache only inside the project (never a tmp/ in a stranger's cwd)
     fingerprint = model_fingerprint(args.model, FINGERPRINT_CACHE if PARAMS.is_file() else None)
     options = {"progress": False, "seed": seed} if args.backend == "vllm" else {}
-    with tempfile.TemporaryDirectory(prefix="steerline-detect-") as tmp:
+    remove_stale_work(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
         with make_backend(args.backend, args.model, cap["dtype"], batch_size=cap["batch_size"],
                           **options) as backend:
@@ -275,8 +350,9 @@ def run(args: argparse.Namespace) -> None:
                 f"{','.join(top)}" if "unsafe" in empty and top else "")
         print(f"no expert passes the selection on the {' and '.join(empty)} side, so {lists} "
               f"empty in {out}{hint}")
-    write_json(selection, out)
-    if args.report:
-        write_parquet(df, args.report, metadata=meta)
+    with staged_outputs() as staging:  # both files or neither (a full disk, a kill)
+        write_json(selection, staging(out))
+        if args.report:
+            write_parquet(df, staging(args.report), metadata=meta)
     print(f"wrote {out}: {len(selection['unsafe'])} unsafe and {len(selection['safe'])} safe "
           f"experts{f'; {args.report}' if args.report else ''}")

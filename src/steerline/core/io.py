@@ -36,10 +36,11 @@ _TMP_SUFFIX = ".tmp"
 _STAGED: set[Path] = set()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts: it cannot be signalled)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: past any pid
         return False
     except PermissionError:
         return True
@@ -63,7 +64,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         # has no dot, so a temporary of another file ("<name>.<more>") never matches
         parts = name[len(prefix):-len(_TMP_SUFFIX)].split(".")
         if len(parts) == 2 and parts[0].isdigit():
-            if _pid_alive(int(parts[0])):
+            if pid_alive(int(parts[0])):
                 continue
         elif len(parts) != 1:
             continue

@@ -5,13 +5,21 @@ generation; finished shards are kept in a cache directory keyed by the model's c
 fingerprint, the backend, the prompts and the params, so a killed run resumes where it stopped
 and produces the same bytes; the outputs are published once every shard is done, the routing
 directory last (its manifest.json names the generations file and its SHA-256).
+
+Captures may share one cache folder: each holds an flock on its own entry's lock file for as
+long as it runs, and removes only the entries of other keys that no running capture holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +68,9 @@ def run_capture(
     manifest is the capture's commit point). The shards' metadata records `backend` (the
     backend's name) besides `meta`, which must hold `model` and `model_fingerprint`
     (steerline.model.fingerprint: it keys the cache, so a changed model never reuses a shard).
-    Cache entries of other keys are removed. A `CapturePool` backend captures the pending
-    shards in its processes (data parallel), byte-identical to one backend."""
+    Cache entries of other keys are removed unless another capture holds them. A
+    `CapturePool` backend captures the pending shards in its processes (data parallel),
+    byte-identical to one backend."""
     if not backend.n_layers:
         raise DenseModelError("routing capture needs a Mixture-of-Experts model; the backend "
                               "loaded a dense one")
@@ -98,42 +107,108 @@ def run_capture(
     if paired:  # the chats and targets are the prompts of those rows (their text is a part)
         keyed += [prompts["messages"].tolist(), prompts["target"].tolist()]
     key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
-    work = cache_dir / key
-    if cache_dir.is_dir():  # shards of other captures (older params, prompts or models)
-        for stale in cache_dir.iterdir():
-            if stale.name == key:
-                continue
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
-    work.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(chats), cfg.shard_prompts))
-    pending = [k for k in range(len(starts)) if not shard_done(work, k)]  # others: earlier runs
-    spans = {k: slice(starts[k], starts[k] + cfg.shard_prompts) for k in pending}
-    if isinstance(backend, CapturePool):  # data parallel: the same shards, n processes
-        backend.capture_shards([{"k": k, "chats": chats[sl], "ids": ids[sl],
-                                 "labels": labels[sl]} for k, sl in spans.items()],
-                               work, shard_meta, cfg.max_new_tokens)
-    else:
-        for k, sl in tqdm(spans.items(), desc="capture shards"):
-            capture_shard(backend, tokenizer, chats[sl], ids[sl], labels[sl],
-                          cfg.max_new_tokens, shard_meta, work, k)
-            kill_point(f"capture:shard:{k}")
-    generations = pd.concat(
-        [pd.read_parquet(work / f"gen-{k:05d}.parquet") for k in range(len(starts))],
-        ignore_index=True,
-    )
-    model_config = {"n_layers": backend.n_layers, "top_k": backend.top_k,
-                    "n_experts": backend.n_experts}
-    write_parquet(generations, generations_path)
-    kill_point("capture:publish")
-    with atomic_dir(routing_dir) as tmp:
-        for k in range(len(starts)):
-            shutil.copyfile(work / f"shard-{k:05d}.parquet", tmp / f"shard-{k:05d}.parquet")
-        write_routing_manifest(tmp, model_config, generations_path)  # last: the commit point
-    shutil.rmtree(work, ignore_errors=True)
+    with _cache_entry(cache_dir, key) as work:
+        starts = list(range(0, len(chats), cfg.shard_prompts))
+        # the others were captured by an earlier run
+        pending = [k for k in range(len(starts)) if not shard_done(work, k)]
+        spans = {k: slice(starts[k], starts[k] + cfg.shard_prompts) for k in pending}
+        if isinstance(backend, CapturePool):  # data parallel: the same shards, n processes
+            backend.capture_shards([{"k": k, "chats": chats[sl], "ids": ids[sl],
+                                     "labels": labels[sl]} for k, sl in spans.items()],
+                                   work, shard_meta, cfg.max_new_tokens)
+        else:
+            for k, sl in tqdm(spans.items(), desc="capture shards"):
+                capture_shard(backend, tokenizer, chats[sl], ids[sl], labels[sl],
+                              cfg.max_new_tokens, shard_meta, work, k)
+                kill_point(f"capture:shard:{k}")
+        generations = pd.concat(
+            [pd.read_parquet(work / f"gen-{k:05d}.parquet") for k in range(len(starts))],
+            ignore_index=True,
+        )
+        model_config = {"n_layers": backend.n_layers, "top_k": backend.top_k,
+                        "n_experts": backend.n_experts}
+        write_parquet(generations, generations_path)
+        kill_point("capture:publish")
+        with atomic_dir(routing_dir) as tmp:
+            for k in range(len(starts)):
+                shutil.copyfile(work / f"shard-{k:05d}.parquet", tmp / f"shard-{k:05d}.parquet")
+            write_routing_manifest(tmp, model_config, generations_path)  # last: the commit point
     return generations
+
+
+# In each cache entry: the file a capture holds an exclusive flock on while it uses the entry
+# (the kernel drops the lock when the process dies, so a killed capture's entry is free).
+LOCK = ".lock"
+
+
+def _lock(entry: Path, wait: bool) -> int | None:
+    """A descriptor holding the flock of entry/.lock, or None: held by another capture (with
+    `wait` False), or the entry removed or replaced between the open and the lock (the file
+    locked is then no longer entry/.lock, and holding it protects nothing)."""
+    try:
+        fd = os.open(entry / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the entry was removed after the caller saw it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.stat(entry / LOCK), os.fstat(fd)):
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
+
+
+def _claim(work: Path) -> int:
+    """Create the cache entry `work` and hold its lock (waiting while a capture of the same
+    key holds it); returns the lock's descriptor."""
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = _lock(work, wait=True)
+        if fd is not None:
+            return fd
+
+
+@contextlib.contextmanager
+def _cache_entry(cache_dir: Path, key: str) -> Iterator[Path]:
+    """The cache entry of `key`, locked for the block (entries of other keys that no capture
+    holds are deleted first); deleted when the block succeeds, kept for a resume otherwise."""
+    work = cache_dir / key
+    lock = _claim(work)
+    try:
+        _remove_unused(cache_dir, key)
+        yield work
+        _discard(work)
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _discard(entry: Path) -> None:
+    """Delete a cache entry whose lock the caller holds. It is renamed away first: a capture
+    claiming its key meanwhile then makes a new entry instead of reading shards being deleted."""
+    trash = Path(tempfile.mkdtemp(prefix=".removing-", dir=entry.parent))
+    try:
+        os.rename(entry, trash / entry.name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_unused(cache_dir: Path, key: str) -> None:
+    """Delete the entries of other keys (older params, prompts or models, and what a killed
+    cleanup left), except those another running capture holds."""
+    for entry in sorted(cache_dir.iterdir()):
+        if entry.name == key:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+            continue
+        fd = _lock(entry, wait=False)
+        if fd is None:
+            continue
+        try:
+            _discard(entry)
+        finally:
+            os.close(fd)
 
 
 def _target_chat(tokenizer: PreTrainedTokenizerBase, prompt_id: str, messages: str,
