@@ -82,6 +82,8 @@ DESTINATIONS = {  # case: (extra args, what the one line says)
     "report_is_a_folder": (["--report", "reports"], "--report reports is a directory"),
     "report_is_out": (["--out", "x.json", "--report", "./x.json"], "is also --out"),
     "read_only_folder": (["--report", "ro/rd.parquet"], "cannot write in ro"),
+    # a file system refusing every new file, root included (os.access says yes to root)
+    "unwritable_file_system": (["--out", "/proc/experts.json"], "cannot write in /proc"),
 }
 
 
@@ -90,6 +92,8 @@ def test_bad_destination_is_one_line_before_any_model_loads(moe_dir, ws, capsys,
                                                             case):
     if case == "read_only_folder" and os.geteuid() == 0:
         pytest.skip("root writes in a read-only folder")
+    if case == "unwritable_file_system" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
 
     def refuse(*_a, **_k):
         raise AssertionError("the model was loaded before the destinations were checked")

@@ -192,9 +192,14 @@ def check_destination(flag: str, path: Path, example: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise CliError(f"{flag} {path}: {folder} is not a folder: give a path in a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"{flag} {path}: cannot write in {folder} (permission denied or a "
-                       "read-only file system): give a path in a writable folder")
+    # a file made and removed, not os.access: root passes every access check, and a read-only
+    # or special file system (/proc) refuses only the write itself
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise CliError(f"{flag} {path}: cannot write in {folder} ({err.strerror or err}): give "
+                       "a path in a writable folder") from None
 
 
 def remove_stale_work(root: Path) -> None:
