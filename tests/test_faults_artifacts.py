@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import one_line, run_cli
 from conftest import tiny_moe_config
 
 from steerline.cli import main
@@ -23,19 +24,6 @@ from steerline.steermoe.gating.prompt_gate import PromptGate, load_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = 32  # tiny_moe_config's hidden size
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str, needle: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 class ModelLoaded(AssertionError):

@@ -4,16 +4,11 @@ stdout (prompts, answers, tokens) and in its error line (a file name), never raw
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from conftest import finish_model, tiny_moe_config
-from transformers import Qwen2MoeForCausalLM
 
 from steerline.cli import COMMANDS, main
 from steerline.cli.terminal import escape_controls, escaped_stdout
-from steerline.model.gguf import save_model
 
 CLEAR, TITLE, BIDI = "\x1b[2J", "\x1b]0;pwned\x07", "\u202e"
 HOSTILE = f"Hi{CLEAR}{TITLE} there{BIDI}"
@@ -21,14 +16,6 @@ HOSTILE = f"Hi{CLEAR}{TITLE} there{BIDI}"
 
 def raw_controls(text: str) -> set[str]:
     return {c for c in text if c in "\x1b\x07\x9b\u202e"}
-
-
-@pytest.fixture()
-def moe_dir(tokenizer, tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer), max_position_embeddings=64))
-    save_model(finish_model(model, tokenizer), tokenizer, tmp_path / "moe")
-    return tmp_path / "moe"
 
 
 def test_escape_controls_keeps_text_newlines_and_tabs():

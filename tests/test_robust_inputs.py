@@ -16,41 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import finish_model, tiny_moe_config
-from transformers import Qwen2MoeForCausalLM
+from cli_run import one_line, run_cli
 
 from steerline.backends.hf import TransformersBackend
-from steerline.cli import main
 from steerline.core.errors import UserError, run_stage
 from steerline.core.io import staged_outputs, write_json
 from steerline.core.params import load_params
-from steerline.model.gguf import save_model
 from steerline.model.load import check_weights, load_causal_lm, load_tokenizer, moe_config
 from steerline.steering.experts import read_experts_json
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str, needle: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture()
-def moe_dir(tokenizer, tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer), max_position_embeddings=64))
-    save_model(finish_model(model, tokenizer), tokenizer, tmp_path / "moe")
-    return tmp_path / "moe"
 
 
 @pytest.fixture()
