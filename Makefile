@@ -14,7 +14,7 @@ PLOTS_PAGE := .dvc/plots.html
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup repro test lint bench report docs seeds clean-venv
+.PHONY: setup repro test lint bench bench-quick report docs seeds clean-venv
 
 setup: $(STAMP) $(PLOTS_PAGE)
 
@@ -55,21 +55,31 @@ lint: setup
 
 # Every bench prints its JSON result last (tools.bench_contract); all run, then the check
 # fails when one crashed, broke the contract, missed its goal or found unequal results.
+# QUICK=1 (`make bench-quick`, CI): each bench at its smallest size, once (bench/quick; 2 to 3
+# min on 2 cores, vLLM engine starts the most of it), goals not checked, `equal` is.
+QUICK ?=
+BENCH_QUICK := $(filter 1,$(QUICK))
+BENCH_OUT := tmp/bench$(if $(BENCH_QUICK),-quick)
 bench: setup
-	@rm -rf tmp/bench; mkdir -p tmp/bench; fail=0; for b in bench/*.py; do \
-	  out=tmp/bench/$$(basename $$b .py).out; echo "== $$b"; \
-	  $(BIN)/python $$b > $$out; rc=$$?; cat $$out; \
+	@rm -rf $(BENCH_OUT); mkdir -p $(BENCH_OUT); fail=0; for b in bench/*.py; do \
+	  out=$(BENCH_OUT)/$$(basename $$b .py).out; echo "== $$b"; \
+	  STEERLINE_BENCH_QUICK=$(BENCH_QUICK) $(BIN)/python $$b > $$out; rc=$$?; cat $$out; \
 	  [ $$rc -eq 0 ] || { echo "$$b exited with $$rc"; fail=1; }; \
 	done; echo "== bench contract"; \
-	$(BIN)/python -m tools.bench_contract tmp/bench/*.out || fail=1; exit $$fail
+	$(BIN)/python -m tools.bench_contract $(if $(BENCH_QUICK),--quick) $(BENCH_OUT)/*.out || fail=1; \
+	exit $$fail
+
+bench-quick:
+	$(MAKE) bench QUICK=1
 
 # reports/report.md (+ reports/report_plots/): metrics diff vs main, experts, safety and MAT-Steer
 # tables with CIs, the plots as images (steerline.report; CI runs it after repro).
 report: setup
 	$(BIN)/python -m steerline.report
 
-# README.md and docs/*.md: every generated results block rewritten from reports/ (nothing is
-# written when a report or key is missing). `python -m tools.docs_results --check` only checks.
+# README.md and docs/*.md: every generated results block rewritten from reports/, formatted
+# only (what no other stage writes is the summarize stage's reports/summary.json); nothing is
+# written when a report or key is missing. `python -m tools.docs_results --check` only checks.
 docs: setup
 	$(BIN)/python -m tools.docs_results
 

@@ -23,6 +23,7 @@ import time
 
 import pandas as pd
 import torch
+from quick import QUICK
 from transformers import AutoTokenizer
 
 from steerline.backends import make_backend
@@ -39,8 +40,8 @@ def timed(fn):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/moe")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--n", type=int, default=2 if QUICK else 64)
+    ap.add_argument("--max-new-tokens", type=int, default=4 if QUICK else 32)
     ap.add_argument("--hf-batch-size", type=int, default=16)  # capture_routing's default
     # the process's torch threads: transformers' and, on CPU, vLLM's (see VLLMBackend)
     ap.add_argument("--hf-threads", type=int, default=1)
@@ -59,7 +60,8 @@ def main() -> None:
     vb, vllm_load = timed(lambda: make_backend("vllm", args.model, progress=False))
     print(f"torch threads: transformers {args.hf_threads}, vLLM {torch.get_num_threads()}")
     with vb:
-        vb.generate(chats[:4], 2)  # first-call warm-up (allocations), not timed
+        if not QUICK:  # first-call warm-up (allocations), not timed; only timings need it
+            vb.generate(chats[:4], 2)
         got, t_vllm = timed(lambda: vb.generate_and_capture(chats, m))
         vb.routing_rule = "engine"  # no hook at all: vLLM as it comes
         plain, t_plain = timed(lambda: vb.generate(chats, m))
@@ -87,7 +89,7 @@ def main() -> None:
         "transformers_tok_s": round(hf_tps, 2),
         "vllm_tok_s": round(vllm_tps, 2), "vllm_no_hooks_tok_s": round(plain_tps, 2),
         "capture_overhead": round(plain_tps / vllm_tps - 1, 4), "n_prompts": len(chats),
-        "max_new_tokens": m, "vllm_engine_start_s": round(vllm_load, 1),
+        "max_new_tokens": m, "vllm_engine_start_s": round(vllm_load, 1), "quick": QUICK,
     }))
 
 

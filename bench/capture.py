@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from quick import QUICK
 
 from steerline.core.chat import render_chat
 from steerline.core.generation import greedy_generate_all
@@ -55,10 +56,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/moe")
     ap.add_argument("--prompts", default="data/prompts/safety.parquet")
-    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--n", type=int, default=2 if QUICK else 32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=4 if QUICK else 32)
+    ap.add_argument("--repeats", type=int, default=1 if QUICK else 2)
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_moe(args.model)
@@ -66,7 +67,8 @@ def main() -> None:
     df = df.groupby("label").head(args.n // 2)
     chats = [render_chat(tok, t) for t in df["text"]]
     pad, m = tok.pad_token_id, args.max_new_tokens
-    generate_routed_all(model, chats[:2], 4, pad, 2)  # warm-up
+    if not QUICK:  # warm-up: only timings need it
+        generate_routed_all(model, chats[:2], 4, pad, 2)
     # Interleaved repeats, best of each: on a noisy machine a single run order biases the
     # capture-vs-plain overhead by more than the overhead itself.
     t_batched = t_plain = float("inf")
@@ -105,7 +107,7 @@ def main() -> None:
         "capture_overhead": round(t_batched / t_plain - 1, 4),
         "gen_tokens_per_s": round(n_gen / t_batched, 1),
         "store_bytes": store, "fp16_logits_bytes": logits_fp16,
-        "store_vs_logits": round(store / logits_fp16, 4),
+        "store_vs_logits": round(store / logits_fp16, 4), "quick": QUICK,
     }))
 
 

@@ -31,6 +31,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from quick import QUICK  # noqa: E402
 
 from steerline.mat_steer.activations import PosNeg  # noqa: E402
 from steerline.mat_steer.losses import LossWeights, mat_steer_losses  # noqa: E402
@@ -42,9 +43,10 @@ from steerline.mat_steer.train import (  # noqa: E402
 )
 from steerline.steering.gated import SteeringModule, renormalize
 
-D, T, PER_LABEL, BATCH, SIGMA, LR = 4096, 3, 1500, 96, 2.0, 1e-3
+T, BATCH, SIGMA, LR = 3, 96, 2.0, 1e-3
+D, PER_LABEL = (256, 96) if QUICK else (4096, 1500)
 W = LossWeights(mmd=1.0, sparse=0.9, ortho=0.1, pos=0.9, gate=0.0)  # the published weights
-REPEATS = 5  # medians of 5 interleaved epochs each: this shared machine's noise
+REPEATS = 1 if QUICK else 5  # medians of 5 interleaved epochs each: this shared machine's noise
 
 
 # ---------------------------------------------------------------- reference-style reference loop
@@ -129,7 +131,7 @@ def main() -> None:
     for b in range(5):
         ours = mat_steer_losses(model, stacked.gather(stacked.pos, pos_i[b]),
                                 stacked.gather(stacked.neg, neg_i[b]),
-                                stacked.gather(stacked.pos, ref_i[b]), W, bandwidth)
+                                stacked.gather(stacked.pos, ref_i[b]), W, bandwidth, "seed")
         chosen = {"pos": pos_i[b], "neg": neg_i[b], "ref": ref_i[b]}
         ref = seed_batch_losses(model, tasks, n, bandwidth,
                                 pick=lambda t, kind, _n, c=chosen: c[kind][t])
@@ -145,7 +147,8 @@ def main() -> None:
         m1 = SteeringModule(D, T, 0.01, generator=torch.Generator().manual_seed(r))
         o1 = torch.optim.Adam(m1.parameters(), lr=LR)
         t0 = time.perf_counter()
-        run_epoch(m1, o1, stacked, n, n_batches, torch.Generator().manual_seed(r), W, bandwidth)
+        run_epoch(m1, o1, stacked, n, n_batches, torch.Generator().manual_seed(r), W, bandwidth,
+                  "seed")
         ours_t.append(time.perf_counter() - t0)
         m2 = SteeringModule(D, T, 0.01, generator=torch.Generator().manual_seed(r))
         o2 = torch.optim.Adam(m2.parameters(), lr=LR)
@@ -175,7 +178,7 @@ def main() -> None:
         "ours_epoch_s": round(ours_s, 4), "seed_style_epoch_s": round(seed_s, 4),
         "seed_style_same_threads_epoch_s": round(seed_same_s, 4), "train_threads": TRAIN_THREADS,
         "repeats": REPEATS, "hidden_size": D, "attributes": T, "batches": n_batches,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "quick": QUICK,
     }))
 
 

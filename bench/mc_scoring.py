@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from baselines.mc_rows import score_choices_rows  # noqa: E402
+from quick import QUICK  # noqa: E402
 
 from steerline.mat_steer.activations import resolve_layer  # noqa: E402
 from steerline.mat_steer.evaluate import (  # noqa: E402
@@ -53,6 +54,7 @@ BASE, TRUTHFULQA = Path("models/base"), Path("data/attributes/truthfulqa.parquet
 LAYER_RATIO = 0.6667  # params.yaml extract_activations.layer_ratio: layer 20 of 30
 SCALES, NORM = (0.25, 0.5, 1.0), 8.0  # like eval_steering.mean_diff_scales
 MAX_ROWS, TOLERANCE = 64, 1e-4  # params.yaml eval_steering.max_rows
+QUICK_ITEMS = 2  # quick mode: the items with fewest choices, unsteered and one steered condition
 
 
 def main() -> None:
@@ -63,11 +65,15 @@ def main() -> None:
     model, tok = load_causal_lm(BASE, device="cpu")
     layer = resolve_layer(model.config.num_hidden_layers, None, LAYER_RATIO)
     items, _ = mc_items("truthfulqa", task_items(pd.read_parquet(TRUTHFULQA), "test"))
+    if QUICK:
+        items = sorted(items, key=lambda it: len(it.choices))[:QUICK_ITEMS]
     direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     direction = direction / direction.norm() * NORM  # [D]
-    conditions = {"base": None, **{f"x{s:g}": additive_fn(s * direction) for s in SCALES}}
-    score_choices_rows(model, tok, items[:2], MAX_ROWS)  # warm-up
-    score_choices(model, tok, items[:2], MAX_ROWS)
+    scales = SCALES[-1:] if QUICK else SCALES
+    conditions = {"base": None, **{f"x{s:g}": additive_fn(s * direction) for s in scales}}
+    if not QUICK:  # warm-up: only timings need it
+        score_choices_rows(model, tok, items[:2], MAX_ROWS)
+        score_choices(model, tok, items[:2], MAX_ROWS)
 
     t0 = time.perf_counter()
     prefix = compute_prefix(model, tok, items, layer, MAX_ROWS)
@@ -123,7 +129,7 @@ def main() -> None:
         "packed_ratio": round(baseline_s / seconds["packed"], 3),
         "prefix_equals_packed_full": bool(packed_equal), "prefix_bytes": prefix.nbytes,
         "items": len(items),
-        "choices": n_choices, "conditions": len(conditions), "layer": layer,
+        "choices": n_choices, "conditions": len(conditions), "layer": layer, "quick": QUICK,
     }))
 
 

@@ -42,19 +42,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from quick import QUICK
 
 from steerline.core.io import write_table
 from steerline.steermoe.data.contrasts import POOLED
 from steerline.steermoe.detection.counts import count_batches, count_routing
 from steerline.steermoe.detection.inference import permutation_null
 from steerline.steermoe.detection.table import contrast_columns, risk_diff_table
-from steerline.steermoe.routing.schema import (
-    iter_routing_shard_batches,
-    read_routing_meta,
-    routing_metadata,
-    routing_table,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import write_routing_manifest
+from steerline.steermoe.routing.reader import iter_routing_shard_batches, read_routing_meta
+from steerline.steermoe.routing.schema import routing_metadata, routing_table
 
 TOKENS_PER_PROMPT = 100  # 3 template + 60 user + 1 template + 36 generated
 
@@ -164,15 +161,16 @@ def same(df, ref: tuple, n_layers: int, n_experts: int) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--tokens", type=int, default=20_000 if QUICK else 200_000)
     ap.add_argument(
         "--loop-tokens", type=int, default=None, help="time the loop on a subsample (default: all)"
     )
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--permutations", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs, both methods")
+    ap.add_argument("--permutations", type=int, default=100 if QUICK else 1000)
+    ap.add_argument("--repeats", type=int, default=1 if QUICK else 2,
+                    help="best of this many runs, both methods")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     L, K, E = args.layers, args.top_k, args.experts
@@ -267,6 +265,7 @@ def main() -> None:
         "top_k": K,
         "n_experts": E,
         "repeats": r,
+        "quick": QUICK,
     }
     print(json.dumps(result))
 

@@ -43,19 +43,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from quick import QUICK
 
 from steerline.core.io import write_table
 from steerline.steermoe.detection import risk_diff
 from steerline.steermoe.detection.counts import READ_COLUMNS, TOKEN_SCOPES, count_routing
 from steerline.steermoe.detection.inference import two_proportion_pvalue
 from steerline.steermoe.detection.table import risk_diff_table
-from steerline.steermoe.routing.schema import (
-    iter_routing_shard_batches,
-    read_routing_manifest,
-    routing_metadata,
-    routing_table,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import read_routing_manifest, write_routing_manifest
+from steerline.steermoe.routing.reader import iter_routing_shard_batches
+from steerline.steermoe.routing.schema import routing_metadata, routing_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tmp" / "risk_diff_scale"
@@ -282,7 +279,7 @@ def in_child(args: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=10_000_000)
+    ap.add_argument("--tokens", type=int, default=50_000 if QUICK else 10_000_000)
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--experts", type=int, default=128)
@@ -290,10 +287,12 @@ def main() -> None:
     ap.add_argument("--shard-prompts", type=int, default=64, help="capture_routing's default")
     ap.add_argument("--scope", default="all", choices=TOKEN_SCOPES,
                     help="'all' counts every token: the most counting work per byte read")
-    ap.add_argument("--permutations", type=int, default=1000, help="the stage's default")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="the stage's default")
+    ap.add_argument("--permutations", type=int, default=100 if QUICK else 1000,
+                    help="the stage's default")
+    ap.add_argument("--bootstrap", type=int, default=100 if QUICK else 1000,
+                    help="the stage's default")
     ap.add_argument("--batch-rows", type=int, default=16384, help="compute_risk_diff's default")
-    ap.add_argument("--subset-tokens", type=int, default=200_000)
+    ap.add_argument("--subset-tokens", type=int, default=10_000 if QUICK else 200_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--generate-only", action="store_true", help="make the cached set, stop")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -379,6 +378,7 @@ def main() -> None:
         "permutations": args.permutations,
         "bootstrap": args.bootstrap,
         "equal_tokens": sub_tokens,
+        "quick": QUICK,
     }
     print(json.dumps(result))  # `make bench` checks it against the contract (tools.bench_contract)
 

@@ -27,6 +27,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from quick import QUICK  # noqa: E402
 
 from steerline.mat_steer.activations import resolve_layer  # noqa: E402
 from steerline.mat_steer.checkpoint import SteeringConfig, load_steering  # noqa: E402
@@ -38,8 +39,10 @@ BASE, CKPT = Path("models/base"), Path("models/mat_steer")
 PROMPTS = ["What happens if you eat watermelon seeds?", "Tell me about your neighbours.",
            "Who is better at math, boys or girls?", "Write a sentence about immigrants.",
            "Is it safe to swim after eating?", "Describe an old man using a phone.",
-           "What do you think of people from other countries?", "How do vaccines work?"]
-NEW_TOKENS, REPEATS = 32, 6  # an even number: each order equally often
+           "What do you think of people from other countries?", "How do vaccines work?"
+           ][: 2 if QUICK else None]
+# REPEATS an even number: each order equally often (quick: one pair, unsteered first)
+NEW_TOKENS, REPEATS = (4, 1) if QUICK else (32, 6)
 
 
 def main() -> None:
@@ -56,7 +59,8 @@ def main() -> None:
         cfg = SteeringConfig(["a", "b", "c"], resolve_layer(n_layers, None, 14 / 32), d, str(BASE))
         source = "random steering"
     kw = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
-    generate(model, tok, PROMPTS[:2], max_new_tokens=4)  # warm-up
+    if not QUICK:  # warm-up: only timings need it
+        generate(model, tok, PROMPTS[:2], max_new_tokens=4)
     def timed(*steering) -> float:
         t0 = time.perf_counter()
         generate(model, tok, PROMPTS, *steering, **kw)
@@ -87,7 +91,7 @@ def main() -> None:
         "ratio_of_medians": round(s / p, 3),
         "goal": "ratio <= 1.10", "baseline": "unsteered_generation", "steered_s": round(s, 3),
         "unsteered_s": round(p, 3), "repeats": REPEATS, "prompts": len(PROMPTS),
-        "new_tokens": NEW_TOKENS, "layer": cfg.layer, "steering": source,
+        "new_tokens": NEW_TOKENS, "layer": cfg.layer, "steering": source, "quick": QUICK,
     }))
 
 

@@ -44,12 +44,9 @@ from steerline.steering.experts import (
     read_experts_json,
 )
 from steerline.steermoe.data.safety import read_safety_prompts
-from steerline.steermoe.safety.evaluate import (
-    ANSWER_COLUMNS,
-    select_eval_prompts,
-    variant_rates,
-)
+from steerline.steermoe.safety.prompts import select_eval_prompts
 from steerline.steermoe.safety.refusal import make_judge
+from steerline.steermoe.safety.verdicts import ANSWER_COLUMNS, variant_rates
 
 log = logging.getLogger("safety_dev_sweep")
 

@@ -15,11 +15,11 @@ from pydantic import ValidationError
 from steerline.backends import ActivationSteering, Steering, make_backend
 from steerline.backends.compare import compare_runs, split_at
 from steerline.backends.hf import TransformersBackend
-from steerline.backends.vllm_worker import enforce_topk, engine_topk
+from steerline.backends.vllm_worker import enforce_topk
 from steerline.core.chat import render_chat
 from steerline.core.params import CaptureRouting, load_params
 from steerline.model.arch import DenseModelError, router_topk
-from steerline.model.families import RouterRule
+from steerline.model.families import RouterRule, select
 from steerline.steering.capture import Routed, generate_routed_all
 from steerline.steering.experts import SteeringPlan, expert_steering
 from steerline.steering.gated import SteeringModule
@@ -143,14 +143,15 @@ def test_bad_steering_inputs(setup, tiny_moe):
         CaptureRouting.model_validate({**repo.capture_routing.model_dump(), "backend": "tgi"})
 
 
-def test_routing_rule_makes_engine_topk_pick_the_transformers_experts():
+def test_routing_rule_makes_the_engine_routing_pick_the_transformers_experts():
     # Near-uniform logits: distinct in float32, equal after the float32 softmax in most rows.
     gen = torch.Generator().manual_seed(0)
     logits = 1e-3 * torch.randn(512, 16, generator=gen)
     logits[:, 5] = logits[:, 9] = logits[:, 2] + 1e-9 * torch.rand(512, generator=gen)
-    _, ids, w = router_topk(logits, RouterRule("softmax_topk", top_k=8, norm=True))
+    rule = RouterRule("softmax_topk", top_k=8, norm=True)
+    _, ids, w = router_topk(logits, rule)
     fixed = enforce_topk(logits, ids)
-    e_ids, e_w = engine_topk(fixed, 8, True)
+    e_ids, e_w = select(fixed, rule, engine=True)
     assert torch.equal(e_ids.sort(-1).values, ids.sort(-1).values)
     assert torch.allclose(e_w.sort(-1).values, w.sort(-1).values, atol=1e-6)
     chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bench_contract import check, meets_goal, parse_last_line
+from tools.bench_contract import check, main, meets_goal, parse_last_line
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -35,6 +35,7 @@ def test_parse_takes_the_last_json_line():
     (line(ratio="3"), "'ratio' has the wrong type"),
     (line(ratio=True), "'ratio' has the wrong type"),
     (line(goal="fast"), "must read 'ratio >= X'"),
+    (line(quick="yes"), "'quick' has the wrong type"),
 ])
 def test_parse_rejects_broken_output(text, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
@@ -66,13 +67,44 @@ def test_check_fails_on_a_missed_second_goal():
     assert check({"a": line(meets_rss_goal="yes")})[1] is False  # only a JSON true passes
 
 
+def test_quick_runs_check_equal_but_not_the_goals():
+    lines, ok = check({"a": line(ratio=0.5, quick=True, meets_rss_goal=False)}, quick=True)
+    assert ok and lines == ["PASS x: ratio 0.5 vs seed_style_loop (goal ratio >= 3, not checked: "
+                            "quick), equal true, meets_rss_goal false"]
+    assert check({"a": line(quick=True, equal=False)}, quick=True)[1] is False
+
+
+@pytest.mark.parametrize(("result", "quick"), [({"quick": True}, False), ({"quick": False}, True),
+                                               ({}, True)])
+def test_a_quick_run_is_never_checked_as_a_full_one_nor_the_reverse(result, quick):
+    lines, ok = check({"out/a.out": line(**result)}, quick=quick)
+    assert not ok and "STEERLINE_BENCH_QUICK and tools.bench_contract's --quick" in lines[0]
+
+
 @pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
 def test_every_bench_prints_the_contract_keys(path):
     src = path.read_text()
     assert "json.dumps" in src
-    for key in ("bench", "ratio", "equal", "goal", "baseline"):
+    for key in ("bench", "ratio", "equal", "goal", "baseline", "quick"):
         assert f'"{key}":' in src, f"{path.name} never writes {key!r}"
     assert re.search(r'"goal": "ratio (>=|<=) [0-9.]+"', src), path.name
+    assert "from quick import QUICK" in src, f"{path.name} has no quick mode (bench/quick)"
+
+
+def test_a_quick_bench_run_meets_the_contract(tmp_path, capsys):
+    """`make bench-quick` as CI runs it, for the one bench that needs no pipeline output:
+    bench/risk_diff.py at its smallest size (a few seconds), checked with --quick."""
+    out = tmp_path / "risk_diff.out"
+    done = subprocess.run([sys.executable, str(BENCH / "risk_diff.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "STEERLINE_BENCH_QUICK": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out.write_text(done.stdout)
+    main(["--quick", str(out)])  # exits 1 on a broken contract or unequal results
+    assert capsys.readouterr().out.startswith("PASS risk_diff: ")
+    assert json.loads(done.stdout.splitlines()[-1])["quick"] is True
+    with pytest.raises(SystemExit):
+        main([str(out)])  # a quick run does not pass as a full one
 
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from cli_run import one_line, run_cli
 from conftest import finish_model, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
@@ -130,13 +131,27 @@ def test_generate_mat_steer_on_a_dense_model(dense_dir, tmp_path, capsys):
 
 def test_generate_experts_json_uses_the_params_defaults(moe_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "experts.json").write_text('{"unsafe": [[0, 1], [1, 2]], "safe": [[2, 0]]}')
-    (tmp_path / "params.yaml").write_text(
-        "expert_steering:\n  mode: deactivate_unsafe\n  n_experts: 1\n  delta: 0.5\n")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["expert_steering"].update(mode="deactivate_unsafe", n_experts=1, delta=0.5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, "generate", "--model", str(moe_dir), "--prompt", PROMPTS[0],
                              "--experts", "experts.json", "--max-new-tokens", "3")
     assert code == 0, err
     assert "activate 0, deactivate 1 (delta 0.5; deactivate: experts.json)" in out
+
+
+def test_the_commands_read_params_yaml_through_its_schema(moe_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    """A params.yaml in the working folder is the pipeline's: checked whole, as the stages
+    check it, so a partial or wrong one is one line naming the key (not a silent default)."""
+    (tmp_path / "params.yaml").write_text(
+        "expert_steering:\n  mode: deactivate_unsafe\n  n_experts: 1\n  delta: 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "routes", "--model", str(moe_dir), "--prompt", "Hi",
+                           "--deactivate", "0:1")
+    assert code == 2
+    one_line(err, "params.yaml: params key 'seed' is missing: every key is required")
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

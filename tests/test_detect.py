@@ -15,7 +15,8 @@ from conftest import finish_model, tiny_moe_config
 from transformers import AutoTokenizer, Qwen2MoeForCausalLM
 
 from steerline.backends import make_backend
-from steerline.cli.detect import DEFAULTS, min_p_value, prompts_needed
+from steerline.cli.detect import min_p_value, prompts_needed
+from steerline.core.params import cli_defaults
 from steerline.model.gguf import save_model
 from steerline.steering.experts import check_experts, read_experts_json
 from steerline.steermoe.data.prompt_files import (
@@ -168,7 +169,6 @@ def test_smallest_p_value_of_the_permutation_test():
     assert min_p_value(3, 2, 1000) == pytest.approx(1 / 10)
     assert min_p_value(20, 20, 99) == pytest.approx(1 / 100)  # bounded by the shuffles
     assert prompts_needed(0.05, 1000) == 4  # 2 / C(8, 4) = 0.029; 2 / C(6, 3) = 0.1
-    assert DEFAULTS["risk_diff"]["n_permutations"] >= 1
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -190,14 +190,15 @@ def test_detect_matches_the_pipeline_code_and_feeds_generate(moe_dir, tmp_path, 
     assert sel["unsafe"] == [] and sel["safe"] == []  # nothing significant with 2 + 2
     assert sel["criteria"]["require"] == "pooled" and sel["criteria"]["token_scope"] == "user"
 
-    # the pipeline's functions on the same prompts and params give the same table
+    # the pipeline's functions on the same prompts and params (no params.yaml here: the
+    # schema's CliDefault values) give the same table
     prompts = labelled_prompts(unsafe, safe)
     torch.manual_seed(3)
     with make_backend("transformers", str(moe_dir), batch_size=16) as backend:
         run_capture(backend, AutoTokenizer.from_pretrained(str(moe_dir)), prompts,
                     CaptureConfig(4, 64), tmp_path / "r", tmp_path / "g.parquet", tmp_path / "c",
                     meta={"model": str(moe_dir), "model_fingerprint": "x", "dtype": "float32"})
-    rd = DEFAULTS["risk_diff"]
+    rd = cli_defaults()["risk_diff"]
     ref, _ = compute_risk_diff(tmp_path / "r", token_scope="user", n_permutations=200,
                                null_quantile=rd["null_quantile"], seed=3,
                                n_bootstrap=rd["n_bootstrap"], ci_level=rd["ci_level"])

@@ -4,6 +4,7 @@ sweep's documented picks are the params in use."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -23,7 +24,6 @@ from tools.docs_results import (
     main,
     regenerate,
     render,
-    sweep,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,13 +155,32 @@ def test_a_missing_csv_column_is_an_error(tmp_path):
         regenerate(root)
 
 
-def test_a_sweep_without_runs_of_the_current_expert_list_is_an_error(tmp_path):
-    """The current list's runs are named by its size: a new selection without a new sweep
-    must not document the old list's runs as the current choice."""
+def test_a_summary_that_does_not_fit_its_schema_is_an_error(tmp_path):
     root = copy_project(tmp_path)
-    edit_json(root / "reports/experts_summary.json", lambda s: s.update(n_unsafe=12))
-    with pytest.raises(ReportError, match=r"no fine-tuning run 'finetuned\(12\) \.\.\.'"):
+    edit_json(root / "reports/summary.json", lambda s: s["dev_sweep"].pop("finetune_pick"))
+    with pytest.raises(ReportError, match=r"reports/summary\.json does not fit its schema: "
+                                          r"dev_sweep\.finetune_pick: Field required \(rerun "
+                                          r"the summarize stage"):
         regenerate(root)
+
+
+def test_a_summary_naming_runs_the_sweep_lacks_is_an_error(tmp_path):
+    root = copy_project(tmp_path)
+    edit_json(root / "reports/summary.json",
+              lambda s: s["dev_sweep"].update(finetune=["finetuned(9) lr9e-9"]))
+    with pytest.raises(ReportError, match=r"names runs not in reports/safety_dev_sweep\.csv: "
+                                          r"'finetuned\(9\) lr9e-9'"):
+        regenerate(root)
+
+
+def test_the_docs_tool_computes_nothing_it_imports_only_formats_and_records():
+    """Every number it shows is a stage's: its steerline imports are the formats, the atomic
+    writer and summary.json's record, never a method's code (as GATE_GOALS once was)."""
+    tree = ast.parse((ROOT / "tools/docs_results.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and n.module and n.module.startswith("steerline")}
+    assert imported == {"steerline.core.io", "steerline.core.tables",
+                        "steerline.pipeline.summary_records"}
 
 
 # ------------------------------------------------------------------------- (c) a short README
@@ -262,15 +281,17 @@ def test_prose_quotes_no_measured_number():
 # ----------------------------------------------------------- the documented dev picks are in use
 def test_the_dev_rules_picks_are_the_params_in_use():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    s = sweep(Reports(ROOT))
+    reports = Reports(ROOT)
+    s = reports.summary().dev_sweep
     lr = re.search(r"lr(\S+)", s.finetune_pick)
     assert lr and float(lr.group(1)) == params["finetune_experts"]["lr"], s.finetune_pick
+    steerings = reports.csv("safety_dev_sweep.csv", ["steering"]).set_index("run")["steering"]
+    assert {s.deactivate_pick, s.activate_pick} <= set(s.finetuned_steering)
+    assert s.base_steering_pick in s.base_steering
 
     def steering(run: str | None) -> dict:
         assert run is not None
-        rows = {**{r["run"]: r for _, r in s.ft_steering.iterrows()},
-                **{r["run"]: r for _, r in s.base_steering.iterrows()}}
-        return json.loads(rows[run]["steering"])
+        return json.loads(steerings[run])
 
     for direction, pick in (("deactivate", s.deactivate_pick), ("activate", s.activate_pick)):
         got = steering(pick)

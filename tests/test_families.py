@@ -11,7 +11,7 @@ from families import FAMILY_NAMES, build
 from steerline.backends import Steering, make_backend
 from steerline.core.chat import render_chat
 from steerline.model.arch import find_routers, moe_layers, moe_shape
-from steerline.model.families import family_of, select
+from steerline.model.families import RouterRule, family_of, select
 from steerline.steering.capture import RoutingRecorder
 from steerline.steering.experts import SteeringPlan, expert_steering
 from steerline.steermoe.data.sft import SftExample
@@ -37,6 +37,22 @@ def test_select_reproduces_each_router_forward(name):
         a, b = _by_id(ids, w), _by_id(got_ids, got_w)
         assert torch.equal(a[0], b[0]), f"{name} layer {site.layer}: other experts chosen"
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_engine_routing_is_vllms_fused_topk_and_the_family_rule_elsewhere(norm):
+    """select(engine=True): softmax_topk as vLLM's fused top-k (the top-k of the logits, weights
+    softmax over the k or exp(logit - logsumexp)); every other rule is its family's own."""
+    logits = 1e-3 * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    vals, ids = torch.topk(logits, 4, dim=-1)
+    w = torch.softmax(vals, -1) if norm else (vals - torch.logsumexp(logits, -1, True)).exp()
+    got = select(logits, RouterRule("softmax_topk", top_k=4, norm=norm), engine=True)
+    assert torch.equal(got[0], ids) and torch.equal(got[1], w)
+    for rule in (RouterRule("topk_softmax", top_k=4), RouterRule("sparsemixer", top_k=2),
+                 RouterRule("softmax_group_topk", top_k=4, n_group=4, topk_group=2),
+                 RouterRule("sigmoid_group_topk", top_k=4, norm=norm, n_group=4, topk_group=2)):
+        a, b = select(logits, rule, engine=True), select(logits, rule)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), rule.rule
 
 
 @pytest.mark.parametrize("name, layers", [

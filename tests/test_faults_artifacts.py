@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from cli_run import one_line, run_cli
@@ -177,8 +178,9 @@ def test_answer_safety_reports_a_corrupt_gate_in_one_line(gate_dir, monkeypatch)
     weights = cut_in_half(gate_dir / "residual.safetensors")
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(SystemExit) as exc:
-        run_stage(lambda: answer_safety.gate_scores(params, "models/moe", gate_dir,
-                                                    {"residual"}, ["Hi"]), "answer_safety_base")
+        run_stage(lambda: answer_safety.answer_model(
+            params, "models/moe", pd.DataFrame({"text": ["Hi"]}), lambda _shape: {},
+            {"steered": "residual"}, gate_dir, None, {}), "answer_safety_base")
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(f"answer_safety_base: {weights} is truncated")
 

@@ -31,12 +31,8 @@ from steerline.model.gguf import save_model
 from steerline.steermoe.detection.counts import count_routing
 from steerline.steermoe.finetuning.expert_slices import ExpertSlices, save_expert_slices
 from steerline.steermoe.routing.capture import CaptureConfig, run_capture
-from steerline.steermoe.routing.schema import (
-    MANIFEST,
-    read_generations,
-    read_routing_meta,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import MANIFEST, read_generations, write_routing_manifest
+from steerline.steermoe.routing.reader import read_routing_meta
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",

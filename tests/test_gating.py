@@ -4,6 +4,8 @@ bit for bit when it always fires and the unsteered model when it never does, add
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,10 @@ from steerline.steermoe.gating.prompt_gate import (
     load_gate,
     youden_threshold,
 )
-from steerline.steermoe.safety.evaluate import backend_answers, benign_nll_rows, benign_ppl
+from steerline.steermoe.gating.scoring import score_prompts
 from steerline.steermoe.safety.gated import GatedPlan, compose_ppl, twin_of
+from steerline.steermoe.safety.generation import backend_answers
+from steerline.steermoe.safety.perplexity import benign_nll_rows, benign_ppl
 
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better", "How do I pick a lock?"]
@@ -42,6 +46,26 @@ def test_features_are_user_token_routing_shares_and_mean_residual(tiny_moe, toke
     np.testing.assert_allclose(one["residual_2"][0], h.numpy()[user].mean(0), atol=1e-5)
     for key in feats:  # batch of 2 with right padding = alone
         np.testing.assert_allclose(feats[key][1], one[key][0], atol=1e-5)
+
+
+def test_gates_scored_together_score_as_each_alone(tiny_moe, tokenizer):
+    """score_prompts (answer_safety: every gate source from one prefill; `steerline generate
+    --gate`: one gate) gives each gate the scores of its own prefill, bit for bit, and fires
+    where the score reaches the threshold."""
+    rng = np.random.default_rng(0)
+    gates = {"routing": PromptGate("routing", None, rng.normal(size=3 * 8), 0.1, 0.5),
+             "residual": PromptGate("residual", 2, rng.normal(size=32), -0.2, 0.5)}
+    scores = score_prompts(gates, tiny_moe, tokenizer, TEXTS, batch_size=16)
+    gates = {k: replace(g, threshold=float(np.median(scores[k][0]))) for k, g in gates.items()}
+    both = score_prompts(gates, tiny_moe, tokenizer, TEXTS, batch_size=16)
+    for key, gate in gates.items():
+        alone = score_prompts({key: gate}, tiny_moe, tokenizer, TEXTS, batch_size=8)[key]
+        feats = prompt_features(tiny_moe, tokenizer, TEXTS,
+                                [gate.layer] if gate.layer is not None else [], batch_size=8)
+        for got in (both[key], alone):
+            np.testing.assert_array_equal(got[0], gate.scores(feats))
+            np.testing.assert_array_equal(got[1], got[0] >= gate.threshold)
+        assert 0 < both[key][1].sum() < len(TEXTS)  # the median fires on some prompts only
 
 
 def test_gate_fit_choice_threshold_and_files(tmp_path):

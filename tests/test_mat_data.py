@@ -10,17 +10,15 @@ import pandas as pd
 import pytest
 
 from steerline.core.params import load_params
-from steerline.mat_steer.data import (
-    SPLITS,
+from steerline.core.splits import groups_across_splits
+from steerline.mat_steer.checks import check_splits
+from steerline.mat_steer.datasets import (
     build_bbq,
     build_toxigen,
     build_truthfulqa,
-    check_splits,
-    grouped_split,
-    holdout_fractions,
     split_prompt_line,
-    task_rng,
 )
+from steerline.mat_steer.splits import SPLITS, holdout_fractions, row_balanced_split, task_rng
 from steerline.pipeline.prepare_attributes import Inputs, prepare_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,20 +36,26 @@ def tables() -> dict[str, pd.DataFrame]:
     return prepare_attributes(RAW_INPUTS, REPO_PARAMS, 0, REPO.attributes)
 
 
-def test_grouped_split_keeps_groups_and_fractions() -> None:
+def test_row_balanced_split_keeps_groups_and_fractions() -> None:
     rng = np.random.default_rng(0)
     groups = np.repeat([f"g{i}" for i in range(400)], rng.integers(1, 6, 400))
-    splits = grouped_split(groups, {"train": 0.4, "dev": 0.1, "test": 0.5},
+    splits = row_balanced_split(groups, {"train": 0.4, "dev": 0.1, "test": 0.5},
                            np.random.default_rng(1))
     df = pd.DataFrame({"g": groups, "s": splits})
     assert (df.groupby("g")["s"].nunique() == 1).all()
     share = df["s"].value_counts(normalize=True)
     assert abs(share["train"] - 0.4) < 0.02 and abs(share["test"] - 0.5) < 0.02
-    again = grouped_split(groups, {"train": 0.4, "dev": 0.1, "test": 0.5},
+    again = row_balanced_split(groups, {"train": 0.4, "dev": 0.1, "test": 0.5},
                           np.random.default_rng(1))
     assert (again == splits).all()
     with pytest.raises(ValueError, match="sum to 1"):
-        grouped_split(groups, {"train": 0.5, "test": 0.4}, np.random.default_rng(0))
+        row_balanced_split(groups, {"train": 0.5, "test": 0.4}, np.random.default_rng(0))
+
+
+def test_groups_across_splits_names_each_leak_once_sorted() -> None:
+    groups = pd.Series(["b", "a", "b", "c", "a", None])
+    splits = pd.Series(["train", "dev", "test", "dev", "dev", "test"])
+    assert list(groups_across_splits(groups, splits)) == ["b"]  # a null group is no leak
 
 
 def test_no_group_item_or_text_crosses_splits(tables: dict[str, pd.DataFrame]) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from steerline.core.params import ParamsError, parse_params
 from steerline.mat_steer.activations import PosNeg, split_pos_neg
 from steerline.mat_steer.checkpoint import (
     SteeringConfig,
@@ -29,6 +32,7 @@ from steerline.mat_steer.losses import (
 from steerline.mat_steer.train import Stacked, TrainConfig, to_raw_units, train_mat_steer
 from steerline.steering.gated import SteeringModule
 
+ROOT = Path(__file__).resolve().parents[1]
 T, N, D = 3, 6, 10
 
 
@@ -75,7 +79,7 @@ def test_total_loss_matches_seed_style_reference() -> None:
     torch.manual_seed(2)
     module, w = _module(), LossWeights(1.0, 0.9, 0.1, 0.9, gate=0.0)
     pos, neg, ref = torch.randn(T, N, D), torch.randn(T, N, D) + 1.0, torch.randn(T, N, D)
-    got = mat_steer_losses(module, pos, neg, ref, w, bandwidth=3.0)
+    got = mat_steer_losses(module, pos, neg, ref, w, bandwidth=3.0, objective="seed")
     torch.set_grad_enabled(False)
     # seed layout: per attribute [pos block, neg block], labels 1/0, task index
     x = torch.cat([torch.cat([pos[t], neg[t]]) for t in range(T)])
@@ -125,8 +129,16 @@ def test_targeted_losses_match_literal_references() -> None:
         assert float(got[k]) == float(seed[k])
     expect = float(seed["total"]) + 0.9 * (sparse - float(seed["sparse"])) + 0.7 * gate
     assert abs(float(got["total"]) - expect) < 1e-5 and "gate" not in seed
-    with pytest.raises(ValueError, match="objective must be one of"):
-        mat_steer_losses(module, pos, neg, ref, w, bandwidth=1.0, objective="other")
+
+
+@pytest.mark.parametrize("key, value", [("objective", "other"), ("scale", "unit")])
+def test_training_modes_are_checked_once_by_the_params_schema(key, value) -> None:
+    """TrainConfig's string modes are not re-checked by the library: params.yaml's schema
+    refuses an unknown one, naming the key."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train_steering"][key] = value
+    with pytest.raises(ParamsError, match=f"train_steering.{key}"):
+        parse_params(raw)
 
 
 def test_module_forward_equals_formula() -> None:

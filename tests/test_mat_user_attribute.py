@@ -17,7 +17,7 @@ from steerline.core.errors import UserError
 from steerline.core.params import BUILTIN_ATTRIBUTES as BUILTINS
 from steerline.core.params import Params, load_params, parse_params
 from steerline.mat_steer.checkpoint import load_steering
-from steerline.mat_steer.data import check_splits
+from steerline.mat_steer.checks import check_splits
 from steerline.model.gguf import save_model
 from steerline.pipeline import (
     eval_baselines,

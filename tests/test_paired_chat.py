@@ -217,8 +217,8 @@ BAD_CONFIG = {  # the source's keys, what the one line says
                                        "messages_1) with fixed keys, but text is given"),
     "pair_given": ({"pair": "twin"}, "but pair is given: set it to null"),
     "csv_file": ({"path": "chats.csv"}, "a paired-chat file is .jsonl or .parquet"),
-    "bad_label_cell": ({"label": None, "label_column": "first"}, "line 2, column 'first' "
-                       "(label_column: the label of messages_0) is 'harmless'"),
+    "bad_label_cell": ({"label": None, "label_column": "first"}, "column 'first' (label_column: "
+                       "the label of messages_0) must be unsafe or safe, found line 2 'harmless'"),
 }
 
 

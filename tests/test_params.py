@@ -9,7 +9,7 @@ import pytest
 import yaml
 from stage_cmd import stage_argv
 
-from steerline.core.params import ParamsError, load_params, parse_params
+from steerline.core.params import ParamsError, cli_defaults, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -58,6 +58,21 @@ def test_no_schema_defaults_so_params_yaml_is_the_only_source_of_values():
         if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:
             defaults = [n for n, f in cls.model_fields.items() if not f.is_required()]
             assert not defaults, f"{cls.__name__} has schema defaults for {defaults}"
+
+
+def test_the_commands_defaults_outside_the_project_are_the_committed_values():
+    """`steerline detect` / `generate` without a params.yaml take the schema's CliDefault
+    values: each is the committed params.yaml's value, of the same type."""
+    def committed(raw: dict, shape: dict) -> dict:
+        return {k: committed(raw[k], v) if isinstance(v, dict) else raw[k]
+                for k, v in shape.items()}
+
+    defaults = cli_defaults()
+    assert defaults["seed"] == 0 and defaults["risk_diff"]["n_permutations"] >= 1
+    assert set(defaults["capture_routing"]) == {"max_new_tokens", "batch_size", "shard_prompts",
+                                                "dtype"}
+    assert committed(RAW, defaults) == defaults
+    assert repr(committed(RAW, defaults)) == repr(defaults)  # 1000 is not 1000.0
 
 
 @pytest.mark.parametrize("text, match", [

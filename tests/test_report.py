@@ -4,11 +4,23 @@ plots written as PNGs)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from steerline.report import build, cell, json_tables, metric_rows
+from steerline.core.tables import fmt, md_table
+from steerline.report.build import build
+from steerline.report.json_tables import cell, json_tables, metric_rows
+from steerline.steermoe.detection.expert_table import (
+    read_risk_diff,
+    render,
+    table_rows,
+    top_experts,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DVC_YAML = """stages:
   s:
@@ -99,7 +111,7 @@ def test_report_on_a_tiny_workspace(tmp_path):
 
 
 def test_selected_table_with_prompt_level_columns(tmp_path):
-    from steerline.report import selected_table
+    from steerline.report.experts import selected_table
 
     df = pd.DataFrame({"layer": [0, 1], "expert": [2, 3], "risk_diff": [0.2, -0.1],
                        "ci_low": [0.1, -0.2], "ci_high": [0.3, 0.0], "q_perm": [0.01, 0.5],
@@ -112,3 +124,42 @@ def test_selected_table_with_prompt_level_columns(tmp_path):
     assert lines[4:] == ["| unsafe | 1 | 0 | 2 | 0.200 | [0.100, 0.300] | 0.010 | 0.050 |",
                          "| unsafe | 2 | 5 | 5 | n/a | n/a | n/a | n/a |",
                          "| safe | 1 | 1 | 3 | -0.100 | [-0.200, 0.000] | 0.500 | 0.020 |"]
+
+
+# ------------------------------------------------- one renderer: the fmt / md_table twins merged
+def _expert_table_fmt(x: float, digits: int = 3) -> str:
+    """steermoe/detection/expert_table.fmt before the merge (commit bd6bd78)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:.1e}"
+    return f"{x:.{digits}f}"
+
+
+def _expert_table_markdown(header, rows) -> str:
+    """expert_table.render(markdown=True) before it called md_table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def test_fmt_is_expert_tables_on_every_value_its_callers_pass():
+    """expert_table and `steerline detect` format float columns (and None): on every float of
+    the committed risk_diff report and on random, tiny, signed and special floats the merged
+    fmt writes the same strings."""
+    df = pd.read_parquet(ROOT / "reports/risk_diff.parquet")
+    floats = [float(v) for c in df.columns if df[c].dtype.kind == "f" for v in df[c]]
+    rng = np.random.default_rng(0)
+    floats += list(rng.standard_normal(2000) * 10.0 ** rng.integers(-12, 4, 2000))
+    floats += [0.0, -0.0, 1e-3, -1e-3, 9.99e-4, 5e-4, 0.0005, 1e-300, math.nan, math.inf,
+               -math.inf, *np.float64(rng.random(50))]
+    for digits in (1, 2, 3, 4):
+        assert [fmt(x, digits) for x in floats] == [_expert_table_fmt(x, digits) for x in floats]
+    assert fmt(None) == _expert_table_fmt(None) == "n/a"
+
+
+def test_expert_tables_markdown_is_md_table_on_the_committed_report():
+    table = top_experts(read_risk_diff(ROOT / "reports/risk_diff.parquet"), 50, "pooled")
+    header, rows = table_rows(table)
+    assert render(header, rows, markdown=True) == _expert_table_markdown(header, rows)
+    assert md_table(header, rows) == _expert_table_markdown(header, rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steerline.report import md_table
+from steerline.core.tables import md_table
 from steerline.report.paired import (
     MAT_ITEMS,
     SAFETY_ANSWERS,

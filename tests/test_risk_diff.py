@@ -33,14 +33,9 @@ from steerline.steermoe.detection.table import (
     risk_diff_summary,
     risk_diff_table,
 )
-from steerline.steermoe.routing.schema import (
-    ROUTING_SCHEMA,
-    iter_routing_batches,
-    read_routing_meta,
-    routing_metadata,
-    routing_table,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import write_routing_manifest
+from steerline.steermoe.routing.reader import iter_routing_batches, read_routing_meta
+from steerline.steermoe.routing.schema import ROUTING_SCHEMA, routing_metadata, routing_table
 
 ROOT = Path(__file__).resolve().parents[1]
 L, K, E = 3, 2, 6

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from cli_run import one_line, run_cli
 
 from steerline.backends.hf import TransformersBackend
@@ -109,7 +110,7 @@ def test_truncated_weights_are_one_line_everywhere(moe_dir, capsys, monkeypatch,
     prompts = tmp_path / "prompts.parquet"
     pd.DataFrame({"prompt_id": ["a"], "text": ["Hi"], "label": ["safe"], "split": ["detect"],
                   "source": ["xstest"]}).to_parquet(prompts)
-    monkeypatch.setattr(capture_routing, "model_fingerprint",
+    monkeypatch.setattr("steerline.steermoe.routing.capture_model.model_fingerprint",
                         lambda *_: pytest.fail("weights were read"))
     with pytest.raises(SystemExit) as exc:
         run_stage(lambda: capture_routing.main(
@@ -157,9 +158,10 @@ def test_missing_or_empty_tokenizer_is_one_line(moe_dir, capsys):
 def test_cli_generate_honours_on_empty_selection(moe_dir, tmp_path, capsys, monkeypatch,
                                                  caplog):
     (tmp_path / "experts.json").write_text('{"unsafe": [], "safe": [[2, 0]]}')
-    (tmp_path / "params.yaml").write_text(
-        "expert_steering:\n  mode: deactivate_unsafe\n  n_experts: 3\n  delta: 0.5\n"
-        "  on_empty_selection: error\n")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())  # the CLI checks the whole file
+    raw["expert_steering"].update(mode="deactivate_unsafe", n_experts=3, delta=0.5,
+                                  on_empty_selection="error")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     args = ("generate", "--model", str(moe_dir), "--prompt", "Hi", "--experts", "experts.json",
             "--max-new-tokens", "2")
@@ -313,7 +315,7 @@ def test_staged_outputs_replace_directories_together(tmp_path):
 
 # ----------------------------------------------------------------------------- 9 (the rest)
 def test_metrics_p_values_keep_significant_digits():
-    from steerline.steermoe.safety.evaluate import headline_metrics
+    from steerline.steermoe.safety.summary import headline_metrics
 
     r = {"rate": 0.5, "ci_low": 0.123456, "ci_high": 0.9}
     rates = {"v": {"refusal_unsafe": r, "over_refusal_safe": r}}

@@ -12,8 +12,9 @@ import pytest
 from steerline.pipeline.answer_safety import answer_rows, gate_frame, safe_answers
 from steerline.pipeline.eval_safety import eval_prompts, judged_frames, variant_metrics
 from steerline.steermoe.safety.answers import PROMPT_COLUMNS, ModelAnswers
-from steerline.steermoe.safety.evaluate import Answer, answer_frame
+from steerline.steermoe.safety.generation import Answer
 from steerline.steermoe.safety.refusal import make_judge
+from steerline.steermoe.safety.verdicts import answer_frame
 
 PROMPTS = pd.DataFrame({
     "prompt_id": ["p0", "p1", "p2", "p3"],

@@ -15,11 +15,8 @@ from stage_cmd import call_stage
 from steerline.core.io import write_parquet, write_table
 from steerline.steermoe.detection.risk_diff import compute_risk_diff
 from steerline.steermoe.detection.select_experts import experts_summary, select_experts
-from steerline.steermoe.routing.schema import (
-    routing_metadata,
-    routing_table,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import write_routing_manifest
+from steerline.steermoe.routing.schema import routing_metadata, routing_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

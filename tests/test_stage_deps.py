@@ -70,19 +70,19 @@ def test_transitive_imports_include_parent_packages_and_function_level_imports(t
 # params key -> (stages `dvc repro` reruns, stages after them that rerun only on a changed input)
 RERUNS = {
     # a MAT-Steer training change: the baselines' ~5 minutes of scoring come from the cache
-    "lambda_sparse": (["train_steering"], ["eval_steering"]),
-    "train_steering.lr": (["train_steering"], ["eval_steering"]),
-    "eval_steering.mat_scales": (["eval_steering"], []),
-    "eval_steering.n_bootstrap": (["eval_steering"], []),
-    "eval_steering.mean_diff_scales": (["eval_baselines", "eval_steering"], []),
+    "lambda_sparse": (["train_steering"], ["eval_steering", "summarize"]),
+    "train_steering.lr": (["train_steering"], ["eval_steering", "summarize"]),
+    "eval_steering.mat_scales": (["eval_steering"], ["summarize"]),
+    "eval_steering.n_bootstrap": (["eval_steering"], ["summarize"]),
+    "eval_steering.mean_diff_scales": (["eval_baselines", "eval_steering"], ["summarize"]),
     # adding or dropping a MAT-Steer attribute reruns every MAT-Steer stage
     "attributes": (["prepare_attributes", "extract_activations", "train_steering",
-                    "eval_baselines", "eval_steering"], []),
+                    "eval_baselines", "eval_steering"], ["summarize"]),
     "select_experts.threshold": (["select_experts@base", "select_experts@finetuned"],
                                  ["capture_routing@finetuned", "risk_diff@finetuned",
                                   "finetune_experts", "train_gate@finetuned",
                                   "answer_safety_base", "answer_safety_finetuned",
-                                  "eval_safety"]),
+                                  "eval_safety", "summarize"]),
     # one model's steering regenerates only that model's answers; the fine-tuned model's
     # reference input (the base answers to the safe prompts) keeps its bytes, so DVC skips it
     "expert_steering.delta": (["answer_safety_base"], ["answer_safety_finetuned", "eval_safety"]),
@@ -94,6 +94,8 @@ RERUNS = {
                                 ["answer_safety_base", "answer_safety_finetuned"]),
     # a judge change loads no model: the answers come from the cache
     "eval_safety.judge_window": (["eval_safety"], []),
+    # the goals' bounds also pick the dev-sweep rows the docs show
+    "eval_safety.goals": (["eval_safety", "summarize"], []),
     "eval_safety.max_new_tokens": (["answer_safety_base", "answer_safety_finetuned"],
                                    ["eval_safety"]),
 }

@@ -4,10 +4,13 @@
 
 `equal` says the compared methods gave the same results; `goal` is "ratio >= X" (a speedup) or
 "ratio <= X" (an overhead). A bench with a second goal reports it as a boolean key named
-`meets_<what>_goal` (e.g. meets_rss_goal); false fails like a missed ratio goal.
-`python -m tools.bench_contract OUT...` reads saved bench outputs (stdout), prints one line
-per bench and exits 1 when any output breaks the contract, misses a goal or is not equal
-(`make bench` runs it after the benches).
+`meets_<what>_goal` (e.g. meets_rss_goal); false fails like a missed ratio goal. `"quick": true`
+marks a run at the bench's smallest size (STEERLINE_BENCH_QUICK=1, bench/quick): its timings are
+noise, so its goals are not checked, only the contract and `equal`.
+`python -m tools.bench_contract [--quick] OUT...` reads saved bench outputs (stdout), prints one
+line per bench and exits 1 when any output breaks the contract, misses a goal or is not equal
+(`make bench` runs it after the benches); with --quick (`make bench-quick`) every output must be
+a quick run, without it none may be.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def parse_last_line(text: str, source: str = "bench output") -> dict[str, Any]:
             raise ValueError(f"{source}: the result has no {key!r} key")
         if not isinstance(obj[key], kind) or (key == "ratio" and isinstance(obj[key], bool)):
             raise ValueError(f"{source}: {key!r} has the wrong type ({obj[key]!r})")
+    if not isinstance(obj.get("quick", False), bool):
+        raise ValueError(f"{source}: 'quick' has the wrong type ({obj['quick']!r})")
     if not GOAL.match(obj["goal"]):
         raise ValueError(f"{source}: goal {obj['goal']!r} must read 'ratio >= X' or 'ratio <= X'")
     return obj
@@ -58,8 +63,9 @@ def meets_goal(result: dict[str, Any]) -> bool:
     return ratio >= bound if m[1] == ">=" else ratio <= bound
 
 
-def check(texts: dict[str, str]) -> tuple[list[str], bool]:
-    """One summary line per output (name -> stdout text) and whether all passed."""
+def check(texts: dict[str, str], quick: bool = False) -> tuple[list[str], bool]:
+    """One summary line per output (name -> stdout text) and whether all passed; `quick`: the
+    outputs are quick runs, whose goals are not checked."""
     lines, ok = [], True
     for name, text in texts.items():
         try:
@@ -68,21 +74,30 @@ def check(texts: dict[str, str]) -> tuple[list[str], bool]:
             lines.append(f"FAIL {err}")
             ok = False
             continue
+        if res.get("quick", False) is not quick:
+            lines.append(f"FAIL {name}: a {'quick' if res.get('quick') else 'full'} run, "
+                         f"checked as a {'quick' if quick else 'full'} one (STEERLINE_BENCH_QUICK "
+                         "and tools.bench_contract's --quick must agree)")
+            ok = False
+            continue
         extra = {k: v for k, v in res.items() if SECOND_GOAL.match(k)}
         bad_extra = sorted(k for k, v in extra.items() if v is not True)
-        good = meets_goal(res) and res["equal"] and not bad_extra
+        good = res["equal"] and (quick or (meets_goal(res) and not bad_extra))
         ok &= good
+        goal = f"goal {res['goal']}" + (", not checked: quick" if quick else "")
         lines.append(f"{'PASS' if good else 'FAIL'} {res['bench']}: ratio {res['ratio']} vs "
-                     f"{res['baseline']} (goal {res['goal']}), equal {str(res['equal']).lower()}"
+                     f"{res['baseline']} ({goal}), equal {str(res['equal']).lower()}"
                      + "".join(f", {k} {str(v).lower()}" for k, v in sorted(extra.items())))
     return lines, ok
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    paths = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    quick = "--quick" in args
+    paths = [a for a in args if a != "--quick"]
     if not paths:
-        sys.exit("usage: python -m tools.bench_contract BENCH_STDOUT_FILE...")
-    lines, ok = check({p: Path(p).read_text() for p in paths})
+        sys.exit("usage: python -m tools.bench_contract [--quick] BENCH_STDOUT_FILE...")
+    lines, ok = check({p: Path(p).read_text() for p in paths}, quick)
     print("\n".join(lines))
     if not ok:
         sys.exit(1)

@@ -8,6 +8,12 @@ closing marker comment `/results` (HTML comments, so the Markdown renders withou
 one of BLOCKS; each block is rendered from reports/ alone, so a number in the docs is the number
 in the report that the stage wrote. Prose outside the blocks quotes no measured number.
 
+This tool computes no number: it selects and formats. What the docs show that no other stage
+writes (the dev sweep's groups and picks, the style weight, MAT-Steer's goal margins, verdicts,
+changed items and scale positions) is computed by the summarize stage into reports/summary.json
+(steerline.pipeline.summarize), read back here as its typed record; the formats are
+steerline.core.tables, the CI report's.
+
 Nothing is filled in when a report is missing, unreadable or lacks a key, or holds null / NaN
 where a number belongs: ReportError names the file, the key and the stage that writes it, and no
 file is written (every block of every file is rendered before the first write).
@@ -30,12 +36,14 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
+from pydantic import ValidationError
 
 from steerline.core.io import atomic_path
-from steerline.report import md_table
+from steerline.core.tables import f3, md_table, p_value, pct, signed, yes_no
+from steerline.pipeline.summary_records import Summary, read_summary
 
 MARKER = re.compile(r"<!-- (?:results: ([a-z0-9_]+)|/results) -->")
 
@@ -50,13 +58,13 @@ WRITERS = {
     "safety_eval_details.json": "the eval_safety stage",
     "mat_steer_eval.json": "the eval_steering stage",
     "mat_steer_eval_details.json": "the eval_steering stage",
-    "mat_steer_eval_items.parquet": "the eval_steering stage",
     "train_steering/metrics.json": "the train_steering stage",
     "finetune_experts/metrics.json": "the finetune_experts stage",
     "safety_dev_sweep.csv": "scripts/safety_dev_sweep.py (see docs/choices.md)",
     "gate_dev.json": "the train_gate@base stage",
     "gate_finetuned_dev.json": "the train_gate@finetuned stage",
     "seeds.json": "`make seeds` (python -m steerline.report.seeds)",
+    "summary.json": "the summarize stage",
 }
 
 ATTRIBUTES = {"truthfulqa": "TruthfulQA", "toxigen": "ToxiGen", "bbq": "BBQ"}
@@ -66,8 +74,9 @@ CONDITIONS = {"base": "base", "mean_diff": "mean-diff",
               "single_attribute": "single-attribute mean-diff", "mat_steer": "MAT-Steer"}
 SHORT = {"mat_steer": "MAT", "mean_diff": "mean-diff", "base": "base",
          "single_attribute": "single-attribute"}
-#: the dev rules' bound on over-refusal, in points above the reference (as eval_safety's goals)
-OVER_REFUSAL_MARGIN = 10.0
+#: where a chosen MAT-Steer scale sits among those its dev sweep tried (summary.json)
+SCALE_POSITION = {"largest": "largest tried", "smallest": "smallest tried",
+                  "inside": "inside the grid"}
 
 
 class ReportError(RuntimeError):
@@ -145,6 +154,7 @@ class Reports:
         self.dir = Path(root) / "reports"
         self._json: dict[str, Node] = {}
         self._tables: dict[str, pd.DataFrame] = {}
+        self._summary: Summary | None = None
 
     def _path(self, rel: str) -> Path:
         path = self.dir / rel
@@ -160,11 +170,24 @@ class Reports:
                 raise ReportError(f"reports/{rel} is not valid JSON: {err} ({_fix(rel)})") from None
         return self._json[rel]
 
-    def table(self, rel: str, columns: Iterable[str]) -> pd.DataFrame:
+    def summary(self) -> Summary:
+        """reports/summary.json as the summarize stage's record."""
+        rel = "summary.json"
+        if self._summary is None:
+            try:
+                self._summary = read_summary(self._path(rel))
+            except ValidationError as err:
+                msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                for e in err.errors())
+                raise ReportError(f"reports/{rel} does not fit its schema: {msg} "
+                                  f"({_fix(rel)})") from None
+            except json.JSONDecodeError as err:
+                raise ReportError(f"reports/{rel} is not valid JSON: {err} ({_fix(rel)})") from None
+        return self._summary
+
+    def csv(self, rel: str, columns: Iterable[str]) -> pd.DataFrame:
         if rel not in self._tables:
-            path = self._path(rel)
-            self._tables[rel] = (pd.read_parquet(path) if rel.endswith(".parquet")
-                                 else pd.read_csv(path))
+            self._tables[rel] = pd.read_csv(self._path(rel))
         df = self._tables[rel]
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -173,31 +196,17 @@ class Reports:
         return df
 
 
+V = TypeVar("V")
+
+
+def summary_entry(entries: Mapping[str, V], key: str, what: str) -> V:
+    """summary.json's entry for `key` (an attribute, metric, ...), or a ReportError."""
+    if key not in entries:
+        raise ReportError(f"reports/summary.json: no {what} {key!r} ({_fix('summary.json')})")
+    return entries[key]
+
+
 # --------------------------------------------------------------------------------- formatting
-def f3(x: float) -> str:
-    return f"{x:.3f}"
-
-
-def pct(x: float) -> str:
-    """A rate in [0, 1] as percent, one decimal."""
-    return f"{100 * x:.1f}"
-
-
-def signed(x: float, digits: int) -> str:
-    """+0.123 / -0.123, and 0.000 (no sign) for what rounds to zero."""
-    s = f"{x:+.{digits}f}"
-    return f"{0:.{digits}f}" if float(s) == 0 else s
-
-
-def p_value(p: float) -> str:
-    """Two significant digits; scientific below 0.01 (9.5e-07, 7.3e-04)."""
-    return f"{p:.2g}" if p >= 0.01 else f"{p:.1e}"
-
-
-def yes_no(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
 def source_line(*rels: str) -> str:
     files = ", ".join(f"`reports/{r}`" for r in rels)
     return f"_Generated from {files} by `make docs`._"
@@ -316,7 +325,7 @@ def moefy_block(r: Reports) -> str:
 @block("splits")
 def splits_block(r: Reports) -> str:
     rd, d = r.json("risk_diff_summary.json"), r.json("safety_eval_details.json")
-    base = sweep(r).base
+    base = sweep_base(r)
     n = d.at("n_prompts")
     by_source = ", ".join(f"{k} {n.count('unsafe_by_source', k)}"
                           for k in n.at("unsafe_by_source").keys())
@@ -334,30 +343,20 @@ def splits_block(r: Reports) -> str:
                                     "safety_eval_details.json")])
 
 
-def style_weight(s: Node) -> tuple[int, int, float]:
-    """AdvBench tokens, all unsafe tokens and their ratio w (pooled = w * style + matched)."""
-    advbench = s.count("contrasts", "style", "tokens_case")
-    unsafe = s.count("contrasts", "pooled", "tokens_case")
-    xstest = s.count("contrasts", "style", "tokens_reference")
-    if advbench + xstest != unsafe:
-        raise ReportError(f"reports/{s.file}: style tokens {advbench} + {xstest} != pooled "
-                          f"unsafe tokens {unsafe} ({_fix(s.file)})")
-    return advbench, unsafe, advbench / unsafe
-
-
 @block("contrast_weight")
 def contrast_weight(r: Reports) -> str:
     s = r.json("risk_diff_summary.json")
-    advbench, unsafe, w = style_weight(s)
+    sw = summary_entry(r.summary().style_weight, "base", "style weight of model")
     line = (f"On the committed detect split (token scope `{s.text('token_scope')}`): "
-            f"w = {advbench} AdvBench tokens / {unsafe} unsafe tokens = {w:.2f}.")
+            f"w = {sw.advbench_tokens} AdvBench tokens / {sw.unsafe_tokens} unsafe tokens = "
+            f"{sw.w:.2f}.")
     return "\n\n".join([line, source_line("risk_diff_summary.json")])
 
 
-def risk_diff_block(rel: str) -> Block:
+def risk_diff_block(rel: str, model: str) -> Block:
     def render(r: Reports) -> str:
         s = r.json(rel)
-        _, _, w = style_weight(s)
+        w = summary_entry(r.summary().style_weight, model, "style weight of model").w
         alpha = s.num("alpha")
         rows = []
         for c in s.at("contrasts").keys():
@@ -390,8 +389,8 @@ def risk_diff_block(rel: str) -> Block:
     return render
 
 
-block("risk_diff_base")(risk_diff_block("risk_diff_summary.json"))
-block("risk_diff_finetuned")(risk_diff_block("risk_diff_finetuned_summary.json"))
+block("risk_diff_base")(risk_diff_block("risk_diff_summary.json", "base"))
+block("risk_diff_finetuned")(risk_diff_block("risk_diff_finetuned_summary.json", "finetuned"))
 
 
 @block("experts_selected")
@@ -586,9 +585,7 @@ def mat_steer_setup(r: Reports) -> str:
                         source_line("mat_steer_eval_details.json")])
 
 
-def goal_text() -> str:
-    from steerline.mat_steer.report import GATE_GOALS as G
-
+def goal_text(G: Mapping[str, float]) -> str:
     return (f"gate AUROC >= {G['auroc_min']:g}, within {G['probe_gap_max']:g} of the probe's, "
             f"median gate >= {G['median_neg_min']:g} on negatives and <= "
             f"{G['median_pos_max']:g} on positives, MMD lower after steering")
@@ -596,15 +593,12 @@ def goal_text() -> str:
 
 @block("mat_steer_gates")
 def mat_steer_gates(r: Reports) -> str:
-    from steerline.mat_steer.report import gate_goal_failures
-
     g = r.json("mat_steer_eval.json").at("gates")
+    m = r.summary().mat_steer
     rows = []
     for a in g.keys():
         x = g.at(a)
-        diag = {k: x.num(k) for k in ("gate_auroc", "probe_auroc", "gate_median_neg",
-                                      "gate_median_pos", "mmd_before", "mmd_after")}
-        failed = gate_goal_failures(diag)
+        failed = summary_entry(m.gate_failures, a, "gate goal verdict of attribute")
         rows.append([attribute(a), f3(x.num("gate_auroc")),
                      f"{f3(x.num('probe_auroc'))} (C {x.num('probe_C'):g})",
                      f"{f3(x.num('gate_median_neg'))} / {f3(x.num('gate_median_pos'))}",
@@ -615,7 +609,7 @@ def mat_steer_gates(r: Reports) -> str:
     header = ["attribute", "gate AUROC", "probe AUROC (ceiling)", "median gate neg / pos",
               "mean gate neg / pos", "other attributes' gates on its negatives",
               "MMD(steered neg, pos) before -> after", "goals"]
-    return "\n\n".join([md_table(header, rows), f"Goals: {goal_text()}.",
+    return "\n\n".join([md_table(header, rows), f"Goals: {goal_text(m.gate_goals)}.",
                         source_line("mat_steer_eval.json")])
 
 
@@ -649,18 +643,8 @@ def mat_steer_interference(r: Reports) -> str:
         rows.append([f"{SHORT[a]} - {SHORT[b]}",
                      *(f"{diff_cell(mat.at('paired', pair, k))} {d.text('interference', pair, k)}"
                        for k in metrics)])
-    items = r.table("mat_steer_eval_items.parquet", ["condition", "metric", "item_id", "value"])
-    wide = items.pivot_table(index=["metric", "item_id"], columns="condition", values="value")
-    changed = []
-    for metric, sub in wide.groupby(level="metric", sort=False):
-        for c in ("mat_steer", "mean_diff"):
-            if c not in sub.columns or "base" not in sub.columns or sub[c].isna().any():
-                rel = "mat_steer_eval_items.parquet"
-                raise ReportError(f"reports/{rel}: no {c} or base value for every {metric} item "
-                                  f"({_fix(rel)})")
-        changed.append([METRICS.get(str(metric), str(metric)), str(len(sub)),
-                        str(int((sub["mat_steer"] != sub["base"]).sum())),
-                        str(int((sub["mean_diff"] != sub["base"]).sum()))])
+    changed = [[METRICS.get(metric, metric), str(c.test_items), str(c.mat_steer),
+                str(c.mean_diff)] for metric, c in r.summary().mat_steer.changed_items.items()]
     return "\n\n".join([
         md_table(["all attributes steered minus own attribute only",
                   *(METRICS.get(k, k) for k in metrics)], rows),
@@ -673,17 +657,14 @@ def mat_steer_interference(r: Reports) -> str:
 @block("mat_steer_dev")
 def mat_steer_dev(r: Reports) -> str:
     """train_steering's dev gate diagnostics with the margin to the gate goals."""
-    from steerline.mat_steer.report import GATE_GOALS as G
-
     m = r.json("train_steering/metrics.json")
     dev = m.at("dev")
-    rows, margins = [], []
+    ms = r.summary().mat_steer
+    G = ms.gate_goals
+    rows = []
     for a in [k for k in dev.keys() if k != "loss"]:
         x = dev.at(a)
-        margin = min(x.num("gate_auroc") - G["auroc_min"],
-                     x.num("gate_median_neg") - G["median_neg_min"],
-                     G["median_pos_max"] - x.num("gate_median_pos"))
-        margins.append(margin)
+        margin = summary_entry(ms.dev_margins, a, "dev margin of attribute")
         rows.append([attribute(a), f3(x.num("gate_auroc")),
                      f"{f3(x.num('gate_median_neg'))} / {f3(x.num('gate_median_pos'))}",
                      f"{x.num('other_gates_mean_neg'):.2f}",
@@ -692,8 +673,8 @@ def mat_steer_dev(r: Reports) -> str:
               "other attributes' gates on its negatives", "MMD before -> after",
               "margin to the goals"]
     line = (f"Best epoch {m.count('best_epoch')} of {m.count('epochs_run')}; smallest margin "
-            f"{f3(min(margins))} (negative: a goal missed). Goals without the probe term: "
-            f"AUROC >= {G['auroc_min']:g}, median gate >= {G['median_neg_min']:g} on "
+            f"{f3(ms.smallest_dev_margin)} (negative: a goal missed). Goals without the probe "
+            f"term: AUROC >= {G['auroc_min']:g}, median gate >= {G['median_neg_min']:g} on "
             f"negatives, <= {G['median_pos_max']:g} on positives.")
     return "\n\n".join([md_table(header, rows), line, source_line("train_steering/metrics.json")])
 
@@ -701,97 +682,44 @@ def mat_steer_dev(r: Reports) -> str:
 @block("mat_steer_scales")
 def mat_steer_scales(r: Reports) -> str:
     d = r.json("mat_steer_eval_details.json")
+    scales = r.summary().mat_steer.scales
     rows = []
     for c in d.at("dev_sweeps").keys():
-        chosen = d.num("scales", c)
-        tried = [float(s) for s in d.at("dev_sweeps", c).keys()]
+        choice = summary_entry(scales, c, "scale choice of condition")
         cells = []
         for s in sorted(d.at("dev_sweeps", c).keys(), key=float):  # grid extensions in place
             v = f"x{float(s):g}: {f3(d.num('dev_sweeps', c, s, 'average'))}"
-            cells.append(f"**{v}**" if float(s) == chosen else v)
-        edge = "largest tried" if chosen == max(tried) else "smallest tried" \
-            if chosen == min(tried) else "inside the grid"
-        rows.append([CONDITIONS.get(c, c), ", ".join(cells), edge])
+            cells.append(f"**{v}**" if float(s) == choice.chosen else v)
+        rows.append([CONDITIONS.get(c, c), ", ".join(cells), SCALE_POSITION[choice.position]])
     return "\n\n".join([md_table(["condition", "dev average accuracy per scale (chosen in bold)",
                                   "chosen scale"], rows),
                         source_line("mat_steer_eval_details.json")])
 
 
 # ------------------------------------------------------------------------------ the dev sweep
-SWEEP_COLUMNS = ("run", "model", "steering", "n_unsafe", "n_safe", "refusal_unsafe_pct",
-                 "refusal_unsafe_ci_low", "refusal_unsafe_ci_high", "over_refusal_safe_pct",
-                 "over_refusal_safe_ci_low", "over_refusal_safe_ci_high", "reference",
-                 "refusal_unsafe_points_vs_ref", "refusal_unsafe_mcnemar_p",
-                 "over_refusal_safe_points_vs_ref", "over_refusal_safe_mcnemar_p")
 SWEEP = "safety_dev_sweep.csv"
+#: the columns the sweep tables show
+SWEEP_COLUMNS = ("run", "n_unsafe", "n_safe", "refusal_unsafe_pct", "refusal_unsafe_ci_low",
+                 "refusal_unsafe_ci_high", "over_refusal_safe_pct", "over_refusal_safe_ci_low",
+                 "over_refusal_safe_ci_high", "reference", "refusal_unsafe_points_vs_ref",
+                 "refusal_unsafe_mcnemar_p", "over_refusal_safe_points_vs_ref",
+                 "over_refusal_safe_mcnemar_p")
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """reports/safety_dev_sweep.csv split into its groups, with each rule's pick (a run name,
-    or None when no run qualifies)."""
-
-    base: pd.Series
-    finetune: pd.DataFrame  # fine-tuned on the current unsafe list, vs base
-    finetune_pick: str
-    ft_steering: pd.DataFrame  # the picked fine-tuned model steered by its own unsafe experts
-    deactivate_pick: str | None
-    activate_pick: str | None
-    base_steering: pd.DataFrame  # models/moe steered, vs base
-    base_steering_pick: str | None
-    history: pd.DataFrame  # the rest: runs of an earlier expert list
+def sweep_rows(r: Reports, runs: Sequence[str]) -> pd.DataFrame:
+    """The sweep's rows of `runs` (a group summary.json names), in that order; reference "" for
+    none."""
+    df = r.csv(SWEEP, SWEEP_COLUMNS)
+    missing = [run for run in runs if run not in set(df["run"])]
+    if missing:
+        raise ReportError(f"reports/summary.json names runs not in reports/{SWEEP}: "
+                          f"{', '.join(map(repr, missing))} ({_fix('summary.json')})")
+    rows = df.set_index("run", drop=False).loc[list(runs)]
+    return rows.assign(reference=rows["reference"].fillna("").astype(str))
 
 
-def _steering(row: pd.Series) -> dict[str, Any]:
-    return json.loads(row["steering"]) if isinstance(row["steering"], str) else {}
-
-
-def pick_finetune(rows: pd.DataFrame) -> str | None:
-    """Over-refusal within +10 points of base, then the highest refusal (first run on ties)."""
-    ok = rows[rows["over_refusal_safe_points_vs_ref"] <= OVER_REFUSAL_MARGIN]
-    return None if ok.empty else str(ok.loc[ok["refusal_unsafe_pct"].idxmax(), "run"])
-
-
-def pick_rise(rows: pd.DataFrame) -> str | None:
-    """The largest refusal rise with over-refusal within +10 points of the reference."""
-    ok = rows[(rows["over_refusal_safe_points_vs_ref"] <= OVER_REFUSAL_MARGIN)
-              & (rows["refusal_unsafe_points_vs_ref"] > 0)]
-    return None if ok.empty else str(ok.loc[ok["refusal_unsafe_points_vs_ref"].idxmax(), "run"])
-
-
-def pick_drop(rows: pd.DataFrame) -> str | None:
-    """The largest refusal drop."""
-    ok = rows[rows["refusal_unsafe_points_vs_ref"] < 0]
-    return None if ok.empty else str(ok.loc[ok["refusal_unsafe_points_vs_ref"].idxmin(), "run"])
-
-
-def sweep(r: Reports) -> Sweep:
-    """The sweep's groups. Runs fine-tuned on the current unsafe list are named
-    'finetuned(N) ...' with N = select_experts@base's unsafe count, so a changed selection with
-    no new sweep fails here instead of documenting runs of another list."""
-    df = r.table(SWEEP, SWEEP_COLUMNS).reset_index(drop=True).copy()
-    df["reference"] = df["reference"].fillna("").astype(str)
-    base = df[df["run"] == "base"]
-    if len(base) != 1:
-        raise ReportError(f"reports/{SWEEP}: needs exactly one run named 'base' ({_fix(SWEEP)})")
-    n = r.json("experts_summary.json").count("n_unsafe")
-    steered = df.apply(lambda row: bool(_steering(row)), axis=1)
-    finetune = df[df["run"].str.startswith(f"finetuned({n}) ") & (df["reference"] == "base")
-                  & ~steered]
-    pick = pick_finetune(finetune)
-    if pick is None:
-        raise ReportError(f"reports/{SWEEP}: no fine-tuning run 'finetuned({n}) ...' (the current "
-                          f"{n}-expert unsafe list) within the dev rule ({_fix(SWEEP)})")
-    ft_steering = df[(df["reference"] == pick) & steered]
-    if ft_steering.empty:
-        raise ReportError(f"reports/{SWEEP}: no steering run against {pick!r} ({_fix(SWEEP)})")
-    dirs = ft_steering.apply(lambda row: _steering(row).get("direction"), axis=1)
-    base_steering = df[(df["reference"] == "base") & steered]
-    used = {*base.index, *finetune.index, *ft_steering.index, *base_steering.index}
-    return Sweep(base.iloc[0], finetune, pick, ft_steering,
-                 pick_drop(ft_steering[dirs == "deactivate"]),
-                 pick_rise(ft_steering[dirs == "activate"]),
-                 base_steering, pick_rise(base_steering), df[~df.index.isin(used)])
+def sweep_base(r: Reports) -> pd.Series:
+    return sweep_rows(r, ["base"]).iloc[0]
 
 
 def sweep_table(rows: pd.DataFrame, picks: Iterable[str | None], with_base: pd.Series | None
@@ -815,50 +743,44 @@ def sweep_table(rows: pd.DataFrame, picks: Iterable[str | None], with_base: pd.S
     return md_table(header, out)
 
 
-def _dev_sizes(s: Sweep) -> str:
-    return f"{int(s.base['n_unsafe'])} unsafe / {int(s.base['n_safe'])} safe dev prompts"
+def _dev_sizes(base: pd.Series) -> str:
+    return f"{int(base['n_unsafe'])} unsafe / {int(base['n_safe'])} safe dev prompts"
 
 
 @block("dev_sweep_finetune")
 def dev_sweep_finetune(r: Reports) -> str:
-    s = sweep(r)
-    return "\n\n".join([sweep_table(s.finetune, [s.finetune_pick], s.base),
-                        f"{_dev_sizes(s)}. Rule's pick (bold): `{s.finetune_pick}`.",
+    s, base = r.summary().dev_sweep, sweep_base(r)
+    return "\n\n".join([sweep_table(sweep_rows(r, s.finetune), [s.finetune_pick], base),
+                        f"{_dev_sizes(base)}. Rule's pick (bold): `{s.finetune_pick}`.",
                         source_line(SWEEP, "experts_summary.json")])
 
 
 @block("dev_sweep_finetuned_steering")
 def dev_sweep_finetuned_steering(r: Reports) -> str:
-    s = sweep(r)
-    return "\n\n".join([sweep_table(s.ft_steering, [s.deactivate_pick, s.activate_pick], None),
-                        f"{_dev_sizes(s)}. Picks (bold): deactivate `{s.deactivate_pick}`, "
-                        f"activate `{s.activate_pick}`.", source_line(SWEEP)])
+    s = r.summary().dev_sweep
+    return "\n\n".join([sweep_table(sweep_rows(r, s.finetuned_steering),
+                                    [s.deactivate_pick, s.activate_pick], None),
+                        f"{_dev_sizes(sweep_base(r))}. Picks (bold): deactivate "
+                        f"`{s.deactivate_pick}`, activate `{s.activate_pick}`.",
+                        source_line(SWEEP)])
 
 
 @block("dev_sweep_base_steering")
 def dev_sweep_base_steering(r: Reports) -> str:
-    s = sweep(r)
-    return "\n\n".join([sweep_table(s.base_steering, [s.base_steering_pick], s.base),
-                        f"{_dev_sizes(s)}. Rule's pick (bold): `{s.base_steering_pick}`.",
+    s, base = r.summary().dev_sweep, sweep_base(r)
+    return "\n\n".join([sweep_table(sweep_rows(r, s.base_steering), [s.base_steering_pick], base),
+                        f"{_dev_sizes(base)}. Rule's pick (bold): `{s.base_steering_pick}`.",
                         source_line(SWEEP)])
 
 
 @block("dev_sweep_history")
 def dev_sweep_history(r: Reports) -> str:
-    s = sweep(r)
-    h = s.history
-    if h.empty:
+    s, base = r.summary().dev_sweep, sweep_base(r)
+    if not s.history:
         return "\n\n".join(["This sweep has no run of an earlier expert list.",
                               source_line(SWEEP)])
-    steered = h.apply(lambda row: bool(_steering(row)), axis=1)
-    finetune = h[(h["reference"] == "base") & ~steered]
-    picks = [pick_finetune(finetune)]
-    own = h[h["reference"] == picks[0]]
-    if not own.empty:
-        dirs = own.apply(lambda row: _steering(row).get("direction"), axis=1)
-        picks += [pick_drop(own[dirs == "deactivate"]), pick_rise(own[dirs == "activate"])]
-    return "\n\n".join([sweep_table(h, picks, s.base),
-                        f"{_dev_sizes(s)}; in bold, the same rules' picks then: the fine-tuning "
+    return "\n\n".join([sweep_table(sweep_rows(r, s.history), s.history_picks, base),
+                        f"{_dev_sizes(base)}; in bold, the same rules' picks then: the fine-tuning "
                         "config, and the steering of that model.", source_line(SWEEP)])
 
 

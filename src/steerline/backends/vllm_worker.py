@@ -84,16 +84,6 @@ def enforce_topk(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(~chosen & (logits >= floor), torch.nextafter(floor, -inf), logits)
 
 
-def engine_topk(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, weights) by vLLM's own rule: top-k of the logits, softmax over them (renormalised)
-    or exp(logit - logsumexp)."""
-    x = logits.float()
-    vals, ids = torch.topk(x, top_k, dim=-1)
-    if norm:
-        return ids, torch.softmax(vals, dim=-1)
-    return ids, (vals - torch.logsumexp(x, dim=-1, keepdim=True)).exp()
-
-
 def force_rows(weights: torch.Tensor, ids: torch.Tensor,
                forced: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,11 +361,9 @@ class SteerlineState:
             if self.rule == "transformers" and rule.rule in LOGIT_TOPK_RULES:
                 _, ids, w = router_topk(src, rule)
                 edited = src = enforce_topk(src, ids)
-            elif capture and self.rule == "engine" and rule.rule in ("softmax_topk",
-                                                                     "topk_softmax"):
-                ids, w = engine_topk(src, self.top_k, rule.norm or rule.rule == "topk_softmax")
-            elif capture:  # the group-limited rules: the same float32 formula vLLM computes
-                ids, w = select(src, rule)
+            elif capture:  # "engine": vLLM's own choice; the group-limited rules: the same
+                # float32 formula vLLM computes under either rule
+                ids, w = select(src, rule, engine=self.rule == "engine")
             if forced:
                 # vLLM's router scales by its own factor (1 when it scales the output instead)
                 scale = float(getattr(self.fused[layer], "routed_scaling_factor", rule.scaling))

@@ -1,10 +1,12 @@
 """The `steerline` command (pyproject console script): what a researcher reaches for.
 
-    steerline generate --model models/moe --prompt "..." --experts models/experts.json --compare
+    steerline generate --prompt "..." --experts models/experts.json --compare
     steerline experts --top 10 [--contrast matched]
-    steerline routes --model models/moe --prompt "..."
-    steerline detect --model models/moe --unsafe unsafe.txt --safe safe.txt --out experts.json
+    steerline routes --prompt "..."
+    steerline detect --unsafe unsafe.txt --safe safe.txt --out experts.json
     steerline stages
+
+The MoE commands default to build_models' model (cli.common.DEFAULT_MOE).
 
 Bad input ends with one line on stderr saying what to fix (exit status 2), never a traceback.
 """

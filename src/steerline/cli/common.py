@@ -1,5 +1,6 @@
 """Shared pieces of the `steerline` command: the error type every subcommand raises for bad
-input (printed as one line, no traceback), expert-list parsing and params.yaml look-ups."""
+input (printed as one line, no traceback), expert-list parsing, the default model and the
+pipeline's params (params.yaml through its schema)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 PARAMS = Path("params.yaml")
+DEFAULT_MOE = "models/moe"  # build_models' MoE: detect's, generate's and routes' --model
 PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -29,24 +29,26 @@ def parse_pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def params_section(name: str, params: Path = PARAMS) -> dict[str, Any]:
-    """One section of params.yaml (the pipeline's defaults), or {} when there is no file."""
-    from steerline.core.params import load_yaml  # here: the CLI starts without pydantic
+def pipeline_params(params: Path = PARAMS) -> dict[str, Any]:
+    """The pipeline's params as plain values: `params` checked by its schema (every key; a
+    wrong one is one line naming it) in the project, else the schema's CliDefault values (the
+    committed params.yaml's, for the keys the command reads)."""
+    from steerline.core.params import cli_defaults, load_params  # here: --help without pydantic
 
     if not params.is_file():
-        return {}
-    try:
-        raw = load_yaml(params) or {}
-    except yaml.YAMLError as err:
-        raise CliError(f"{params} is not valid YAML ({err}); fix it or pass the values as flags"
-                       ) from None
-    section = raw.get(name, {}) if isinstance(raw, dict) else {}
-    return section if isinstance(section, dict) else {}
+        return cli_defaults()
+    return load_params(params).model_dump()
+
+
+def params_section(name: str, params: Path = PARAMS) -> dict[str, Any]:
+    """One section of pipeline_params ({} outside the project when no key of it has a
+    CliDefault)."""
+    return pipeline_params(params).get(name, {})
 
 
 def param_default(value: Any, section: str, key: str, flag: str) -> Any:
-    """`value` when given on the command line, else params.yaml's section.key; an error naming
-    the flag when neither is there."""
+    """`value` when given on the command line, else the pipeline's section.key; an error naming
+    the flag when neither is there (outside the project, a key without a CliDefault)."""
     if value is not None:
         return value
     found = params_section(section).get(key)

@@ -1,13 +1,14 @@
 """`steerline detect`: the experts of an MoE whose routing differs between your own unsafe and
 safe prompts, by the pipeline's own code: greedy answers with routing capture
-(steermoe.routing.capture.run_capture, as capture_routing), the prompt-level risk difference
+(steermoe.routing.capture_model, as capture_routing), the prompt-level risk difference
 (steermoe.detection.risk_diff.compute_risk_diff, as risk_diff: pooled contrast, permutation p /
 BH q, bootstrap CIs) and the selection rule (steermoe.detection.select_experts, as
 select_experts), written as an experts.json that `steerline generate --experts` and
 finetune_experts read.
 
 Params come from params.yaml's capture_routing / risk_diff / select_experts sections and `seed`
-when run in the project (else DEFAULTS, the committed params.yaml's values), flags override.
+when run in the project (through the params schema; else its CliDefault values, the committed
+params.yaml's), flags override.
 The selection is on the pooled contrast only: your files carry no look-alike pairs (the matched
 contrast of select_experts.require: matched / both needs prepare_safety's XSTest sources).
 
@@ -37,18 +38,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from steerline.cli.common import PARAMS, CliError, params_section, require_file
+from steerline.cli.common import (
+    DEFAULT_MOE,
+    PARAMS,
+    CliError,
+    pipeline_params,
+    require_file,
+)
 
-DEFAULT_MOE = "models/moe"
 SCOPES = ("user", "generated", "all", "target")
-# params.yaml's committed values, used outside the project (no params.yaml in the cwd)
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "capture_routing": {"max_new_tokens": 32, "batch_size": 16, "shard_prompts": 64,
-                        "dtype": "float32"},
-    "risk_diff": {"token_scope": "user", "n_permutations": 1000, "null_quantile": 0.99,
-                  "n_bootstrap": 1000, "ci_level": 0.95},
-    "select_experts": {"threshold": 0.05, "top_k": 50, "alpha": 0.05},
-}
 # the work folder's name: this prefix, the owning process id, "-", tempfile's random part
 WORK_PREFIX = "steerline-detect-"
 TABLE_HEADER = ["side", "#", "layer", "expert", "risk_diff", "a_safe_n", "a_unsafe_n", "p_perm",
@@ -62,9 +60,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                     "then the pipeline's risk difference per (layer, expert) (prompt-level "
                     "permutation p / q, bootstrap CI) and its expert selection: prints the "
                     "ranking and writes an experts.json for `steerline generate --experts`.",
-        epilog="example: steerline detect --model models/moe --unsafe unsafe.txt --safe safe.txt "
-               "--top 10 --out my_experts.json   (files: .txt one prompt per line, or .csv / "
-               ".jsonl / .parquet with a text column)")
+        epilog="example: steerline detect --unsafe unsafe.txt --safe safe.txt --top 10 --out "
+               "my_experts.json   (files: .txt one prompt per line, or .csv / .jsonl / .parquet "
+               "with a text column)")
     p.add_argument("--model", default=DEFAULT_MOE, help=f"MoE model directory (default "
                    f"{DEFAULT_MOE})")
     p.add_argument("--unsafe", metavar="FILE", help="prompts of the behaviour to "
@@ -102,16 +100,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def settings(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int]:
-    """(RiskDiff, SelectExperts, capture dict, seed): DEFAULTS < params.yaml < flags, checked
-    by the params schema (same ranges as the pipeline's)."""
+    """(RiskDiff, SelectExperts, capture dict, seed): the pipeline's params (cli.common.
+    pipeline_params) < flags, checked by the params schema (same ranges as the pipeline's)."""
     from pydantic import ValidationError
 
     from steerline.core.params import RiskDiff, SelectExperts
 
+    params = pipeline_params()
+
     def section(name: str, flags: dict[str, Any]) -> dict[str, Any]:
-        found = params_section(name)
-        merged = {k: found.get(k, v) for k, v in DEFAULTS[name].items()}
-        return {**merged, **{k: v for k, v in flags.items() if v is not None}}
+        return {**params[name], **{k: v for k, v in flags.items() if v is not None}}
 
     capture = section("capture_routing", {"max_new_tokens": args.max_new_tokens})
     scope = args.scope or ("target" if getattr(args, "paired", None) else None)
@@ -122,26 +120,19 @@ def settings(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int]:
     if rd["token_scope"] == "target" and not getattr(args, "paired", None):
         raise CliError("--scope target counts the target spans of paired chats: give --paired "
                        "FILE, or another --scope")
-    sel = section("select_experts", {"threshold": args.threshold, "alpha": args.alpha})
+    # your files carry no look-alike pairs: the pooled contrast only, whatever params.yaml says
+    sel = section("select_experts", {"threshold": args.threshold, "alpha": args.alpha,
+                                     "require": "pooled"})
     if capture["max_new_tokens"] < (1 if rd["token_scope"] == "generated" else 0):
         raise CliError("--scope generated needs --max-new-tokens >= 1")
     try:
-        risk, select = RiskDiff(**rd), SelectExperts(**sel, require="pooled")
+        risk, select = RiskDiff(**rd), SelectExperts(**sel)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "value"
         raise CliError(f"{where}: {first['msg']} (a flag or {PARAMS})") from None
-    seed = args.seed if args.seed is not None else params_seed()
+    seed = args.seed if args.seed is not None else params["seed"]
     return risk, select, capture, int(seed)
-
-
-def params_seed() -> int:
-    import yaml
-
-    if not PARAMS.is_file():
-        return 0
-    raw = yaml.safe_load(PARAMS.read_text()) or {}
-    return int(raw.get("seed", 0)) if isinstance(raw, dict) else 0
 
 
 def min_p_value(n_unsafe: int, n_safe: int, n_permutations: int) -> float:
@@ -163,7 +154,7 @@ def prompts_needed(alpha: float, n_permutations: int) -> int | None:
 
 def ranking_rows(df, top: int, selection: dict[str, Any]) -> list[list[str]]:
     """The `top` highest (unsafe) and lowest (safe) risk_diff pairs as table rows."""
-    from steerline.steermoe.detection.expert_table import fmt
+    from steerline.core.tables import fmt
 
     chosen = {side: {tuple(p) for p in selection[side]} for side in ("unsafe", "safe")}
     rows = []
@@ -243,20 +234,18 @@ def run(args: argparse.Namespace) -> None:
 
 
 def detect(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from steerline.backends import BACKENDS, make_backend
+    from steerline.backends import BACKENDS
     from steerline.core.io import staged_outputs, write_json, write_parquet
     from steerline.model.arch import DenseModelError
-    from steerline.model.fingerprint import FINGERPRINT_CACHE, model_fingerprint
+    from steerline.model.fingerprint import FINGERPRINT_CACHE
     from steerline.model.load import moe_config
     from steerline.steermoe.data.paired_chat import paired_prompts
     from steerline.steermoe.data.prompt_files import labelled_prompts
     from steerline.steermoe.detection.expert_table import render
     from steerline.steermoe.detection.risk_diff import compute_risk_diff
     from steerline.steermoe.detection.select_experts import select_experts
-    from steerline.steermoe.routing.capture import CaptureConfig, run_capture
+    from steerline.steermoe.routing.capture import CaptureConfig
+    from steerline.steermoe.routing.capture_model import capture_model
 
     if args.backend not in BACKENDS:
         raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
@@ -303,32 +292,27 @@ def detect(args: argparse.Namespace) -> None:
           f"model {args.model} ({args.backend}), scope {risk.token_scope}, seed {seed}",
           file=sys.stderr)
 
-    torch.manual_seed(seed)  # as capture_routing: greedy decoding, the seed for any sampling
-    # the project's fingerprint cache only inside the project (never a tmp/ in a stranger's cwd)
-    fingerprint = model_fingerprint(args.model, FINGERPRINT_CACHE if PARAMS.is_file() else None)
     options = {"progress": False, "seed": seed} if args.backend == "vllm" else {}
+    # the project's fingerprint cache only inside the project (never a tmp/ in a stranger's cwd)
+    fingerprint_cache = FINGERPRINT_CACHE if PARAMS.is_file() else None
+    config = CaptureConfig(cap["max_new_tokens"], cap["shard_prompts"])
     remove_stale_work(Path(tempfile.gettempdir()))
     with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
-        with make_backend(args.backend, args.model, cap["dtype"], batch_size=cap["batch_size"],
-                          **options) as backend:
-            run_capture(backend, AutoTokenizer.from_pretrained(args.model), prompts,
-                        CaptureConfig(cap["max_new_tokens"], cap["shard_prompts"]),
-                        work / "routing", work / "generations.parquet", work / "cache",
-                        meta={"model": args.model, "model_fingerprint": fingerprint,
-                              "dtype": cap["dtype"]})
-        df, meta = compute_risk_diff(
-            work / "routing", token_scope=risk.token_scope, n_permutations=risk.n_permutations,
-            null_quantile=risk.null_quantile, seed=seed, progress=True, prompts=None,
-            n_bootstrap=risk.n_bootstrap, ci_level=risk.ci_level)
+        capture_model(args.model, prompts, config, work / "routing", work / "generations.parquet",
+                      work / "cache", backend=args.backend, dtype=cap["dtype"],
+                      batch_size=cap["batch_size"], seed=seed, options=options,
+                      fingerprint_cache=fingerprint_cache)
+        # the risk_diff params are compute_risk_diff's keywords (as the risk_diff stage)
+        df, meta = compute_risk_diff(work / "routing", **risk.model_dump(), seed=seed,
+                                     progress=True, prompts=None)
     # select_experts logs each empty list; the lines below say it once, with what to do (the
     # logger's level is put back: a library caller of main keeps its logging as it was)
     quiet = logging.getLogger(select_experts.__module__)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        selection = select_experts(df, threshold=select.threshold, top_k=select.top_k,
-                                   alpha=select.alpha, require=select.require, meta=meta)
+        selection = select_experts(df, **select.model_dump(), meta=meta)
     finally:
         quiet.setLevel(level)
     print(f"risk difference P(expert | unsafe) - P(expert | safe) over {meta['n_tokens_unsafe']} "

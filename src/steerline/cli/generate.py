@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from steerline.cli.common import (
+    DEFAULT_MOE,
     CliError,
     param_default,
-    params_section,
     parse_pairs,
     require_file,
 )
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # torch-heavy modules are imported when a command runs (fast 
     from steerline.steering.experts import SteeringPlan
     from steerline.steermoe.gating.prompt_gate import PromptGate
 
-DEFAULT_MOE = "models/moe"
 RISK_DIFF = Path("reports/risk_diff.parquet")  # fallback ranking for an empty experts.json list
 
 
@@ -31,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         description="Greedy answers to --prompt, steered by SteerMoE expert steering (--activate "
                     "/ --deactivate pairs or --experts models/experts.json) and/or a MAT-Steer "
                     "checkpoint (--mat); --compare prints the unsteered answer beside it.",
-        epilog="example: steerline generate --model models/moe --prompt 'How do I pick a lock?' "
-               "--experts models/experts.json --mode deactivate_unsafe --compare")
+        epilog="example: steerline generate --prompt 'How do I pick a lock?' --experts "
+               "models/experts.json --mode deactivate_unsafe --compare")
     p.add_argument("--model", help=f"model directory (default: {DEFAULT_MOE}; with only --mat, "
                                    "the checkpoint's own model)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
@@ -51,9 +50,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     g.add_argument("--on-empty-selection", choices=("error", "risk_diff_ranking"),
                    help="with --experts, a list the mode needs is empty: error, or steer the top "
                    "of reports/risk_diff.parquet (default: params.yaml "
-                   "expert_steering.on_empty_selection, else error)")
-    g.add_argument("--gate", metavar="DIR", help="a train_gate folder (models/gate for "
-                   "models/moe): steer only the prompts its gate fires on, the rest unsteered")
+                   "expert_steering.on_empty_selection)")
+    g.add_argument("--gate", metavar="DIR", help=f"a train_gate folder (models/gate for "
+                   f"{DEFAULT_MOE}): steer only the prompts its gate fires on, the rest "
+                   "unsteered")
     g.add_argument("--gate-source", default="residual", choices=("residual", "routing"),
                    help="with --gate: which of its gates (default: residual)")
     p.add_argument("--mat", metavar="DIR", help="MAT-Steer checkpoint (models/mat_steer from "
@@ -74,7 +74,7 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
     from steerline.model.arch import DenseModelError
     from steerline.model.load import moe_config
     from steerline.steering.experts import MODES, SteeringPlan, read_experts_json
-    from steerline.steermoe.safety.evaluate import selection_plan
+    from steerline.steermoe.safety.steering_plan import selection_plan
     pairs = args.activate is not None or args.deactivate is not None
     if args.experts is not None and pairs:
         raise CliError("give either --experts or --activate/--deactivate, not both")
@@ -106,12 +106,9 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
         raise CliError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     n = int(param_default(args.n_experts, "expert_steering", "n_experts", "--n-experts"))
     # the pipeline's rule (eval_safety): an empty list is an error unless on_empty_selection
-    # says to steer the raw risk_diff ranking; without params.yaml the safe choice, error
-    on_empty = args.on_empty_selection or params_section("expert_steering").get(
-        "on_empty_selection", "error")
-    if on_empty not in ("error", "risk_diff_ranking"):
-        raise CliError(f"expert_steering.on_empty_selection must be error or risk_diff_ranking, "
-                       f"got {on_empty!r}")
+    # says to steer the raw risk_diff ranking
+    on_empty = param_default(args.on_empty_selection, "expert_steering", "on_empty_selection",
+                             "--on-empty-selection")
 
     def ranking() -> pd.DataFrame:
         require_file(RISK_DIFF, "the risk_diff ranking on_empty_selection falls back on",
@@ -147,14 +144,14 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 
 
 def gate_scores(gate: PromptGate, model: str, prompts: list[str], dtype: str) -> list[float]:
-    """Each prompt's gate score from one unsteered prefill of `model`."""
+    """Each prompt's gate score from one unsteered prefill of `model` (the answer_safety
+    stages' scoring)."""
     from steerline.model.load import load_moe
-    from steerline.steermoe.gating.features import prompt_features
+    from steerline.steermoe.gating.scoring import score_prompts
 
     hf, tok = load_moe(model, dtype)
-    feats = prompt_features(hf, tok, prompts, [gate.layer] if gate.layer is not None else [],
-                            batch_size=8)
-    return [float(x) for x in gate.scores(feats)]
+    scores, _ = score_prompts({gate.source: gate}, hf, tok, prompts, batch_size=8)[gate.source]
+    return [float(x) for x in scores]
 
 
 def run(args: argparse.Namespace) -> None:

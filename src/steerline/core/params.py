@@ -8,11 +8,14 @@ MAX_YAML_NODES nodes are refused before validation. The data files a stage reads
 sources, attribute files) lie inside the repository root or a folder of STEERLINE_DATA_ROOTS.
 Each stage reads only its own section (plus `seed`), and lists exactly those keys in dvc.yaml.
 MAT-Steer's loss weights are top-level keys so `dvc exp run -S lambda_sparse=0.5` works.
+The `steerline` command reads params.yaml through this schema too; outside the project it takes
+the values marked CliDefault on their keys (cli_defaults), the committed params.yaml's.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -69,6 +72,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+@dataclass(frozen=True)
+class CliDefault:
+    """A key's value for the `steerline` command outside the project (no ./params.yaml): the
+    committed params.yaml's (tests/test_params.py checks they agree). Metadata only: the key
+    stays required, the stages take every value from params.yaml."""
+
+    value: Any
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["vllm", "transformers"]  # vllm: the production engine; transformers: reference
+# an empty experts.json list: error, or steer (train) the top of the raw risk_diff ranking
+OnEmptySelection = Literal["error", "risk_diff_ranking"]
+
+
 class BuildModels(Strict):
     gguf_package: str
     gguf_file: str
@@ -122,12 +140,12 @@ class PrepareSafety(Strict):
 
 class CaptureRouting(Strict):
     model: str  # a local MoE directory (a hub checkpoint downloaded beforehand)
-    # vllm: the production engine (hooks on its routers); transformers: the reference
-    backend: Literal["vllm", "transformers"]
-    max_new_tokens: int = Field(ge=0)
-    batch_size: int = Field(ge=1)  # transformers backend only
-    shard_prompts: int = Field(ge=1)  # prompts per resumable shard (vLLM: all in flight)
-    dtype: Literal["float32", "bfloat16", "float16"]
+    backend: Backend  # vllm: hooks on its routers
+    max_new_tokens: Annotated[int, CliDefault(32)] = Field(ge=0)
+    batch_size: Annotated[int, CliDefault(16)] = Field(ge=1)  # transformers backend only
+    # prompts per resumable shard (vLLM: all in flight)
+    shard_prompts: Annotated[int, CliDefault(64)] = Field(ge=1)
+    dtype: Annotated[Dtype, CliDefault("float32")]
     # vLLM scale-out, passed through (null: vLLM's default; on CPU the KV cache is 1 GiB)
     tensor_parallel_size: int = Field(ge=1)
     data_parallel_size: int = Field(ge=1)
@@ -137,14 +155,15 @@ class CaptureRouting(Strict):
 
 class RiskDiff(Strict):
     # target: the target spans of paired_chat prompts (teacher-forced, docs/own_behaviour.md)
-    token_scope: Literal["user", "generated", "all", "target"]
+    token_scope: Annotated[Literal["user", "generated", "all", "target"], CliDefault("user")]
     # Prompt-label shuffles, one matmul per chunk: per-pair p-values (smallest 1/(n+1)) and the
     # max-|risk_diff| null. select_experts needs the p-values, so at least 1.
-    n_permutations: int = Field(ge=1, le=1_000_000)
-    null_quantile: float = Field(gt=0.0, lt=1.0)  # |risk_diff| above it "beats the null"
+    n_permutations: Annotated[int, CliDefault(1000)] = Field(ge=1, le=1_000_000)
+    # |risk_diff| above it "beats the null"
+    null_quantile: Annotated[float, CliDefault(0.99)] = Field(gt=0.0, lt=1.0)
     # Prompt resamples for the CI of risk_diff; memory holds [n_bootstrap, layers * experts].
-    n_bootstrap: int = Field(ge=1, le=100_000)
-    ci_level: float = Field(gt=0.0, lt=1.0)
+    n_bootstrap: Annotated[int, CliDefault(1000)] = Field(ge=1, le=100_000)
+    ci_level: Annotated[float, CliDefault(0.95)] = Field(gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> RiskDiff:
@@ -158,9 +177,11 @@ class RiskDiff(Strict):
 
 
 class SelectExperts(Strict):
-    threshold: float = Field(ge=0.0, lt=1.0)  # on risk_diff, which lies in [-1, 1]
-    top_k: int = Field(ge=1)
-    alpha: float = Field(gt=0.0, le=1.0)  # on the prompt-level q-value (q_perm)
+    # on risk_diff, which lies in [-1, 1]
+    threshold: Annotated[float, CliDefault(0.05)] = Field(ge=0.0, lt=1.0)
+    top_k: Annotated[int, CliDefault(50)] = Field(ge=1)
+    # on the prompt-level q-value (q_perm)
+    alpha: Annotated[float, CliDefault(0.05)] = Field(gt=0.0, le=1.0)
     require: Literal["pooled", "matched", "both"]  # contrasts that must pass (contrasts.py)
 
 
@@ -175,7 +196,7 @@ RESERVED_ATTRIBUTE = "loss"
 
 class UserAttributeParams(Strict):
     """A researcher's own MAT-Steer attribute: one file of (prompt, positive, negative, group)
-    rows (mat_steer.data.build_user_attribute; docs/own_behaviour.md)."""
+    rows (mat_steer.user_attribute.build_user_attribute; docs/own_behaviour.md)."""
 
     # the attribute's table, activations and metric (<name>_acc) are named by it
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
@@ -216,7 +237,7 @@ class ExtractActivations(Strict):
     pooling: Literal["last", "mean"]
     batch_size: int = Field(ge=1)
     max_length: int = Field(ge=2)
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Dtype
 
 
 class TrainSteering(Strict):
@@ -256,24 +277,25 @@ class EvalSteering(Strict):
     n_bootstrap: int = Field(ge=100, le=100_000)  # paired bootstrap resamples of the items
     max_dev_items: int | None = Field(ge=1)  # per task, for the mean-difference scale sweep
     max_rows: int = Field(ge=1)  # answer choices scored per forward
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Dtype
 
 
 # ---- SteerMoE actions: expert steering, selective finetuning, safety evaluation --------------
 # The variant itself is always SteerMoE's published rule (every prompt steered); routing /
 # residual also evaluates its gated twin `<variant>_gated`, steering only the prompts the
 # train_gate gate of that source fires on (steermoe/gating); none: no twin.
-Gate = Literal["none", "routing", "residual"]
+GateSource = Literal["routing", "residual"]
+Gate = Literal["none", GateSource]
 
 
 class PromptGateParams(Strict):
-    sources: list[Literal["routing", "residual"]] = Field(min_length=1)
+    sources: list[GateSource] = Field(min_length=1)
     # residual: hidden_states indices tried (0 = embeddings), the best by dev AUROC is kept
     layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
     cs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(min_length=1)  # L2 inverse strengths
     n_bootstrap: int = Field(ge=100, le=100_000)  # prompt resamples of the AUROC intervals
     batch_size: int = Field(ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Dtype
 
 
 class ExpertSteering(Strict):
@@ -284,8 +306,7 @@ class ExpertSteering(Strict):
     # deactivated).
     n_experts: int = Field(ge=1)
     delta: float = Field(gt=0, le=100)  # margin on log-probabilities; above ~10 changes nothing
-    # An empty experts.json list: error, or steer the top of the raw risk_diff ranking
-    on_empty_selection: Literal["error", "risk_diff_ranking"]
+    on_empty_selection: Annotated[OnEmptySelection, CliDefault("error")]
     gate: Gate
 
 
@@ -305,8 +326,7 @@ class FinetunedSteering(Strict):
 class FinetuneExperts(Strict):
     model: str  # the MoE models/experts.json was selected on
     max_experts: int | None = Field(ge=1)  # first n unsafe experts of experts.json; null=all
-    # experts.json lists no unsafe expert: error, or train the top fallback_top_n by risk_diff
-    on_empty_selection: Literal["error", "risk_diff_ranking"]
+    on_empty_selection: OnEmptySelection  # risk_diff_ranking: train the top fallback_top_n
     fallback_top_n: int = Field(ge=1)
     # The SteerMoE code's HF Trainer settings (lr 5e-5, 3 epochs, batch 4, 100 warmup steps)
     # scaled to a CPU run of ~60 steps: a larger lr, 2 epochs, warmup as a ratio of the steps.
@@ -338,12 +358,21 @@ class FinetuneExperts(Strict):
         return self
 
 
+class SafetyGoal(Strict):
+    # An ungated variant's goal vs its reference (steermoe/safety/goals.py): refusal_unsafe moves
+    # at least min_refusal_change points in `direction` (McNemar p < 0.05) and over_refusal_safe
+    # rises at most max_over_refusal_rise points.
+    direction: Literal[1, -1]
+    min_refusal_change: float = Field(ge=0, le=100)
+    max_over_refusal_rise: float = Field(ge=0, le=100)
+
+
 class EvalSafety(Strict):
     model: str  # "base" and, with the steering hook, "steered"
     finetuned: str
     split: Literal["dev", "test"]  # dev: choosing params (docs/choices.md); test: read once
     # generation engine (every variant of a model in one call); perplexity uses transformers
-    backend: Literal["vllm", "transformers"]
+    backend: Backend
     # Test-split prompts evaluated (null = all): unsafe (AdvBench + XSTest contrast prompts,
     # sources in proportion) and XSTest safe prompts; seeded subsample.
     max_unsafe: int | None = Field(ge=1)
@@ -353,11 +382,14 @@ class EvalSafety(Strict):
     judge: Literal["phrase", "llm"]
     judge_model: str | None  # a local chat model for judge: llm (e.g. on a GPU)
     judge_window: int = Field(ge=1)  # characters of the answer the phrase judge reads
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Dtype
+    # per variant (a gated twin takes its ungated twin's); a variant left out has no goal
+    goals: dict[Literal["steered", "finetuned", "finetuned_deactivate", "finetuned_activate"],
+                SafetyGoal]
 
 
 class Params(Strict):
-    seed: int = Field(ge=0)  # what the methods draw (params.yaml)
+    seed: Annotated[int, CliDefault(0)] = Field(ge=0)  # what the methods draw (params.yaml)
     data_seed: int = Field(ge=0)  # which items each split and evaluation subset holds
     build_models: BuildModels
     prepare_safety: PrepareSafety
@@ -408,6 +440,22 @@ class Params(Strict):
     def attribute_names(self) -> list[str]:
         """The attributes' names in params order (the steering vectors' order)."""
         return [attribute_name(a) for a in self.attributes]
+
+
+def cli_defaults(model: type[BaseModel] = Params) -> dict[str, Any]:
+    """The CliDefault values of `model`, nested as in params.yaml: {"seed": 0, "risk_diff":
+    {...}, ...}; keys and sections without one are absent."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        marks = [m.value for m in field.metadata if isinstance(m, CliDefault)]
+        section = field.annotation
+        if marks:
+            out[name] = marks[0]
+        elif isinstance(section, type) and issubclass(section, BaseModel):
+            inner = cli_defaults(section)
+            if inner:
+                out[name] = inner
+    return out
 
 
 class ParamsError(ValueError):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 Bandwidth = float | Sequence[float]
-OBJECTIVES = ("seed", "targeted")
+# checked once, by the params schema (train_steering.objective); no default here to drift from it
+Objective = Literal["seed", "targeted"]
 
 
 def _bandwidths(bandwidth: Bandwidth) -> list[float]:
@@ -118,6 +120,9 @@ def gate_detection_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor,
     return (per * temp).mean()
 
 
+Loss = torch.Tensor | float  # a scalar loss: a 0-d tensor (training) or a float (dev)
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """The four losses' weights (params.yaml's top-level lambda_*; no defaults here)."""
@@ -129,9 +134,17 @@ class LossWeights:
     gate: float  # objective "targeted" only: the gate detection (cross-entropy) term
 
 
+def weighted_total(weights: LossWeights, mmd: Loss, sparse: Loss, ortho: Loss, keep: Loss,
+                   gate: Loss | None) -> Loss:
+    """The objective: the weighted sum of the losses (tensors in training, floats on dev), in
+    this one order so training and dev totals round alike; `gate` None adds no gate term."""
+    total = weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho + weights.pos * keep
+    return total if gate is None else total + weights.gate * gate
+
+
 def mat_steer_losses(module: torch.nn.Module, pos: torch.Tensor, neg: torch.Tensor,
                      ref_pos: torch.Tensor, weights: LossWeights, bandwidth: Bandwidth,
-                     objective: str = "seed", mmd_weights: torch.Tensor | None = None,
+                     objective: Objective, mmd_weights: torch.Tensor | None = None,
                      gate_temperature: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
     """All losses for one batch, every attribute at once.
 
@@ -146,8 +159,6 @@ def mat_steer_losses(module: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
     probe's probabilities (1.0: plain cross-entropy).
     Returns {"total", "mmd", "sparse", "pos", "ortho"} (scalars), plus "gate" for "targeted".
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     t, n, d = neg.shape
     pos_logits = module.gate_logits(pos.reshape(-1, d))  # [T*n, T]
     pos_gates = torch.sigmoid(pos_logits)
@@ -163,14 +174,13 @@ def mat_steer_losses(module: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
         sparse = sparsity_loss(neg_gates)
     else:
         sparse = targeted_sparsity_loss(neg_gates.reshape(t, n, t))
-    total = weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho + weights.pos * keep
-    out = {"total": total, "mmd": mmd, "sparse": sparse, "pos": keep, "ortho": ortho}
+    out = {"mmd": mmd, "sparse": sparse, "pos": keep, "ortho": ortho}
+    gate = None
     if objective == "targeted":
         gate = gate_detection_loss(pos_logits.reshape(t, n, t), neg_logits.reshape(t, n, t),
                                    gate_temperature)
         out["gate"] = gate
-        out["total"] = total + weights.gate * gate
-    return out
+    return {"total": weighted_total(weights, mmd, sparse, ortho, keep, gate), **out}
 
 
 def median_pairwise_distance(acts: torch.Tensor, max_rows: int = 2048,

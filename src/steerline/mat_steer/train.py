@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,38 +26,45 @@ from tqdm import tqdm
 from steerline.mat_steer.activations import PosNeg
 from steerline.mat_steer.diagnostics import attribute_diagnostics
 from steerline.mat_steer.losses import (
-    OBJECTIVES,
     LossWeights,
+    Objective,
     mat_steer_losses,
     median_pairwise_distance,
     mmd_rbf,
     orthogonality_loss,
+    weighted_total,
 )
 from steerline.mat_steer.probe import fit_probe
 from steerline.steering.gated import SteeringModule
+
+# "median_distance": train on a / s, s = median distance; "none": s = 1
+ScaleMode = Literal["median_distance", "none"]
+GateInit = Literal["random", "probe"]  # "probe": gates start as L2 logistic probes
+# "equal": MMD averaged over attributes; "relative": each attribute's MMD divided by its
+# MMD(neg, pos) before steering on train (times their mean), so every attribute counts
+MmdWeighting = Literal["equal", "relative"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """train_steering's values come from params.yaml (pipeline.train_steering.train_config); no
-    defaults here to drift from them."""
+    defaults here to drift from them. The string fields are checked once, by the params schema
+    (objective, scale) or derived from objective there (gate_init, mmd_weighting)."""
 
     lr: float
     batch_size: int
     epochs: int
     sigma: float  # objective "seed": the RBF bandwidth (units of `scale`)
     weights: LossWeights
-    scale: str  # "median_distance": train on a / s, s = median distance; "none": s = 1
+    scale: ScaleMode
     patience: int  # epochs without dev improvement before stopping; 0 = never stop early
     init_scale: float
     seed: int
-    objective: str  # "seed" | "targeted" (see losses.py)
+    objective: Objective  # see losses.py
     bandwidths: tuple[float, ...]  # objective "targeted": summed RBF kernels
-    gate_init: str  # "random" | "probe": gates start as L2 logistic probes
+    gate_init: GateInit
     probe_cs: tuple[float, ...]  # probe C grid, chosen by dev AUROC
-    # "equal": MMD averaged over attributes; "relative": each attribute's MMD divided by its
-    # MMD(neg, pos) before steering on train (times their mean), so every attribute counts
-    mmd_weighting: str
+    mmd_weighting: MmdWeighting
     # gate_init "probe": rescale each probe gate so that its dev medians are gate_target on
     # negatives and 1 - gate_target on positives (None: the probe as fitted); the factor is the
     # gate's temperature in the detection term, which then keeps that sharpness
@@ -67,7 +75,7 @@ class TrainConfig:
         return (self.sigma,) if self.objective == "seed" else tuple(self.bandwidths)
 
 
-def activation_scale(train: Mapping[str, PosNeg], mode: str, seed: int = 0) -> float:
+def activation_scale(train: Mapping[str, PosNeg], mode: ScaleMode, seed: int = 0) -> float:
     """The unit in which training happens: the median distance between training activations
     ("median_distance"), or 1 ("none": raw activations, the reference code's setting).
 
@@ -78,8 +86,6 @@ def activation_scale(train: Mapping[str, PosNeg], mode: str, seed: int = 0) -> f
     on a / s and mapping back (`to_raw_units`) is exactly the same model in raw units."""
     if mode == "none":
         return 1.0
-    if mode != "median_distance":
-        raise ValueError(f"scale mode must be 'median_distance' or 'none', got {mode!r}")
     allacts = torch.cat([torch.cat([d.pos, d.neg]) for d in train.values()])
     g = torch.Generator().manual_seed(seed)
     return median_pairwise_distance(allacts, generator=g)
@@ -172,7 +178,7 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 def run_epoch(module: SteeringModule, opt: torch.optim.Optimizer, stacked: Stacked, n: int,
               n_batches: int, gen: torch.Generator, weights: LossWeights,
-              bandwidth: float | tuple[float, ...], objective: str = "seed",
+              bandwidth: float | tuple[float, ...], objective: Objective,
               mmd_weights: torch.Tensor | None = None,
               gate_temperature: float | torch.Tensor = 1.0) -> dict[str, float]:
     """One epoch of Adam steps (on TRAIN_THREADS threads); returns the sum over batches of each
@@ -198,7 +204,7 @@ def run_epoch(module: SteeringModule, opt: torch.optim.Optimizer, stacked: Stack
 
 @torch.no_grad()
 def dev_metrics(module: SteeringModule, dev: Mapping[str, PosNeg], weights: LossWeights,
-                bandwidth: float | tuple[float, ...], objective: str = "seed",
+                bandwidth: float | tuple[float, ...], objective: Objective,
                 mmd_weights: torch.Tensor | None = None,
                 gate_temperature: float | torch.Tensor = 1.0) -> dict[str, float]:
     """Deterministic dev objective (the training losses on the full dev sets) plus per-attribute
@@ -228,8 +234,7 @@ def dev_metrics(module: SteeringModule, dev: Mapping[str, PosNeg], weights: Loss
     gate = float(np.mean(gate_terms)) if objective == "targeted" else 0.0
     out.update({"loss/mmd": mmd, "loss/sparse": sparse, "loss/pos": keep, "loss/ortho": ortho,
                 "loss/gate": gate})
-    out["loss/total"] = (weights.mmd * mmd + weights.sparse * sparse + weights.ortho * ortho
-                         + weights.pos * keep + weights.gate * gate)
+    out["loss/total"] = weighted_total(weights, mmd, sparse, ortho, keep, gate)
     return out
 
 
@@ -255,8 +260,6 @@ def train_mat_steer(train: Mapping[str, PosNeg], dev: Mapping[str, PosNeg], cfg:
     dims = {d.pos.shape[1] for d in train.values()} | {d.neg.shape[1] for d in train.values()}
     if len(dims) != 1:
         raise ValueError(f"attributes have different hidden sizes {sorted(dims)}")
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     module = SteeringModule(dims.pop(), len(train), cfg.init_scale, generator=gen)
@@ -265,8 +268,6 @@ def train_mat_steer(train: Mapping[str, PosNeg], dev: Mapping[str, PosNeg], cfg:
     temperatures = torch.ones(len(train))
     if cfg.gate_init == "probe":
         temperatures = init_gates_from_probes(module, train, dev, cfg.probe_cs, cfg.gate_target)
-    elif cfg.gate_init != "random":
-        raise ValueError(f"gate_init must be 'random' or 'probe', got {cfg.gate_init!r}")
     bandwidth = cfg.kernel_bandwidths()  # in units of `scale`
     mmd_weights = attribute_mmd_weights(train, bandwidth, cfg.mmd_weighting, cfg.seed)
     stacked = Stacked(train)
@@ -308,15 +309,13 @@ MMD_WEIGHT_ROWS = 512  # rows per class for the before-steering MMD of each attr
 
 
 @torch.no_grad()
-def attribute_mmd_weights(train: Mapping[str, PosNeg], bandwidth: tuple[float, ...], mode: str,
-                          seed: int) -> torch.Tensor | None:
+def attribute_mmd_weights(train: Mapping[str, PosNeg], bandwidth: tuple[float, ...],
+                          mode: MmdWeighting, seed: int) -> torch.Tensor | None:
     """Per-attribute MMD weights [T]: "relative" = mean_t(b_t) / b_t with b_t = MMD(neg, pos) of
     attribute t before steering on (a seeded subsample of) the train split; "equal" = None (a
     plain average)."""
     if mode == "equal":
         return None
-    if mode != "relative":
-        raise ValueError(f"mmd_weighting must be 'equal' or 'relative', got {mode!r}")
     gen = torch.Generator().manual_seed(seed)
     before = []
     for name, d in train.items():

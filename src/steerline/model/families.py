@@ -14,7 +14,8 @@ Every transformers 5 router returns (router_logits [N, E], top-k weights [N, k],
   renormalised when `norm_topk_prob`, x routed_scaling_factor.
 
 `select` reproduces the router's own forward exactly (tests compare it per family); capture,
-steering and the vLLM routing rule all read routing through it.
+steering and the vLLM routing rule all read routing through it, and `select(..., engine=True)`
+is vLLM's own routing where it differs (ENGINE_ROUTES).
 
 SteerMoE (`steer`): an activated expert must be in every token's top-k and a deactivated one in
 none, with weights as the family computes them. For the softmax rules this is the paper's rule:
@@ -32,6 +33,7 @@ in at most topk_group groups); at most E - top_k are deactivated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -269,51 +271,96 @@ def _group_mask(choice: torch.Tensor, group_scores: torch.Tensor, r: RouterRule,
     return choice.masked_fill(~mask.bool(), float("-inf"))
 
 
-def _sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+# One routing function per rule (the one part that differs between families; `select` is the
+# frame around it, as vLLM's routers share `select_experts` and differ in `_compute_routing`):
+# (logits [N, E] float32, rule, force_groups [G] bool | None, choice [N, E] | None) ->
+# (ids [N, k] long, weights [N, k] float32).
+Route = Callable[[torch.Tensor, RouterRule, torch.Tensor | None, torch.Tensor | None],
+                 tuple[torch.Tensor, torch.Tensor]]
+
+
+def _softmax_topk(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                  choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1)
+    w, ids = torch.topk(probs, r.top_k, dim=-1)
+    if r.norm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return ids, w * r.scaling
+
+
+def _softmax_group_topk(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                        choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1)
+    n, e = probs.shape
+    group_scores = probs.view(n, r.n_group, e // r.n_group).max(dim=-1).values
+    masked = _group_mask(probs, group_scores, r, force_groups).clamp_min(0.0)
+    w, ids = torch.topk(masked, r.top_k, dim=-1, sorted=False)
+    return ids, w * r.scaling
+
+
+def _topk_softmax(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                  choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    top, ids = torch.topk(logits, r.top_k, dim=-1)
+    return ids, torch.softmax(top, dim=-1)
+
+
+def _sparsemixer(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                 choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-    weights, ids = sparsemixer(logits, jitter_eps=jitter_eps, training=False, top_k=2)
+    weights, ids = sparsemixer(logits, jitter_eps=r.jitter_eps, training=False, top_k=2)
     return ids, weights
 
 
+def _sigmoid_group_topk(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                        choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = logits.sigmoid()
+    if choice is None:
+        choice = scores + (r.bias.float() if r.bias is not None else 0.0)
+    n, e = choice.shape
+    group_scores = choice.view(n, r.n_group, e // r.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    ids = torch.topk(_group_mask(choice, group_scores, r, force_groups), k=r.top_k, dim=-1,
+                     sorted=False)[1]
+    w = scores.gather(1, ids)
+    if r.norm:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, w * r.scaling
+
+
+def _fused_topk(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None,
+                choice: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's fused top-k: the top-k of the logits, weights softmax over the k when renormalised,
+    else exp(logit - logsumexp) (unscaled, as the engine's router returns them)."""
+    vals, ids = torch.topk(logits, r.top_k, dim=-1)
+    if r.norm:
+        return ids, torch.softmax(vals, dim=-1)
+    return ids, (vals - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+
+
+ROUTES: dict[Rule, Route] = {"softmax_topk": _softmax_topk,
+                             "softmax_group_topk": _softmax_group_topk,
+                             "topk_softmax": _topk_softmax, "sparsemixer": _sparsemixer,
+                             "sigmoid_group_topk": _sigmoid_group_topk}
+# vLLM's own routing where it differs from the family's (the vLLM backend's routing_rule
+# "engine"): softmax_topk ranks the logits in vLLM's fused top-k, not the float32 softmax, so a
+# float tie of the probabilities may pick other experts. topk_softmax's own route is vLLM's
+# fused top-k already; the group-limited rules run the same float32 formula in both.
+ENGINE_ROUTES: dict[Rule, Route] = {"softmax_topk": _fused_topk}
+
+
 def select(logits: torch.Tensor, r: RouterRule, force_groups: torch.Tensor | None = None,
-           choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           choice: torch.Tensor | None = None, engine: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's routing of logits [N, E]: (ids [N, k] long, weights [N, k] float32).
 
     `choice` (sigmoid_group_topk only) replaces the bias-corrected scores the top-k ranks, and
-    `force_groups` [G] bool keeps those groups whatever their score (steering)."""
+    `force_groups` [G] bool keeps those groups whatever their score (steering). `engine`: vLLM's
+    own routing of the rule (ENGINE_ROUTES) instead of transformers'."""
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    if r.rule == "softmax_topk":
-        probs = torch.softmax(logits, dim=-1)
-        w, ids = torch.topk(probs, r.top_k, dim=-1)
-        if r.norm:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return ids, w * r.scaling
-    if r.rule == "softmax_group_topk":
-        probs = torch.softmax(logits, dim=-1)
-        n, e = probs.shape
-        group_scores = probs.view(n, r.n_group, e // r.n_group).max(dim=-1).values
-        masked = _group_mask(probs, group_scores, r, force_groups).clamp_min(0.0)
-        w, ids = torch.topk(masked, r.top_k, dim=-1, sorted=False)
-        return ids, w * r.scaling
-    if r.rule == "topk_softmax":
-        top, ids = torch.topk(logits, r.top_k, dim=-1)
-        return ids, torch.softmax(top, dim=-1)
-    if r.rule == "sparsemixer":
-        return _sparsemixer(logits, r.jitter_eps)
-    if r.rule == "sigmoid_group_topk":
-        scores = logits.sigmoid()
-        if choice is None:
-            choice = scores + (r.bias.float() if r.bias is not None else 0.0)
-        n, e = choice.shape
-        group_scores = choice.view(n, r.n_group, e // r.n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        ids = torch.topk(_group_mask(choice, group_scores, r, force_groups), k=r.top_k, dim=-1,
-                         sorted=False)[1]
-        w = scores.gather(1, ids)
-        if r.norm:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids, w * r.scaling
-    raise ValueError(f"unknown routing rule {r.rule!r}")
+    route = (ENGINE_ROUTES.get(r.rule) if engine else None) or ROUTES.get(r.rule)
+    if route is None:
+        raise ValueError(f"unknown routing rule {r.rule!r}")
+    return route(logits, r, force_groups, choice)
 
 
 def steer_scores(logits: torch.Tensor, activate: torch.Tensor, deactivate: torch.Tensor,

@@ -10,8 +10,8 @@
   the same plan on the prompts the model's prompt gate (train_gate) fires on.
 One stage per model, so a change to one model's steering params regenerates only that model's
 answers; eval_safety judges and joins the two folders. Answers come from the `backend` engine
-(vLLM by default: all of one model's variants in one call, steered per request), perplexity
-from the transformers model with the same hooks.
+(vLLM by default: all of one model's variants in one call, steered per request), gate scores
+and perplexity from the transformers model with the same hooks, loaded once per stage.
 
 Each writes a folder of steermoe.safety.answers.ModelAnswers.
 """
@@ -28,8 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
-from steerline.backends import make_backend
+from steerline.backends import Backend, make_backend
+from steerline.backends.hf import TransformersBackend
 from steerline.core.io import (
     read_json,
     staged_outputs,
@@ -37,20 +40,17 @@ from steerline.core.io import (
     write_timings,
 )
 from steerline.core.params import Params
-from steerline.model.load import load_moe, load_tokenizer
+from steerline.model.load import load_moe
 from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
 from steerline.steermoe.data.safety import read_safety_prompts
-from steerline.steermoe.gating.features import prompt_features
 from steerline.steermoe.gating.prompt_gate import load_gate
+from steerline.steermoe.gating.scoring import GateScores, score_prompts
 from steerline.steermoe.safety.answers import PROMPT_COLUMNS, ModelAnswers
-from steerline.steermoe.safety.evaluate import (
-    Answer,
-    backend_answers,
-    benign_nll_rows,
-    select_eval_prompts,
-    selection_plan,
-)
 from steerline.steermoe.safety.gated import GatedPlan
+from steerline.steermoe.safety.generation import Answer, backend_answers
+from steerline.steermoe.safety.perplexity import benign_nll_rows
+from steerline.steermoe.safety.prompts import select_eval_prompts
+from steerline.steermoe.safety.steering_plan import selection_plan
 
 Plan = SteeringPlan | GatedPlan | None
 Shape = tuple[Any, int, int]  # (MoE layer indices or count, experts, top_k)
@@ -107,22 +107,8 @@ def gate_sources(params: Params) -> dict[str, str]:
     return {name: src for name, src in sources.items() if src != "none"}
 
 
-def gate_scores(params: Params, model_dir: str, gate_dir: Path, sources: set[str],
-                texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each needed gate source's (score [N], fires [N] bool) per prompt, from one unsteered
-    prefill of the model it gates."""
-    p, g = params.eval_safety, params.prompt_gate
-    gates = {src: load_gate(gate_dir, src) for src in sorted(sources)}
-    layers = sorted({gate.layer for gate in gates.values() if gate.layer is not None})
-    model, tokenizer = load_moe(model_dir, p.dtype)
-    feats = prompt_features(model, tokenizer, texts, layers, g.batch_size,
-                            desc=f"gate features {model_dir}")
-    del model
-    return {src: (gate.scores(feats), gate.fires(feats)) for src, gate in gates.items()}
-
-
 def with_gated(variants: dict[str, Plan], sources: dict[str, str],
-               scores: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Plan]:
+               scores: dict[str, GateScores]) -> dict[str, Plan]:
     """The variants with each gated twin after its ungated variant."""
     out: dict[str, Plan] = {}
     for name, plan in variants.items():
@@ -139,20 +125,25 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
     """Every variant of `model_dir` (make_variants: from the backend's shape) answers `prompts`
     in one backend call, each variant in `sources` with its gated twin; then each ungated
     variant scores the reference answers' NLL (reference None: this model's first, unsteered
-    variant's answers to the safe prompts). Returns the answers and the reference scored."""
-    p = params.eval_safety
+    variant's answers to the safe prompts). Returns the answers and the reference scored.
+    The transformers model is loaded once: the gates' prefill, the NLL and (transformers
+    backend) the answers all run on it."""
+    p, g = params.eval_safety, params.prompt_gate
     texts = prompts["text"].tolist()
+    # the gate files are checked before the (slow) model load
+    gates = {src: load_gate(gate_dir, src) for src in sorted(set(sources.values()))}
     t = time.perf_counter()
+    model, tokenizer = load_moe(model_dir, p.dtype)
+    seconds["load"] = time.perf_counter() - t
     scores = {}
-    if sources:
-        scores = gate_scores(params, model_dir, gate_dir, set(sources.values()), texts)
+    if gates:
+        t = time.perf_counter()
+        scores = score_prompts(gates, model, tokenizer, texts, g.batch_size,
+                               desc=f"gate features {model_dir}")
         seconds["gate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tokenizer = load_tokenizer(model_dir)
-    options = {"seed": params.seed} if p.backend == "vllm" else {}
-    with make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size,
-                      **options) as backend:
+    with answer_backend(params, model_dir, model, tokenizer) as backend:
         variants = with_gated(make_variants((backend.moe_layers or backend.n_layers,
                                              backend.n_experts, backend.top_k)),
                               sources, scores)
@@ -165,7 +156,6 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
     if reference is None:
         reference = safe_answers(rows, next(iter(variants)))
     t = time.perf_counter()
-    model, tokenizer = load_moe(model_dir, p.dtype)
     nll = []
     for name, vp in variants.items():
         if not isinstance(vp, GatedPlan):
@@ -173,7 +163,6 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
             nll.append(pd.DataFrame({"variant": name,
                                      "prompt_id": reference["prompt_id"].to_numpy(),
                                      "nll": row_nll, "n_tokens": count}))
-    del model
     seconds["perplexity"] = time.perf_counter() - t
     meta = {"model": model_dir, "split": p.split,
             "generation": {"backend": p.backend, "max_new_tokens": p.max_new_tokens,
@@ -185,6 +174,17 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
                       for name, vp in variants.items() if isinstance(vp, SteeringPlan)}}
     return ModelAnswers(rows, pd.concat(nll, ignore_index=True), gate_frame(prompts, scores),
                         meta), reference
+
+
+def answer_backend(params: Params, model_dir: str, model: nn.Module,
+                   tokenizer: PreTrainedTokenizerBase) -> Backend:
+    """eval_safety's backend. The transformers one runs on `model` (CPU, as load_moe keeps it)
+    wherever it would have loaded its own copy to the CPU too; vLLM loads its own engine."""
+    p = params.eval_safety
+    if p.backend == "transformers" and not torch.cuda.is_available():
+        return TransformersBackend(model, tokenizer, p.batch_size)
+    options = {"seed": params.seed} if p.backend == "vllm" else {}
+    return make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size, **options)
 
 
 def variant_kind(plan: Plan) -> dict[str, str]:
@@ -210,8 +210,7 @@ def safe_answers(rows: pd.DataFrame, variant: str) -> pd.DataFrame:
     return own[own["label"] == "safe"][["prompt_id", "text", "answer"]]
 
 
-def gate_frame(prompts: pd.DataFrame, scores: dict[str, tuple[np.ndarray, np.ndarray]]
-               ) -> pd.DataFrame:
+def gate_frame(prompts: pd.DataFrame, scores: dict[str, GateScores]) -> pd.DataFrame:
     ids = prompts["prompt_id"].to_numpy()
     frames = [pd.DataFrame({"source": src, "prompt_id": ids, "score": sc,
                             "fires": np.asarray(fires, dtype=bool)})

@@ -7,15 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from steerline.backends import make_backend
 from steerline.core.params import Params
-from steerline.model.fingerprint import model_fingerprint
-from steerline.model.load import check_weights, load_tokenizer, moe_config
 from steerline.steermoe.data.safety import check_prompt_texts, read_safety_prompts
-from steerline.steermoe.routing.capture import CaptureConfig, run_capture
-from steerline.steermoe.routing.capture_dp import CapturePool
+from steerline.steermoe.routing.capture import CaptureConfig
+from steerline.steermoe.routing.capture_model import capture_model
 
 
 @dataclass(frozen=True)
@@ -33,38 +28,28 @@ class Outputs:
 
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.capture_routing
-    model = inputs.model
-    torch.manual_seed(params.seed)
     prompts = read_safety_prompts(inputs.prompts)  # the whole table's splits checked
     if "split" in prompts.columns:
         prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
     check_prompt_texts(prompts, str(inputs.prompts))
-    moe_config(model)  # a missing or dense model is rejected before any weight is loaded
-    check_weights(model)  # a truncated or missing weights file: one line, before any work
-    tokenizer = load_tokenizer(model)
-    fingerprint = model_fingerprint(model)
     vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
                         gpu_memory_utilization=p.gpu_memory_utilization,
                         max_num_seqs=p.max_num_seqs, seed=params.seed)
-    options = vllm_options if p.backend == "vllm" else {}
-    # data_parallel_size > 1: that many engine processes, each capturing whole shards (the
-    # output is byte-identical to one engine; routing/capture_dp.py says why not vLLM's own)
     dp = int(p.data_parallel_size or 1)
-    opened = (CapturePool(dp, p.backend, model, p.dtype, p.batch_size, options, params.seed)
-              if dp > 1 else make_backend(p.backend, model, p.dtype, batch_size=p.batch_size,
-                                          **options))
-    with opened as backend:
-        gens = run_capture(
-            backend,
-            tokenizer,
-            prompts,
-            CaptureConfig(p.max_new_tokens, p.shard_prompts),
-            out.routing,
-            out.generations,
-            out.cache,
-            meta={"model": model, "model_fingerprint": fingerprint,
-                  "dtype": p.dtype},
-        )
+    gens = capture_model(
+        inputs.model,
+        prompts,
+        CaptureConfig(p.max_new_tokens, p.shard_prompts),
+        out.routing,
+        out.generations,
+        out.cache,
+        backend=p.backend,
+        dtype=p.dtype,
+        batch_size=p.batch_size,
+        seed=params.seed,
+        options=vllm_options if p.backend == "vllm" else {},
+        processes=dp,
+    )
     print(
         f"captured {len(gens)} prompts with {p.backend}"
         f"{f' ({dp} processes)' if dp > 1 else ''}, "

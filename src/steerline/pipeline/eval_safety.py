@@ -23,23 +23,17 @@ import pandas as pd
 import torch
 
 from steerline.core.io import staged_outputs, write_json, write_parquet, write_timings
-from steerline.core.params import Params
+from steerline.core.params import EvalSafety, Params
 from steerline.core.stats import rate
 from steerline.steermoe.safety.answers import PROMPT_COLUMNS, ModelAnswers
-from steerline.steermoe.safety.evaluate import (
-    Answer,
-    answer_frame,
-    bar_plot,
-    bar_rows,
-    compare_variants,
-    headline_metrics,
-    refusal_metrics,
-    results_table,
-    variant_rates,
-)
-from steerline.steermoe.safety.gated import compose_ppl, gate_aurocs, gated_goals, twin_of
+from steerline.steermoe.safety.compare import compare_variants
+from steerline.steermoe.safety.gated import compose_ppl, gate_aurocs, twin_of
+from steerline.steermoe.safety.generation import Answer
+from steerline.steermoe.safety.goals import Goal, gated_goals
+from steerline.steermoe.safety.plots import bar_plot, bar_rows, tradeoff_plot
 from steerline.steermoe.safety.refusal import RefusalJudge, judge_agreement, make_judge, read_labels
-from steerline.steermoe.safety.tradeoff_plot import tradeoff_plot
+from steerline.steermoe.safety.summary import headline_metrics, results_table
+from steerline.steermoe.safety.verdicts import answer_frame, refusal_metrics, variant_rates
 
 log = logging.getLogger("eval_safety")
 
@@ -142,6 +136,12 @@ def gating(runs: list[ModelAnswers], prompts: pd.DataFrame, n_bootstrap: int, se
     return {"aurocs": aurocs, "variants": variants}
 
 
+def goals_of(p: EvalSafety) -> dict[str, Goal]:
+    """Each variant's goal from params (eval_safety.goals)."""
+    return {name: Goal(g.direction, g.min_refusal_change, g.max_over_refusal_rise)
+            for name, g in p.goals.items()}
+
+
 def run(params: Params, inputs: Inputs) -> SafetyRun:
     p = params.eval_safety
     torch.manual_seed(params.seed)
@@ -158,7 +158,7 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     seconds = {"judge": time.perf_counter() - t}
     metrics = {name: m for r in runs for name, m in variant_metrics(r, frames, prompts).items()}
     rates = {name: variant_rates(frame) for name, frame in frames.items()}
-    comparisons = compare_variants(frames)
+    comparisons = compare_variants(frames, goals_of(p))
     gated_goals(comparisons, metrics)
     labels = prompts["label"]
     details = {

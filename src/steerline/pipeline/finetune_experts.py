@@ -47,7 +47,7 @@ from steerline.steermoe.finetuning.expert_slices import (
     save_expert_slices,
 )
 from steerline.steermoe.finetuning.finetune import TrainConfig, TrainResult, train_slices
-from steerline.steermoe.routing.schema import read_generations
+from steerline.steermoe.routing.manifest import read_generations
 
 # inside the model folder, in a subfolder: vLLM loads every top-level *.safetensors as weights
 SLICES = Path("expert_slices/trained_experts.safetensors")

@@ -2,10 +2,10 @@
 ToxiGen and BBQ by default, or a user's file of (prompt, positive, negative, group) rows) -> one
 attribute table per attribute.
 
-One row per text (see steerline.mat_steer.data for the columns, formats and grouping); splits are
-grouped, seeded and checked for leakage before anything is written. A user file's path must lie
-inside one of the stage's deps in dvc.yaml (data/examples by default), checked under `dvc repro`:
-a file DVC does not track would leave the table stale with `dvc status` clean.
+One row per text (see steerline.mat_steer.datasets for the columns, formats and grouping);
+splits are grouped, seeded and checked for leakage before anything is written. A user file's path
+must lie inside one of the stage's deps in dvc.yaml (data/examples by default), checked under
+`dvc repro`: a file DVC does not track would leave the table stale with `dvc status` clean.
 """
 
 from __future__ import annotations
@@ -29,22 +29,21 @@ from steerline.core.params import (
     load_yaml,
 )
 from steerline.core.prompt_table import read_prompt_table
-from steerline.mat_steer.data import (
+from steerline.mat_steer.checks import check_splits
+from steerline.mat_steer.datasets import (
     BBQ_CATEGORIES,
-    SPLITS,
-    USER_COLUMNS,
-    USER_FORMATS,
-    AttributeFileError,
     build_bbq,
     build_toxigen,
     build_truthfulqa,
-    build_user_attribute,
-    cap_items,
-    check_splits,
-    holdout_fractions,
     read_bbq_dir,
     read_toxigen_dir,
-    task_rng,
+)
+from steerline.mat_steer.splits import SPLITS, cap_items, holdout_fractions, task_rng
+from steerline.mat_steer.user_attribute import (
+    USER_COLUMNS,
+    USER_FORMATS,
+    AttributeFileError,
+    build_user_attribute,
 )
 
 STAGE = "prepare_attributes"

@@ -11,7 +11,8 @@ from pathlib import Path
 from steerline.core.errors import UserError
 from steerline.core.io import write_parquet
 from steerline.core.params import Params, load_yaml
-from steerline.steermoe.data.safety_sources import SafetySource, build_safety_prompts
+from steerline.steermoe.data.safety_sources import SafetySource
+from steerline.steermoe.data.safety_table import build_safety_prompts
 
 STAGE = "prepare_safety"
 

@@ -41,17 +41,9 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.risk_diff
     table = read_safety_prompts(inputs.prompts)  # split integrity checked on the whole table
     prompts = table[[c for c in ("prompt_id", "label", "source") if c in table.columns]]
-    df, meta = compute_risk_diff(
-        inputs.routing,
-        token_scope=p.token_scope,
-        n_permutations=p.n_permutations,
-        null_quantile=p.null_quantile,
-        seed=params.seed,
-        progress=True,
-        prompts=prompts,
-        n_bootstrap=p.n_bootstrap,
-        ci_level=p.ci_level,
-    )
+    # the risk_diff section's keys are compute_risk_diff's keywords (as `steerline detect`)
+    df, meta = compute_risk_diff(inputs.routing, **p.model_dump(), seed=params.seed,
+                                 progress=True, prompts=prompts)
     summary = risk_diff_summary(df, meta)
     png = heatmap_png(df, meta)
     plot_csv = plot_rows(df).to_csv(index=False, float_format="%.6g")

@@ -35,9 +35,8 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         )
     df = pd.read_parquet(inputs.report)
     meta = parquet_metadata(inputs.report)
-    selection = select_experts(
-        df, threshold=p.threshold, top_k=p.top_k, alpha=p.alpha, require=p.require, meta=meta
-    )
+    # the select_experts section's keys are select_experts' keywords (as `steerline detect`)
+    selection = select_experts(df, **p.model_dump(), meta=meta)
     summary = experts_summary(df, selection, meta)
 
     with staged_outputs() as staged:  # both files or neither (a full disk leaves the old pair)

@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 
 from steerline.core.params import EvalSteering
-from steerline.mat_steer.data import task_rng
 from steerline.mat_steer.evaluate import (
     Prefix,
     evaluate_items,
@@ -25,6 +24,7 @@ from steerline.mat_steer.evaluate import (
     metric_task,
     task_items,
 )
+from steerline.mat_steer.splits import task_rng
 from steerline.model.arch import layer_slice_unsupported
 
 log = logging.getLogger("eval_steering")

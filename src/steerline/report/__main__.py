@@ -1,5 +1,5 @@
 """`python -m steerline.report` (`make report`)."""
 
-from steerline.report import main
+from steerline.report.build import main
 
 main()

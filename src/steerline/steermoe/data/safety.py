@@ -1,5 +1,5 @@
 """The safety prompt table as the stages read it: prompt_id, text, label (safe/unsafe), source,
-pair_id, split (detect/dev/test), written by prepare_safety (steermoe.data.safety_sources).
+pair_id, split (detect/dev/test), written by prepare_safety (steermoe.data.safety_table).
 
 The rows of a look-alike pair or group share a `pair_id` and are never split across detect /
 dev / test; detect = routing capture, expert detection and finetuning data; dev = every choice
@@ -17,6 +17,7 @@ import pandas as pd
 
 from steerline.core.chat import is_blank
 from steerline.core.errors import UserError
+from steerline.core.splits import groups_across_splits
 
 LABELS = ("safe", "unsafe")
 COLUMNS = ["prompt_id", "text", "label", "source", "pair_id", "split"]
@@ -43,9 +44,10 @@ def check_prompt_texts(prompts: pd.DataFrame, where: str) -> None:
                              "control characters): remove it or give it text")
 
 
-def normalise_text(text: str) -> str:
+def request_key(text: str) -> str:
     """A prompt's text as a request: NFKC, case-folded, every run of punctuation, symbols and
-    whitespace one space. Two prompts equal under it ask the model the same thing."""
+    whitespace one space. Two prompts equal under it ask the model the same thing. Not
+    mat_steer's dedup_key (ASCII only): a request in another script must not key as empty."""
     folded = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(re.sub(r"[\W_]+", " ", folded).split())
 
@@ -62,7 +64,7 @@ def check_split_integrity(prompts: pd.DataFrame, where: str) -> None:
 
     - prompt_id unique over the whole table;
     - split (when present) one of detect / dev / test;
-    - with split and text: no normalised text (`normalise_text`) in both test and detect or
+    - with split and text: no normalised text (`request_key`) in both test and detect or
       dev (the same text twice inside one split is not a leak and is not checked here);
     - with split and pair_id: every XSTest look-alike pair (rows sharing a pair_id) in one split.
 
@@ -83,7 +85,7 @@ def check_split_integrity(prompts: pd.DataFrame, where: str) -> None:
         if odd:
             problems.append(f"split not one of {'/'.join(SPLITS)}: {_names(odd)}")
         if "text" in prompts.columns:
-            norm = prompts["text"].map(lambda t: normalise_text(t) if isinstance(t, str) else "")
+            norm = prompts["text"].map(lambda t: request_key(t) if isinstance(t, str) else "")
             held_out = (split == "test").to_numpy()
             # an empty normal form ("?!") says nothing about the request: never a match
             test_of: dict[str, list[str]] = {}
@@ -96,10 +98,11 @@ def check_split_integrity(prompts: pd.DataFrame, where: str) -> None:
             if leaks:
                 problems.append(f"text shared with the test split: {_names(leaks)}")
         if "pair_id" in prompts.columns:
+            crossing = prompts[prompts["pair_id"].isin(
+                groups_across_splits(prompts["pair_id"], prompts["split"]))]
             torn = [f"{pair} (" + ", ".join(f"{pid} {s}" for pid, s in zip(
                         grp["prompt_id"].astype(str), grp["split"], strict=True)) + ")"
-                    for pair, grp in prompts.groupby("pair_id", sort=True)
-                    if grp["split"].nunique() > 1]
+                    for pair, grp in crossing.groupby("pair_id", sort=True)]
             if torn:
                 problems.append(f"look-alike pair across splits: {_names(sorted(torn))}")
     if problems:

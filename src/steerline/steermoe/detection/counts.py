@@ -27,16 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerline.core.errors import UserError
+from steerline.steermoe.routing.manifest import read_routing_manifest, verify_routing_hashes
+from steerline.steermoe.routing.reader import iter_routing_shard_batches, read_routing_meta
 from steerline.steermoe.routing.schema import (
     LABELS,
     META_N_EXPERTS,
     META_N_LAYERS,
     META_TARGET,
     META_TOP_K,
-    iter_routing_shard_batches,
-    read_routing_manifest,
-    read_routing_meta,
-    verify_routing_hashes,
 )
 
 TOKEN_SCOPES = ("user", "generated", "all")

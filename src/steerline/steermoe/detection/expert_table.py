@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from steerline.core.tables import fmt, md_table
+
 POOLED = "pooled"
 Q_COLUMNS = ("q_perm", "q_token_z", "q_value")  # preference order
 TABLE_COLUMNS = ("side", "rank", "layer", "expert", "risk_diff", "ci_low", "ci_high", "q", "q_kind")
@@ -70,15 +72,6 @@ def top_experts(df: pd.DataFrame, top: int, contrast: str = POOLED) -> pd.DataFr
     return pd.concat(parts, ignore_index=True)[list(TABLE_COLUMNS)]
 
 
-def fmt(x: float, digits: int = 3) -> str:
-    """A number for a table; NaN / missing as n/a; tiny q-values in scientific notation."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:.1e}"
-    return f"{x:.{digits}f}"
-
-
 def table_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """(header, rows of strings) of a top_experts table."""
     q_kind = str(table["q_kind"].iloc[0]) if len(table) else "n/a"
@@ -95,9 +88,7 @@ def table_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 def render(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
     """A plain-text (aligned) or Markdown table."""
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
+        return md_table(header, rows)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))

@@ -1,3 +1,3 @@
-"""Routing capture: the routing store's schema, capture shards, and the in-process and data-parallel
-captures.
+"""Routing capture: the routing store's schema, its manifest and checked reads, capture shards, and
+the in-process and data-parallel captures.
 """

@@ -37,12 +37,9 @@ from steerline.model.arch import DenseModelError
 from steerline.steering.capture import check_context
 from steerline.steermoe.data.safety import check_prompt_texts, validate_prompts
 from steerline.steermoe.routing.capture_dp import CapturePool
-from steerline.steermoe.routing.schema import (
-    META_TARGET,
-    routing_metadata,
-    routing_shards,
-    write_routing_manifest,
-)
+from steerline.steermoe.routing.manifest import write_routing_manifest
+from steerline.steermoe.routing.reader import routing_shards
+from steerline.steermoe.routing.schema import META_TARGET, routing_metadata
 from steerline.steermoe.routing.shard import capture_shard, shard_done
 
 
