@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("backends",),
     ("steermoe", "mat_steer"),
     ("pipeline",),
+    ("serve",),
     ("cli", "report"),
 ]
 RANK = {pkg: i for i, row in enumerate(LAYERS) for pkg in row}

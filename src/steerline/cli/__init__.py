@@ -5,6 +5,7 @@
     steerline routes --prompt "..."
     steerline detect --unsafe unsafe.txt --safe safe.txt --out experts.json
     steerline stages
+    steerline serve --experts models/experts.json --port 8000
 
 The MoE commands default to build_models' model (cli.common.DEFAULT_MOE).
 
@@ -18,13 +19,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from steerline.cli import detect, experts, generate, routes, stages
+from steerline.cli import detect, experts, generate, routes, serve, stages
 from steerline.cli.common import CliError
 from steerline.cli.terminal import escape_controls, escaped_stdout
 from steerline.core.errors import UserError, one_line
 
 COMMANDS = {"generate": generate, "experts": experts, "routes": routes, "detect": detect,
-            "stages": stages}
+            "serve": serve, "stages": stages}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def quiet_progress() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("generate", "routes"):
+    if args.command in ("generate", "routes", "serve"):
         quiet_progress()
     try:
         with escaped_stdout():  # prompts, answers and tokens are user and model text
