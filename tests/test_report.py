@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from steerline.core.tables import fmt, md_table
 from steerline.report.build import build
@@ -144,13 +145,11 @@ def _expert_table_markdown(header, rows) -> str:
 
 
 def test_fmt_is_expert_tables_on_every_value_its_callers_pass():
-    """expert_table and `steerline detect` format float columns (and None): on every float of
-    the committed risk_diff report and on random, tiny, signed and special floats the merged
-    fmt writes the same strings."""
-    df = pd.read_parquet(ROOT / "reports/risk_diff.parquet")
-    floats = [float(v) for c in df.columns if df[c].dtype.kind == "f" for v in df[c]]
+    """expert_table and `steerline detect` format float columns (and None): on random, tiny,
+    signed and special floats the merged fmt writes the same strings (no pipeline output needed:
+    `make test` runs before `dvc repro`)."""
     rng = np.random.default_rng(0)
-    floats += list(rng.standard_normal(2000) * 10.0 ** rng.integers(-12, 4, 2000))
+    floats = list(rng.standard_normal(2000) * 10.0 ** rng.integers(-12, 4, 2000))
     floats += [0.0, -0.0, 1e-3, -1e-3, 9.99e-4, 5e-4, 0.0005, 1e-300, math.nan, math.inf,
                -math.inf, *np.float64(rng.random(50))]
     for digits in (1, 2, 3, 4):
@@ -159,7 +158,10 @@ def test_fmt_is_expert_tables_on_every_value_its_callers_pass():
 
 
 def test_expert_tables_markdown_is_md_table_on_the_committed_report():
-    table = top_experts(read_risk_diff(ROOT / "reports/risk_diff.parquet"), 50, "pooled")
+    path = ROOT / "reports/risk_diff.parquet"
+    if not path.exists():
+        pytest.skip("run `dvc repro risk_diff` first")
+    table = top_experts(read_risk_diff(path), 50, "pooled")
     header, rows = table_rows(table)
     assert render(header, rows, markdown=True) == _expert_table_markdown(header, rows)
     assert md_table(header, rows) == _expert_table_markdown(header, rows)
