@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
+from steerline.core.params import OnEmptySelection
 from steerline.mat_steer.checkpoint import SteeringConfig, check_compatible, load_steering
 from steerline.steering.experts import MODES, read_experts_json
 from steerline.steering.gated import SteeringModule
 from steerline.steermoe.gating.prompt_gate import PromptGate, load_gate
 
 GATE_SOURCES = ("residual", "routing")  # the train_gate sources; the first found is the default
-ON_EMPTY = ("error", "risk_diff_ranking")
+ON_EMPTY: tuple[str, ...] = get_args(OnEmptySelection)  # the schema's on_empty_selection
 
 
 @dataclass(frozen=True)
