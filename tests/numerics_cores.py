@@ -16,15 +16,9 @@ import sys
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from steerline.core.chat import ChatPrompt
-from steerline.mat_steer.activations import PosNeg
-from steerline.mat_steer.losses import LossWeights
-from steerline.mat_steer.train import TrainConfig, train_mat_steer
-from steerline.model.moefy import MoeSpec, moefy
-from steerline.steering.capture import generate_routed_all
-
+# transformers and the steerline modules each core needs are imported inside that core: they
+# take ~10 s to load on a busy 2-core machine, and the reduction control runs alone, 3 times.
 VOCAB = 49152
 
 
@@ -37,6 +31,10 @@ def digest(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 def moefy_core() -> tuple[str, torch.nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steerline.model.moefy import MoeSpec, moefy
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -51,6 +49,9 @@ def moefy_core() -> tuple[str, torch.nn.Module]:
 
 
 def capture_core(moe: torch.nn.Module) -> str:
+    from steerline.core.chat import ChatPrompt
+    from steerline.steering.capture import generate_routed_all
+
     g = torch.Generator().manual_seed(2)
     prompts = []
     for n in (5, 9, 14, 20):
@@ -61,6 +62,10 @@ def capture_core(moe: torch.nn.Module) -> str:
 
 
 def mat_steer_core() -> str:
+    from steerline.mat_steer.activations import PosNeg
+    from steerline.mat_steer.losses import LossWeights
+    from steerline.mat_steer.train import TrainConfig, train_mat_steer
+
     g = torch.Generator().manual_seed(3)
     d = 64
 

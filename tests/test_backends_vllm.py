@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import freeze_heap
 
 from steerline import numerics
 from steerline.backends import ActivationSteering, Steering, eos_token_ids, make_backend
@@ -44,6 +45,7 @@ def setup(real_moe, real_moe_dir):
     _, moe, tok, _ = real_moe
     chats = [render_chat(tok, t) for t in TEXTS]
     hf = TransformersBackend(moe, tok, batch_size=16)
+    freeze_heap()
     with make_backend("vllm", str(real_moe_dir), progress=False) as vb:
         yield hf, vb, chats, tok
 

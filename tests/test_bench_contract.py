@@ -108,13 +108,56 @@ def test_a_quick_bench_run_meets_the_contract(tmp_path, capsys):
 
 
 
+# One process loads the numeric libraries the benches import (torch, transformers, vLLM: most of
+# a bench's import time), then forks one child per bench, which runs that bench's module body as
+# `python bench/x.py` would: bench/ first on sys.path (PYTHONPATH), not the project root, and of
+# the project only the steerline package itself (the numerics contract) loaded before it. A child
+# sends its traceback and exits 1 on an error; the parent prints {bench file: [exit code,
+# traceback tail]} as its last line.
+PROBE = """
+import steerline, importlib, json, os, runpy, sys, traceback
+for lib in ("numpy", "pandas", "pyarrow.parquet", "torch", "transformers", "vllm"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:  # not installed: the bench that needs it fails in its own child
+        pass
+results = {}
+for path in sys.argv[1:]:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            runpy.run_path(path, run_name="bench_probe")
+            code = 0
+        except SystemExit as e:  # as the interpreter ends on it
+            code = e.code if isinstance(e.code, int) else (e.code is not None)
+        except BaseException:
+            os.write(w, traceback.format_exc()[-2000:].encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    results[os.path.basename(path)] = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bench_imports(tmp_path_factory) -> dict[str, list]:
+    paths = [str(p) for p in sorted(BENCH.glob("*.py"))]
+    done = subprocess.run([sys.executable, "-c", PROBE, *paths],
+                          cwd=tmp_path_factory.mktemp("probe"), capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(BENCH)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
-def test_every_bench_imports_as_make_bench_runs_it(path, tmp_path):
+def test_every_bench_imports_as_make_bench_runs_it(path, bench_imports):
     """`python bench/x.py` puts bench/ first on sys.path, not the project root: a bench that
     imports the dev `tools` package or a function that moved fails there. Its module body runs
     (imports, constants), its main does not."""
-    probe = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='bench_probe')"
-    done = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(path.parent)})
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, err = bench_imports[path.name]
+    assert code == 0, err

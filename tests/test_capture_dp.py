@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import finish_model, tiny_moe_config
+from conftest import finish_model, freeze_heap, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.backends import make_backend
@@ -89,6 +89,7 @@ def test_vllm_data_parallel_2_equals_1_byte_for_byte(tiny64, tokenizer, tmp_path
     pytest.importorskip("vllm", reason="vLLM is installed by `make setup` (VLLM=cpu by default)")
     if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         pytest.skip("on a GPU each capture process needs its own device: 2 GPUs")
+    freeze_heap()
     with make_backend("vllm", str(tiny64), progress=False) as vb:
         one = capture(vb, tokenizer, tmp_path / "dp1", monkeypatch)
     with CapturePool(2, "vllm", str(tiny64), "float32", progress=False) as pool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import finish_model
+from conftest import finish_model, freeze_heap
 from families import GPT_OSS_WINDOWED, VLLM_CPU_SIZES, build
 
 from steerline.backends import Steering, make_backend
@@ -62,6 +62,7 @@ def assert_vllm_matches_and_steers(path: Path, chats: list[ChatPrompt], max_new:
     in / out of every token's top-k."""
     with make_backend("transformers", str(path)) as hf:
         ref = hf.generate_and_capture(chats, max_new)
+    freeze_heap()
     with make_backend("vllm", str(path), progress=False, **engine_options) as vb:
         got = vb.generate_and_capture(chats, max_new)
         c = compare_runs(ref, got, vb.top_k)

@@ -16,6 +16,7 @@ import pytest
 import test_capture_dp
 import test_detect
 import torch
+from conftest import freeze_heap
 from stage_cmd import call_stage
 from test_detect import run_cli
 from test_params_safety import ADV, XS, entry, stage_dir
@@ -440,6 +441,8 @@ def test_vllm_target_capture_matches_transformers(tiny64, tokenizer, tmp_path):
     got = {}
     for name in ("transformers", "vllm"):
         options = {"progress": False} if name == "vllm" else {}
+        if name == "vllm":
+            freeze_heap()
         with make_backend(name, str(tiny64), **options) as backend:
             capture_pairs(backend, tokenizer, prompts, tmp_path / name)
         got[name] = count_routing(tmp_path / name / "routing", "target")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_run import run_cli
-from conftest import finish_model, tiny_moe_config
+from conftest import finish_model, freeze_heap, tiny_moe_config
 from transformers import Qwen2MoeForCausalLM
 
 from steerline.backends import ActivationSteering, Steering, make_backend
@@ -105,6 +105,7 @@ def reference(arts, tokenizer) -> dict[tuple[str, str], list[int]]:
     chats = [render_chat(tokenizer, p).ids for p in PROMPTS for _ in STEERINGS]
     chats.append(tokenizer(COMPLETION, add_special_tokens=True)["input_ids"])
     steer = [by_name[s] for _, s in keys]
+    freeze_heap()
     with make_backend("vllm", str(arts["model"]), progress=False) as vb:
         got = [g.token_ids.tolist() for g in vb.generate(chats, MAX_NEW, steer)]
     with make_backend("transformers", str(arts["model"])) as hf:
@@ -124,6 +125,7 @@ def server(arts):
     cfg = ServeConfig(str(arts["model"]), name="tiny", experts=str(arts["experts"]),
                       mat=str(arts["mat"]), gate=str(arts["gate"]), port=0,
                       defaults=ExpertDefaults(mode="deactivate_unsafe", n=2, delta=1.0))
+    freeze_heap()
     srv = Server(cfg).start()
     yield srv
     srv.close()
