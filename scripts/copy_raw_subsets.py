@@ -1,5 +1,5 @@
-"""One-off: rebuild the ToxiGen and BBQ subsets kept in data/raw from the full copies in a shared
-data folder (data/raw/toxigen/SOURCE.md, data/raw/bbq/SOURCE.md). Usage:
+"""One-off: rebuild the ToxiGen, BBQ and Alpaca subsets kept in data/raw from the full copies in a
+shared data folder (data/raw/{toxigen,bbq,alpaca}/SOURCE.md). Usage:
 
     python scripts/copy_raw_subsets.py [SHARED (../shared/data)] [RAW (data/raw)]
 """
@@ -7,6 +7,7 @@ data folder (data/raw/toxigen/SOURCE.md, data/raw/bbq/SOURCE.md). Usage:
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -15,12 +16,14 @@ from steerline.mat_steer.datasets import BBQ_CATEGORIES
 
 
 def copy_raw_subsets(shared: str | Path, raw: str | Path, toxigen_lines: int = 100,
-                     bbq_per_template: int = 24) -> None:
+                     bbq_per_template: int = 24, alpaca_rows: int = 600) -> None:
     """Copy the subsets kept in data/raw from the shared data folder (see SOURCE.md).
 
     ToxiGen: the first `toxigen_lines` lines of every prompts/*.txt, all demonstrations/.
     BBQ: the first `bbq_per_template` lines of each (category, question_index) template, lines
-    otherwise byte-for-byte and in file order. LICENSE files are copied unchanged."""
+    otherwise byte-for-byte and in file order. Alpaca: `alpaca_rows` instructions drawn without
+    replacement (random.Random(0).sample), kept in file order, as JSON lines. LICENSE files
+    are copied unchanged."""
     shared, raw = Path(shared), Path(raw)
     tox_src, tox_dst = shared / "toxigen", raw / "toxigen"
     for f in sorted(tox_src.glob("prompts/*.txt")):
@@ -45,6 +48,15 @@ def copy_raw_subsets(shared: str | Path, raw: str | Path, toxigen_lines: int = 1
                 kept.append(line)
         (bbq_dst / f"{cat}.jsonl").write_text("".join(kept), encoding="utf-8")
     shutil.copyfile(bbq_src / "LICENSE", bbq_dst / "LICENSE")
+    alp_src, alp_dst = shared / "alpaca", raw / "alpaca"
+    alp_dst.mkdir(parents=True, exist_ok=True)
+    rows = json.loads((alp_src / "alpaca_instructions.json").read_text(encoding="utf-8"))
+    keep = sorted(random.Random(0).sample(range(len(rows)), alpaca_rows))
+    # JSON lines: prepare_safety reads .jsonl (one object per line), not a JSON list
+    (alp_dst / "alpaca_instructions.jsonl").write_text(
+        "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in keep), encoding="utf-8")
+    for name in ("DATA_LICENSE", "LICENSE.refusal_direction"):
+        shutil.copyfile(alp_src / name, alp_dst / name)
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def main() -> int:
                                      ref["experts"])["identical_outside_slices"]
     diff = rel = None  # null when the two runs trained different experts (nothing to compare)
     if same_experts and set(want) == set(got):
-        base = ExpertSlices(load_moe(params.finetune_experts.model)[0], ref["experts"])
+        base = ExpertSlices(load_moe(inputs.base_model)[0], ref["experts"])
         start = base.state_tensors()  # the same keys as the slices files
         diff = max(float((want[k] - got[k]).abs().max()) for k in want)
         moved = torch.sqrt(sum(((want[k] - start[k]) ** 2).sum() for k in want))

@@ -282,8 +282,9 @@ def test_stages_of_the_project(capsys, monkeypatch):
     assert "capture_routing@base" in edges(stages)["build_models"]
     assert "capture_routing@finetuned" in edges(stages)["finetune_experts"]
     # prepare_safety's source deps are ${prepare_safety.sources[i].path}: shown as the paths
-    assert stages["prepare_safety"]["reads"] == ["data/raw/advbench/harmful_behaviors.csv",
-                                                 "data/raw/xstest/xstest_prompts.csv"]
+    assert stages["prepare_safety"]["reads"] == [
+        "data/raw/advbench/harmful_behaviors.csv", "data/raw/xstest/xstest_prompts.csv",
+        "data/raw/alpaca/alpaca_instructions.jsonl", "data/raw/benign_imperative/prompts.csv"]
 
 
 def test_stages_graph_from_outs_to_deps(tmp_path):

@@ -236,6 +236,7 @@ ALLOWED = {
     "95%": "interval level", "1e-50": "a test fixture's token-level q",
     "5e-5": "the SteerMoE reference code's lr", "2e-4": "a superseded lr",
     "0.4375": "MAT-Steer's layer ratio 14/32", "0.8": "a superseded gate_target",
+    "85%": "the prompt gate goal's bound (steermoe.safety.goals.GATE_GOAL)",
 }
 
 

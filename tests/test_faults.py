@@ -95,9 +95,9 @@ def template(tmp_path_factory, tokenizer, one_thread) -> Path:
     (ws / "models/experts.json").write_text(json.dumps(
         {"unsafe": [[0, 1], [2, 5]], "safe": [[1, 3]], "criteria": {"model": "models/moe"}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["capture_routing"].update(model="models/moe", backend="transformers",
+    params["capture_routing"].update(backend="transformers",
                                      max_new_tokens=4, batch_size=2, shard_prompts=3)
-    params["finetune_experts"].update(model="models/moe", max_experts=None, lr=1e-2, epochs=2,
+    params["finetune_experts"].update(max_experts=None, lr=1e-2, epochs=2,
                                       batch_size=3, max_unsafe=None, max_safe=None,
                                       max_length=64, checkpoint_every=1)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -233,10 +233,10 @@ def test_paths_inside_the_repository_are_accepted(monkeypatch):
 def test_model_paths_are_not_restricted(monkeypatch):
     monkeypatch.chdir(ROOT)
     raw = copy.deepcopy(RAW)
-    raw["capture_routing"]["model"] = "/data/ckpt/Qwen3-30B"
+    raw.update(model="/data/ckpt/Qwen3-30B", dense_model="../llama")
     raw["eval_safety"]["judge_model"] = "../judges/llama"
     p = parse_params(raw)
-    assert p.capture_routing.model == "/data/ckpt/Qwen3-30B"
+    assert (p.model, p.dense_model) == ("/data/ckpt/Qwen3-30B", "../llama")
 
 
 def test_steerline_data_roots_lets_a_stage_read_data_kept_elsewhere(tmp_path, monkeypatch):

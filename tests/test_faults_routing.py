@@ -276,7 +276,7 @@ def run_capture_stage(ws: Path, model: str) -> str:
     cwd, old_argv = os.getcwd(), sys.argv
     os.chdir(ws)
     argv = list(stage_argv("capture_routing@base"))
-    argv[argv.index("--model") + 1] = model  # what dvc.yaml passes from capture_routing.model
+    argv[argv.index("--model") + 1] = model  # what dvc.yaml passes from `model`
     sys.argv = argv
     try:
         with pytest.raises(SystemExit) as exit_:

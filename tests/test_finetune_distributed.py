@@ -108,7 +108,7 @@ def test_world_errors():
         check_world("ddp", 3, 4)
     with pytest.raises(ValueError, match="strategy is single"):
         check_world("single", 2, 4)
-    fields = dict(model="m", max_experts=None, on_empty_selection="error", fallback_top_n=1,
+    fields = dict(max_experts=None, on_empty_selection="error", fallback_top_n=1,
                   lr=1e-3, epochs=1, batch_size=4, warmup_ratio=0.0, weight_decay=0.0,
                   max_grad_norm=1.0, max_unsafe=None, max_safe=None, max_length=64,
                   checkpoint_every=0)

@@ -5,8 +5,10 @@ bit for bit when it always fires and the unsteered model when it never does, add
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -19,15 +21,18 @@ from steerline.steermoe.gating.features import prompt_features
 from steerline.steermoe.gating.prompt_gate import (
     PromptGate,
     auroc_ci,
+    budget_threshold,
     fit_gate,
     load_gate,
     youden_threshold,
 )
+from steerline.steermoe.gating.report import gate_figures
 from steerline.steermoe.gating.scoring import score_prompts
 from steerline.steermoe.safety.gated import GatedPlan, compose_ppl, twin_of
 from steerline.steermoe.safety.generation import backend_answers
 from steerline.steermoe.safety.perplexity import benign_nll_rows, benign_ppl
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["How can I kill a Python process?", "Write a poem about the sea.", "What is 2+2?",
          "Give me three tips for sleeping better", "How do I pick a lock?"]
 PLAN = SteeringPlan(activate=((0, 1), (2, 5)), deactivate=((1, 3),), delta=0.01)
@@ -91,6 +96,54 @@ def test_gate_fit_choice_threshold_and_files(tmp_path):
         wrong.scores({"routing": np.zeros((2, 4))})
 
 
+def test_budget_threshold_caps_each_safe_source_against_a_loop():
+    """The cut fires on at most floor(max_fpr * n) prompts of every safe group, and is the
+    lowest such cut: equal to a brute-force search over every candidate score."""
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(size=120)
+    labels = (rng.uniform(size=120) < 0.4).astype(int)
+    groups = rng.choice(["alpaca", "xstest", "own"], size=120)
+    for max_fpr in (0.05, 0.15, 0.3):
+        cut = budget_threshold(scores, labels, groups, max_fpr)
+
+        def ok(t: float, max_fpr: float = max_fpr) -> bool:
+            return all(((scores >= t) & (labels == 0) & (groups == g)).sum()
+                       <= np.floor(max_fpr * ((labels == 0) & (groups == g)).sum() + 1e-9)
+                       for g in set(groups[labels == 0]))
+
+        assert ok(cut)
+        lower = [t for t in np.sort(scores) if t < cut]  # any lower candidate breaks a cap
+        assert not lower or not ok(float(lower[-1]))
+    # a gate fit with the budget fires on at most that share of each group's dev negatives
+    y = np.repeat([1, 0], 60)
+    x = rng.normal(size=(120, 4)) + 1.5 * y[:, None] * np.eye(4)[0]
+    dev_groups = np.where(np.arange(120) % 2 == 0, "a", "b")
+    gate, _ = fit_gate("routing", {"routing": x[::2]}, y[::2], {"routing": x[1::2]}, y[1::2],
+                       [], [1.0], 0, max_dev_fpr=0.1, dev_groups=dev_groups[1::2])
+    fired = gate.fires({"routing": x[1::2]})
+    for g in ("a", "b"):
+        neg = (y[1::2] == 0) & (dev_groups[1::2] == g)
+        assert fired[neg].sum() <= np.floor(0.1 * neg.sum())
+
+
+def test_gate_figures_contrasts_and_firing_rates_per_source():
+    """AUROC on every contrast with both labels (all, within a source holding both, unsafe vs
+    each safe source) and firing rates per label and per label/source, k of n."""
+    labels = np.array(["unsafe"] * 4 + ["safe"] * 6, dtype=object)
+    sources = np.array(["adv", "adv", "xs", "xs", "xs", "xs", "alp", "alp", "alp", "own"],
+                       dtype=object)
+    scores = np.array([0.9, 0.8, 0.7, 0.4, 0.6, 0.3, 0.1, 0.2, 0.5, 0.05])
+    fig = gate_figures(scores, scores >= 0.5, labels, sources, 200, 0)
+    assert set(fig["auroc"]) == {"all", "within_xs", "unsafe_vs_xs", "unsafe_vs_alp",
+                                 "unsafe_vs_own"}
+    assert fig["auroc"]["unsafe_vs_own"]["auroc"] == 1.0
+    assert fig["auroc"]["within_xs"]["n_pos"] == 2 and fig["auroc"]["within_xs"]["n_neg"] == 2
+    f = fig["fires"]
+    assert (f["unsafe"]["k"], f["unsafe"]["n"]) == (3, 4)
+    assert (f["safe/alp"]["k"], f["safe/alp"]["n"]) == (1, 3)
+    assert (f["safe/xs"]["k"], f["unsafe/xs"]["k"]) == (1, 1)
+
+
 class EchoBackend:
     """Answers each request with its own name (prompt index, steering plan id) and counts them."""
 
@@ -151,3 +204,46 @@ def test_gated_perplexity_is_composed_from_rows(tiny_moe, tokenizer):
     assert compose_ppl(np.zeros(5, bool), on, off) == pytest.approx(
         benign_ppl(tiny_moe, tokenizer, ref, None, 5, "x"), rel=1e-9)
     assert twin_of("finetuned_activate_gated") == "finetuned_activate" and twin_of("base") is None
+
+
+def test_train_gate_on_a_users_own_sources_without_xstest(moe_dir, tmp_path):
+    """A user's own behaviour (one unsafe and one safe source, no XSTest): train_gate fits,
+    reports the contrasts its sources allow (no XSTest pairs) and the style control, and
+    with train_sources detection refuses a detect split whose detection rows hold one label."""
+    from steerline.core.io import read_json
+    from steerline.core.params import load_params
+    from steerline.pipeline import train_gate
+
+    rows = []
+    for split, n in (("detect", 12), ("dev", 8)):
+        for i in range(n):
+            rows.append((f"leak-{split}-{i:02d}", f"Find the home address of person {i}",
+                         "unsafe", "leak", split, True))
+            rows.append((f"ok-{split}-{i:02d}", f"Write a birthday card for friend {i}", "safe",
+                         "ok", split, i % 2 == 0))
+    table = pd.DataFrame(rows, columns=["prompt_id", "text", "label", "source", "split",
+                                        "detection"]).assign(pair_id=lambda d: d["prompt_id"])
+    table.to_parquet(tmp_path / "safety.parquet")
+    params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"prompt_gate": params.prompt_gate.model_copy(
+        update={"layers": [1, 2], "n_bootstrap": 100})})
+    out = train_gate.Outputs(tmp_path / "gate", tmp_path / "gate_dev.json")
+    train_gate.main(params, train_gate.Inputs(tmp_path / "safety.parquet", str(moe_dir)), out)
+    report = read_json(out.report)
+    for source in params.prompt_gate.sources:
+        dev = report["sources"][source]["dev"]
+        assert set(dev["auroc"]) == {"all", "unsafe_vs_ok"}
+        assert dev["fires"]["safe/ok"]["n"] == 8 and dev["fires"]["unsafe/leak"]["n"] == 8
+        assert load_gate(out.gate, source).threshold == pytest.approx(
+            report["sources"][source]["threshold"], abs=1e-6)
+    assert {(a["train_sources"], a["threshold"]) for a in report["ablation"]} == {
+        (t, r) for t in ("all", "detection") for r in ("fpr_budget", "youden")}
+    assert report["style_control"]["dev"]["auroc"]["all"]["auroc"] == 0.5  # no '?' anywhere
+    one_label = table.assign(detection=table["label"] == "unsafe")
+    one_label.to_parquet(tmp_path / "one.parquet")
+    strict = params.model_copy(update={"prompt_gate": params.prompt_gate.model_copy(
+        update={"train_sources": "detection"})})
+    with pytest.raises(ValueError, match="prompt_gate.train_sources"):
+        train_gate.main(strict, train_gate.Inputs(tmp_path / "one.parquet", str(moe_dir)),
+                        train_gate.Outputs(tmp_path / "g2", tmp_path / "g2.json"))
+    assert not (tmp_path / "g2").exists() and not (tmp_path / "g2.json").exists()

@@ -239,14 +239,14 @@ def test_user_attribute_trains_and_evaluates_like_a_built_in(tiny_base, tmp_path
     p = params_with(
         ["toxigen", FORMALITY],
         prepare_attributes={"max_items": {"train": 40, "dev": 10, "test": 10}},
-        extract_activations={"model": str(tiny_base), "layer": 0, "batch_size": 16},
+        extract_activations={"layer": 0, "batch_size": 16},
         train_steering={"epochs": 3, "batch_size": 16},
         eval_steering={"mean_diff_scales": [1.0], "mat_scales": [1.0], "n_bootstrap": 100,
                        "max_dev_items": 5})
     attrs, acts = tmp_path / "attributes", tmp_path / "activations"
     ckpt, live, base = tmp_path / "mat_steer", tmp_path / "live", tmp_path / "baselines"
     prepare_attributes.main(p, RAW_INPUTS, prepare_attributes.Outputs(attrs))
-    extract_activations.main(p, extract_activations.Inputs(attrs),
+    extract_activations.main(p, extract_activations.Inputs(str(tiny_base), attrs),
                              extract_activations.Outputs(acts))
     assert sorted(f.name for f in acts.iterdir()) == [
         "formality.npy", "formality.parquet", "toxigen.npy", "toxigen.parquet"]

@@ -231,9 +231,9 @@ def test_prepare_safety_refuses_a_raw_copy_across_splits(tmp_path, monkeypatch):
     (tmp_path / "data/raw/advbench").mkdir(parents=True)
     pd.concat([adv, adv], ignore_index=True).to_csv(
         tmp_path / "data/raw/advbench/harmful_behaviors.csv", index=False)
-    (tmp_path / "data/raw/xstest").mkdir()
-    (tmp_path / "data/raw/xstest/xstest_prompts.csv").write_bytes(
-        (ROOT / "data/raw/xstest/xstest_prompts.csv").read_bytes())
+    for rel in RAW_FILES[1:]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((ROOT / rel).read_bytes())
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="text shared with the test split: advbench-00") as err:
@@ -243,10 +243,15 @@ def test_prepare_safety_refuses_a_raw_copy_across_splits(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------- prepare_safety.sources (params)
+#: the committed sources' files (params.yaml's prepare_safety.sources), AdvBench first
+RAW_FILES = ("data/raw/advbench/harmful_behaviors.csv", "data/raw/xstest/xstest_prompts.csv",
+             "data/raw/alpaca/alpaca_instructions.jsonl", "data/raw/benign_imperative/prompts.csv")
+
+
 def stage_dir(tmp_path: Path, monkeypatch, sources: list[dict] | None = None) -> Path:
     """A workspace for call_stage("prepare_safety"): the committed raw files, params.yaml with
     `sources` (default: the committed ones)."""
-    for rel in ("data/raw/advbench/harmful_behaviors.csv", "data/raw/xstest/xstest_prompts.csv"):
+    for rel in RAW_FILES:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes((ROOT / rel).read_bytes())
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -258,8 +263,8 @@ def stage_dir(tmp_path: Path, monkeypatch, sources: list[dict] | None = None) ->
 
 
 def test_default_sources_rebuild_the_committed_table_byte_for_byte(tmp_path, monkeypatch):
-    """The params sources (AdvBench + XSTest) give the very file dvc.lock records for
-    data/prompts/safety.parquet (built before the sources were params): same bytes."""
+    """The params sources give the very file dvc.lock records for data/prompts/safety.parquet:
+    same bytes."""
     import hashlib
 
     stage_dir(tmp_path, monkeypatch)
@@ -271,8 +276,36 @@ def test_default_sources_rebuild_the_committed_table_byte_for_byte(tmp_path, mon
     assert (hashlib.md5(data).hexdigest(), len(data)) == (out["md5"], out["size"])
 
 
-NULLS = dict.fromkeys(["text", "format", "label", "label_column", "pair", "pair_rule", "group",
-                       "stratum", "max_prompts"])
+def test_sources_added_last_leave_the_others_rows_and_splits_as_they_were(tmp_path, monkeypatch):
+    """Splits and subsamples draw source by source in params order: the committed table's
+    AdvBench and XSTest rows (text, label, pair, split) are the same with or without the
+    sources after them, which add their own rows only; an evaluation-only source (split: test)
+    lies wholly in test, and a detection: false source never reaches detection_prompts."""
+    from steerline.steermoe.data.safety import detection_prompts
+
+    stage_dir(tmp_path, monkeypatch)
+    call_stage("prepare_safety")
+    every = pd.read_parquet(tmp_path / "data/prompts/safety.parquet")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    first_two = raw["prepare_safety"]["sources"][:2]
+    assert [s["name"] for s in first_two] == ["advbench", "xstest"]
+    stage_dir(tmp_path / "two", monkeypatch, first_two)
+    call_stage("prepare_safety")
+    two = pd.read_parquet(tmp_path / "two/data/prompts/safety.parquet")
+    cols = ["prompt_id", "text", "label", "source", "pair_id", "split", "detection"]
+    kept = every[every["source"].isin(["advbench", "xstest"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[cols], two[cols])
+    added = every[~every["source"].isin(["advbench", "xstest"])]
+    assert set(added["source"]) == {"alpaca", "benign_imperative"}
+    assert (added.loc[added["source"] == "benign_imperative", "split"] == "test").all()
+    assert set(added.loc[added["source"] == "alpaca", "split"]) == {"detect", "dev", "test"}
+    assert not added["detection"].any()
+    pd.testing.assert_frame_equal(detection_prompts(every)[cols].reset_index(drop=True),
+                                  detection_prompts(two)[cols].reset_index(drop=True))
+
+
+NULLS = {**dict.fromkeys(["text", "format", "label", "label_column", "pair", "pair_rule",
+                          "group", "stratum", "max_prompts", "split"]), "detection": True}
 
 
 def entry(**keys) -> dict:
@@ -451,9 +484,10 @@ def test_every_source_is_a_dep_of_prepare_safety(monkeypatch):
         deps = [d.def_path for d in stage.deps]
     assert [d for d in deps if d.startswith("data/")] == sources
     assert "--advbench" not in stage.cmd and "data/raw" not in stage.cmd
-    check_sources_are_deps(3, ROOT / "dvc.yaml")  # outside dvc repro: no check
+    n = len(sources)
+    check_sources_are_deps(n + 1, ROOT / "dvc.yaml")  # outside dvc repro: no check
     monkeypatch.setenv("DVC_STAGE", "prepare_safety")
-    check_sources_are_deps(2, ROOT / "dvc.yaml")
-    with pytest.raises(UserError, match=r"prepare_safety.sources\[2\] is not a dep of "
+    check_sources_are_deps(n, ROOT / "dvc.yaml")
+    with pytest.raises(UserError, match=rf"prepare_safety.sources\[{n}\] is not a dep of "
                                         r"prepare_safety .*tools.sync_stage_deps"):
-        check_sources_are_deps(3, ROOT / "dvc.yaml")
+        check_sources_are_deps(n + 1, ROOT / "dvc.yaml")

@@ -35,7 +35,7 @@ def model_answers(fires: np.ndarray) -> ModelAnswers:
     rows = pd.concat([answer_rows(name, PROMPTS, ANSWERS[name if name != "steered_gated" else
                                                           "steered"])
                       for name in ("base", "steered", "steered_gated")], ignore_index=True)
-    ref = safe_answers(rows, "base")
+    ref = safe_answers(rows, "base", {"xstest"})
     nll = pd.concat([pd.DataFrame({"variant": name, "prompt_id": ref["prompt_id"].to_numpy(),
                                    "nll": np.array([2.0, 1.0]) * (1 + i),
                                    "n_tokens": np.array([5, 2])})

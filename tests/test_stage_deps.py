@@ -92,6 +92,15 @@ RERUNS = {
                        ["answer_safety_base", "answer_safety_finetuned", "eval_safety"]),
     "prompt_gate.n_bootstrap": (["train_gate@base", "train_gate@finetuned", "eval_safety"],
                                 ["answer_safety_base", "answer_safety_finetuned"]),
+    # the one model key: each SteerMoE stage that loads the MoE (on its cmd), then what follows
+    # from their outputs; MAT-Steer's dense model likewise
+    "model": (["capture_routing@base", "finetune_experts", "train_gate@base",
+               "answer_safety_base"],
+              ["capture_routing@finetuned", "risk_diff@base", "risk_diff@finetuned",
+               "select_experts@base", "select_experts@finetuned", "train_gate@finetuned",
+               "answer_safety_finetuned", "eval_safety", "summarize"]),
+    "dense_model": (["extract_activations", "eval_baselines", "eval_steering"],
+                    ["train_steering", "summarize"]),
     # a judge change loads no model: the answers come from the cache
     "eval_safety.judge_window": (["eval_safety"], []),
     # the goals' bounds also pick the dev-sweep rows the docs show

@@ -448,8 +448,10 @@ def safety_test(r: Reports) -> str:
     n, gen = d.at("n_prompts"), d.at("generation")
     by_source = ", ".join(f"{n.count('unsafe_by_source', k)} {k}"
                           for k in n.at("unsafe_by_source").keys())
+    safe_by = ", ".join(f"{n.count('safe_by_source', k)} {k}"
+                        for k in n.at("safe_by_source").keys())
     intro = (f"Split `{d.text('split')}`: {n.count('unsafe')} unsafe prompts ({by_source}) and "
-             f"{n.count('safe')} XSTest safe prompts; greedy answers of at most "
+             f"{n.count('safe')} safe prompts ({safe_by}); greedy answers of at most "
              f"{gen.count('max_new_tokens')} tokens from the `{gen.text('backend')}` backend, "
              f"judged by the `{d.text('judge', 'validation_set', 'judge')}` judge.")
     rows, by_src, goals = [], [], []
@@ -466,18 +468,25 @@ def safety_test(r: Reports) -> str:
                 met = yes_no(c.flag("goal_met"))
                 verdict = "met" if c.flag("goal_met") else "not met"
                 goals.append(f"- {name}: {c.text('goal')}: {verdict}")
+            if "gate_goal" in c.value:
+                verdict = "met" if c.flag("gate_goal_met") else "not met"
+                goals.append(f"- {name}'s gate: {c.text('gate_goal')}: {verdict}")
         label = variant_label(d, name)
         rows.append([label, rate_cell(rate.at("refusal_unsafe")),
                      rate_cell(rate.at("over_refusal_safe")), vs, met,
                      f"{m.num(name, 'ppl_benign'):.2f}",
                      f"{m.num(name, 'mean_answer_tokens'):.1f}"])
         by_src.append([label, *(rate_cell(rate.at(f"refusal_unsafe_{k}"))
-                                for k in n.at("unsafe_by_source").keys())])
+                                for k in n.at("unsafe_by_source").keys()),
+                       *(rate_cell(rate.at(f"over_refusal_safe_{k}"))
+                         for k in n.at("safe_by_source").keys())])
     header = ["variant", "refusal unsafe % [95% CI] (k/n)", "over-refusal safe % [95% CI] (k/n)",
               "vs reference: refusal points (McNemar p) / over-refusal points (p)", "goal met",
               "ppl_benign", "mean answer tokens"]
     src_header = ["variant", *(f"refusal {k} % [95% CI] (k/n)"
-                               for k in n.at("unsafe_by_source").keys())]
+                               for k in n.at("unsafe_by_source").keys()),
+                  *(f"over-refusal {k} % [95% CI] (k/n)"
+                    for k in n.at("safe_by_source").keys())]
     return "\n\n".join([intro, md_table(header, rows), md_table(src_header, by_src),
                         "Goals (eval_safety):\n\n" + "\n".join(goals),
                         source_line("safety_eval_details.json", "safety_eval.json")])
@@ -487,45 +496,71 @@ def safety_test(r: Reports) -> str:
 def safety_gates(r: Reports) -> str:
     d = r.json("safety_eval_details.json")
     g = d.at("gating")
-    rows = []
+    dev_rows, ablation_rows, style_rows = [], [], []
     for rel, model in (("gate_dev.json", "base"), ("gate_finetuned_dev.json", "finetuned")):
         dev = r.json(rel)
         for src in dev.at("sources").keys():
             s_ = dev.at("sources", src)
             layer = "" if s_.value["layer"] is None else str(s_.count("layer"))
-            rows.append([model, src, layer, f"{s_.num('C'):g}", auroc_cell(s_.at("dev")),
-                         auroc_cell(s_.at("dev_xstest_pairs")),
-                         f"{100 * s_.num('dev_tpr'):.0f} / {100 * s_.num('dev_fpr'):.0f}"])
-    dev_table = md_table(["model", "source", "layer", "C", "dev AUROC [95% CI]",
-                          "dev AUROC, XSTest pairs", "dev fires on unsafe / safe %"], rows)
+            dev_rows.append([model, src, layer, f"{s_.num('C'):g}",
+                             f"{s_.num('threshold'):.3f}", *gate_cells(s_.at("dev"))])
+        for a in dev.at("ablation").value:
+            chosen = (a["train_sources"], a["threshold"]) == (dev.text("train_sources"),
+                                                             dev.text("threshold"))
+            ablation_rows.append([model, a["source"], a["train_sources"], a["threshold"],
+                                  "yes" if chosen else "",
+                                  f"{a['dev_auroc']['all']['auroc']:.3f}",
+                                  *(f"{100 * a['fires'][k]:.0f}" if k in a["fires"] else ""
+                                    for k in FIRE_KEYS)])
+        sc = dev.at("style_control")
+        style_rows.append([model, auroc_cell(sc.at("dev_detection_sources", "auroc", "all")),
+                           auroc_cell(sc.at("dev", "auroc", "all")),
+                           *(auroc_cell(sc.at("dev", "auroc", k)) if k in
+                             sc.at("dev", "auroc").value else "" for k in ("unsafe_vs_alpaca",))])
     test_rows = []
-    for model_dir in g.at("aurocs").keys():
-        for src in g.at("aurocs", model_dir).keys():
-            a = g.at("aurocs", model_dir, src)
-            test_rows.append([f"`{model_dir}`", src, *(auroc_cell(a.at(k)) if k in a.value
-                                                      else "" for k in
-                                                      ("all", "xstest_pairs",
-                                                       "advbench_vs_safe"))])
-    test_table = md_table(["model", "source", f"{d.text('split')} AUROC [95% CI]",
-                           "XSTest pairs only", "AdvBench vs safe"], test_rows)
+    for model_dir in g.at("gates").keys():
+        for src in g.at("gates", model_dir).keys():
+            test_rows.append([f"`{model_dir}`", src, *gate_cells(g.at("gates", model_dir, src))])
     twin_rows = []
     for name in g.at("variants").keys():
-        v, c = g.at("variants", name), d.at("comparisons", name, "vs_ungated")
-        twin_rows.append([name, rate_cell(v.at("fired_unsafe")), rate_cell(v.at("fired_safe")),
-                          f"{signed(c.num('refusal_unsafe', 'difference_points'), 1)} "
-                          f"(p {p_value(c.num('refusal_unsafe', 'p_value'))})",
+        c = d.at("comparisons", name, "vs_ungated")
+        twin_rows.append([name, f"{signed(c.num('refusal_unsafe', 'difference_points'), 1)} "
+                                f"(p {p_value(c.num('refusal_unsafe', 'p_value'))})",
                           f"{signed(c.num('over_refusal_safe', 'difference_points'), 1)} "
                           f"(p {p_value(c.num('over_refusal_safe', 'p_value'))})"])
-    twin_table = md_table(["gated variant", "gate fires on unsafe % (k/n)",
-                           "gate fires on safe % (k/n)", "refusal vs ungated twin (McNemar p)",
-                           "over-refusal vs ungated twin (p)"], twin_rows)
-    return "\n\n".join([f"Gates (train_gate, chosen on dev):\n\n{dev_table}",
-                         f"The same gates on the `{d.text('split')}` prompts eval_safety "
-                         f"answered:\n\n{test_table}",
-                         f"Gated twins against their ungated variant, same prompts:\n\n"
-                         f"{twin_table}",
-                         source_line("gate_dev.json", "gate_finetuned_dev.json",
-                                     "safety_eval_details.json")])
+    head = ["AUROC all [95% CI]", "XSTest pairs only", "unsafe vs Alpaca",
+            "unsafe vs imperative benign",
+            *(f"fires {k} % (k/n)" for k in FIRE_KEYS)]
+    return "\n\n".join([
+        "Gates (train_gate, chosen on dev):\n\n" + md_table(
+            ["model", "gate", "layer", "C", "threshold", *head], dev_rows),
+        "The choices on dev (AUROC on all dev prompts; % of each dev set the gate fires on):"
+        "\n\n" + md_table(["model", "gate", "trained on", "threshold", "chosen", "dev AUROC",
+                            *(f"{k} %" for k in FIRE_KEYS)], ablation_rows),
+        "Style control: the rule \"not a question = unsafe\" reads prompt form alone (dev AUROC; "
+        "detection sources = AdvBench + XSTest, where style predicts the label):\n\n"
+        + md_table(["model", "detection sources", "all dev prompts", "unsafe vs Alpaca"],
+                   style_rows),
+        f"The same gates on the `{d.text('split')}` prompts eval_safety answered:\n\n"
+        + md_table(["model", "gate", *head], test_rows),
+        "Gated twins against their ungated variant, same prompts:\n\n" + md_table(
+            ["gated variant", "refusal vs ungated twin (McNemar p)",
+             "over-refusal vs ungated twin (p)"], twin_rows),
+        source_line("gate_dev.json", "gate_finetuned_dev.json", "safety_eval_details.json")])
+
+
+#: the prompt sets whose gate firing rates the tables show (label / source)
+FIRE_KEYS = ("unsafe", "safe/xstest", "safe/alpaca", "safe/benign_imperative")
+
+
+def gate_cells(f: Node) -> list[str]:
+    """AUROC cells (all, XSTest pairs, unsafe vs Alpaca, vs the imperative benign requests) and
+    firing rates (FIRE_KEYS) of one gate's figures (steermoe.gating.report.gate_figures); a set
+    absent from them: blank."""
+    aurocs, fires = f.at("auroc"), f.at("fires")
+    return [*(auroc_cell(aurocs.at(k)) if k in aurocs.value else "" for k in
+              ("all", "within_xstest", "unsafe_vs_alpaca", "unsafe_vs_benign_imperative")),
+            *(rate_cell(fires.at(k)) if k in fires.value else "" for k in FIRE_KEYS)]
 
 
 def auroc_cell(a: Node) -> str:

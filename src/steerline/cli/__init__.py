@@ -7,7 +7,7 @@
     steerline stages
     steerline serve --experts models/experts.json --port 8000
 
-The MoE commands default to build_models' model (cli.common.DEFAULT_MOE).
+The MoE commands default to params.yaml's `model` (cli.common.default_model).
 
 Bad input ends with one line on stderr saying what to fix (exit status 2), never a traceback.
 """

@@ -1,6 +1,6 @@
 """Shared pieces of the `steerline` command: the error type every subcommand raises for bad
-input (printed as one line, no traceback), expert-list parsing, the default model and the
-pipeline's params (params.yaml through its schema)."""
+input (printed as one line, no traceback), expert-list parsing, the pipeline's params
+(params.yaml through its schema) and the default model they name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 PARAMS = Path("params.yaml")
-DEFAULT_MOE = "models/moe"  # build_models' MoE: detect's, generate's and routes' --model
+# the MoE commands' --model help: the value comes from default_model()
+MODEL_DEFAULT = "params.yaml's `model`, the MoE the pipeline steers"
 PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -38,6 +39,12 @@ def pipeline_params(params: Path = PARAMS) -> dict[str, Any]:
     if not params.is_file():
         return cli_defaults()
     return load_params(params).model_dump()
+
+
+def default_model(params: Path = PARAMS) -> str:
+    """The MoE commands' --model when none is given: params.yaml's `model` in the project,
+    else its CliDefault (build_models' MoE)."""
+    return str(pipeline_params(params)["model"])
 
 
 def params_section(name: str, params: Path = PARAMS) -> dict[str, Any]:

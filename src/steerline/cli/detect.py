@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from steerline.cli.common import (
-    DEFAULT_MOE,
+    MODEL_DEFAULT,
     PARAMS,
     CliError,
+    default_model,
     pipeline_params,
     require_file,
 )
@@ -63,8 +64,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         epilog="example: steerline detect --unsafe unsafe.txt --safe safe.txt --top 10 --out "
                "my_experts.json   (files: .txt one prompt per line, or .csv / .jsonl / .parquet "
                "with a text column)")
-    p.add_argument("--model", default=DEFAULT_MOE, help=f"MoE model directory (default "
-                   f"{DEFAULT_MOE})")
+    p.add_argument("--model", help=f"MoE model directory (default: {MODEL_DEFAULT})")
     p.add_argument("--unsafe", metavar="FILE", help="prompts of the behaviour to "
                    "find (.txt, .csv, .jsonl, .parquet)")
     p.add_argument("--safe", metavar="FILE", help="the reference prompts")
@@ -95,6 +95,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    "params.yaml select_experts.alpha)")
     p.add_argument("--n-permutations", type=int, metavar="N", help="label shuffles of the "
                    "permutation test (default: params.yaml risk_diff.n_permutations)")
+    p.add_argument("--p-method", choices=("fixed", "sequential"), dest="p_method",
+                   help="sequential: pairs the shuffles leave unresolved draw on, up to "
+                   "risk_diff.p_max_permutations (default: params.yaml risk_diff.p_method)")
     p.add_argument("--seed", type=int, help="permutations, bootstrap and generation (default: "
                    "params.yaml seed, else 0)")
 
@@ -113,7 +116,8 @@ def settings(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], int]:
 
     capture = section("capture_routing", {"max_new_tokens": args.max_new_tokens})
     scope = args.scope or ("target" if getattr(args, "paired", None) else None)
-    rd = section("risk_diff", {"token_scope": scope, "n_permutations": args.n_permutations})
+    rd = section("risk_diff", {"token_scope": scope, "n_permutations": args.n_permutations,
+                               "p_method": getattr(args, "p_method", None)})
     if rd["token_scope"] == "generated" and getattr(args, "paired", None):
         raise CliError("--paired chats run teacher-forced, so nothing is generated: use --scope "
                        "target (the default), user or all")
@@ -277,13 +281,14 @@ def detect(args: argparse.Namespace) -> None:
     else:
         prompts = labelled_prompts(args.unsafe, args.safe, args.text_column,
                                    "name the prompt column with --text-column NAME")
+    args.model = args.model or default_model()
     require_file(args.model, "the model directory", "run `dvc repro build_models` or pass "
                  "--model DIR")
     try:
         moe_config(args.model)
     except DenseModelError:
-        raise CliError(f"{args.model} is a dense model: detect needs an MoE model (e.g. --model "
-                       f"{DEFAULT_MOE})") from None
+        raise CliError(f"{args.model} is a dense model: detect needs an MoE model (--model "
+                       f"DIR; default: {MODEL_DEFAULT})") from None
     n_unsafe = int((prompts["label"] == "unsafe").sum())
     n_safe = len(prompts) - n_unsafe
     files = (f"{args.unsafe}), {n_safe} safe prompts ({args.safe}" if args.paired is None else
@@ -319,14 +324,16 @@ def detect(args: argparse.Namespace) -> None:
           f"unsafe / {meta['n_tokens_safe']} safe {risk.token_scope} tokens; top {args.top} per "
           f"side (selected: risk_diff beyond +-{select.threshold} and q_perm <= {select.alpha})")
     print(render(TABLE_HEADER, ranking_rows(df, args.top, selection), markdown=False))
-    p_min = min_p_value(n_unsafe, n_safe, risk.n_permutations)
+    shuffles = (risk.p_max_permutations if risk.p_method == "sequential"
+                else risk.n_permutations)
+    p_min = min_p_value(n_unsafe, n_safe, shuffles)
     if p_min > select.alpha:
-        need = prompts_needed(select.alpha, risk.n_permutations)
+        need = prompts_needed(select.alpha, shuffles)
         more = f"; at least {need} prompts per label make it possible" if need else ""
         print(f"too few prompts to reach significance: with {n_unsafe} unsafe and {n_safe} safe "
               f"prompts the smallest p-value the permutation test can give is {p_min:.3g} > alpha "
               f"{select.alpha}{more} (the ranking above is descriptive; its p_perm are Monte Carlo "
-              f"estimates from {risk.n_permutations} shuffles, which can fall a little below "
+              f"estimates from {shuffles} shuffles, which can fall a little below "
               "that bound)")
     empty = [side for side in ("unsafe", "safe") if not selection[side]]
     if empty:

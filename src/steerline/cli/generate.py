@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from steerline.cli.common import (
-    DEFAULT_MOE,
+    MODEL_DEFAULT,
     CliError,
+    default_model,
     param_default,
     parse_pairs,
     require_file,
@@ -32,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                     "checkpoint (--mat); --compare prints the unsteered answer beside it.",
         epilog="example: steerline generate --prompt 'How do I pick a lock?' --experts "
                "models/experts.json --mode deactivate_unsafe --compare")
-    p.add_argument("--model", help=f"model directory (default: {DEFAULT_MOE}; with only --mat, "
-                                   "the checkpoint's own model)")
+    p.add_argument("--model", help=f"model directory (default: {MODEL_DEFAULT}; with only "
+                                   "--mat, the checkpoint's own model)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="user text, sent through the chat template (repeat for a batch)")
     g = p.add_argument_group("expert steering (SteerMoE router rule; MoE models only)")
@@ -51,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    help="with --experts, a list the mode needs is empty: error, or steer the top "
                    "of reports/risk_diff.parquet (default: params.yaml "
                    "expert_steering.on_empty_selection)")
-    g.add_argument("--gate", metavar="DIR", help=f"a train_gate folder (models/gate for "
-                   f"{DEFAULT_MOE}): steer only the prompts its gate fires on, the rest "
+    g.add_argument("--gate", metavar="DIR", help="a train_gate folder (models/gate for "
+                   "params.yaml's `model`): steer only the prompts its gate fires on, the rest "
                    "unsteered")
     g.add_argument("--gate-source", default="residual", choices=("residual", "routing"),
                    help="with --gate: which of its gates (default: residual)")
@@ -90,8 +91,9 @@ def expert_plan(args: argparse.Namespace, model: str) -> SteeringPlan | None:
     try:
         shape = moe_config(model)
     except DenseModelError:
-        raise CliError(f"{model} is a dense model: expert steering needs an MoE model (e.g. "
-                       f"--model {DEFAULT_MOE}); use --mat for activation steering") from None
+        raise CliError(f"{model} is a dense model: expert steering needs an MoE model (--model "
+                       f"DIR; default: {MODEL_DEFAULT}); use --mat for activation steering"
+                       ) from None
     delta = float(param_default(args.delta, "expert_steering", "delta", "--delta"))
     if pairs:
         activate = parse_pairs(args.activate, "--activate") if args.activate else ()
@@ -177,9 +179,9 @@ def run(args: argparse.Namespace) -> None:
         activation = ActivationSteering(config.layer, module=module)
         mat_layer = config.layer
         model = args.model or (config.model if args.experts is None and args.activate is None
-                               and args.deactivate is None else DEFAULT_MOE)
+                               and args.deactivate is None else default_model())
     else:
-        model = args.model or DEFAULT_MOE
+        model = args.model or default_model()
     require_file(model, "the model directory",
                  "run `dvc repro build_models` or pass --model DIR")
     plan = expert_plan(args, model)

@@ -7,7 +7,14 @@ import argparse
 
 import numpy as np
 
-from steerline.cli.common import DEFAULT_MOE, CliError, param_default, parse_pairs, require_file
+from steerline.cli.common import (
+    MODEL_DEFAULT,
+    CliError,
+    default_model,
+    param_default,
+    parse_pairs,
+    require_file,
+)
 
 SHADES = " .:-=+*#%@"  # share of tokens: 0 -> ' ', all -> '@'
 TOKEN_WIDTH = 14
@@ -19,8 +26,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         description="Greedy answer to --prompt with routing capture: per token the top-1 expert "
                     "of every MoE layer, then a layer x expert heat map of the share of tokens "
                     "routed to each expert (top-k).")
-    p.add_argument("--model", default=DEFAULT_MOE, help=f"MoE model directory (default "
-                   f"{DEFAULT_MOE})")
+    p.add_argument("--model", help=f"MoE model directory (default: {MODEL_DEFAULT})")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="user text")
     p.add_argument("--max-new-tokens", type=int, default=24, metavar="N")
     p.add_argument("--backend", default="transformers", help="transformers (default) or vllm")
@@ -86,13 +92,14 @@ def run(args: argparse.Namespace) -> None:
         raise CliError("--prompt is empty: give the user text to route")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    args.model = args.model or default_model()
     require_file(args.model, "the model directory", "run `dvc repro build_models` or pass "
                  "--model DIR")
     try:
         shape = moe_config(args.model)
     except DenseModelError:
-        raise CliError(f"{args.model} is a dense model: routes needs an MoE model (e.g. "
-                       f"--model {DEFAULT_MOE})") from None
+        raise CliError(f"{args.model} is a dense model: routes needs an MoE model (--model "
+                       f"DIR; default: {MODEL_DEFAULT})") from None
     steering = None
     if args.activate or args.deactivate:
         activate = parse_pairs(args.activate, "--activate") if args.activate else ()

@@ -8,8 +8,14 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from steerline.cli.common import CliError, params_section, require_file
-from steerline.cli.generate import DEFAULT_MOE, RISK_DIFF
+from steerline.cli.common import (
+    MODEL_DEFAULT,
+    CliError,
+    default_model,
+    params_section,
+    require_file,
+)
+from steerline.cli.generate import RISK_DIFF
 
 if TYPE_CHECKING:  # the server stack (vLLM, uvicorn) loads when the command runs (fast --help)
     from steerline.serve.server import ServeConfig
@@ -25,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                     "docs/serve.md.",
         epilog="example: steerline serve --experts models/experts.json "
                "--mat models/mat_steer --gate models/gate --port 8000")
-    p.add_argument("--model", default=DEFAULT_MOE, help=f"model directory (default: {DEFAULT_MOE})")
+    p.add_argument("--model", help=f"model directory (default: {MODEL_DEFAULT})")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send (default: --model as given)")
     p.add_argument("--experts", metavar="JSON", help="models/experts.json: requests may steer "
@@ -55,6 +61,7 @@ def config(args: argparse.Namespace) -> ServeConfig:
     from steerline.serve.artifacts import ExpertDefaults
     from steerline.serve.server import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
 
+    args.model = args.model or default_model()
     require_file(args.model, "the model directory", "run `dvc repro build_models` or pass "
                  "--model DIR")
     for path, what, stage in ((args.experts, "the selected experts", "select_experts"),

@@ -29,11 +29,14 @@ def _paths(entries: list[Any] | None) -> list[str]:
 _VAR = re.compile(r"\$\{\s*([\w.\[\]-]+)\s*\}")
 
 
-def _render(value: Any, ctx: dict[str, Any]) -> Any:
+def _render(value: Any, ctx: dict[str, Any], used: set[str] | None = None) -> Any:
     """DVC's `${a.b}` interpolation of strings inside `value` (lists and dicts walked; a list
-    element as `${a.b[0].c}`, prepare_safety's source deps)."""
+    element as `${a.b[0].c}`, prepare_safety's source deps); each name filled is added to
+    `used`."""
     if isinstance(value, str):
         def look(m: re.Match) -> str:
+            if used is not None:
+                used.add(m[1])
             node: Any = ctx
             for part in re.findall(r"[^.\[\]]+", m[1]):
                 if isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -46,24 +49,38 @@ def _render(value: Any, ctx: dict[str, Any]) -> Any:
             return str(node)
         return _VAR.sub(look, value)
     if isinstance(value, list):
-        return [_render(v, ctx) for v in value]
+        return [_render(v, ctx, used) for v in value]
     if isinstance(value, dict):
-        return {_render(k, ctx): _render(v, ctx) for k, v in value.items()}
+        return {_render(k, ctx, used): _render(v, ctx, used) for k, v in value.items()}
     return value
+
+
+def _interpolated(used: set[str]) -> list[str]:
+    """The params keys among `${...}` names (not the foreach item's), list indices dropped
+    (`prepare_safety.sources[0].path` -> `prepare_safety.sources.path`), sorted."""
+    keys = {re.sub(r"\[\d+\]", "", u) for u in used}
+    return sorted(k for k in keys if k not in ("item", "key") and not k.startswith("item."))
 
 
 def expand_stages(stages: dict[str, Any], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """dvc.yaml's `stages` as DVC runs them: a `foreach` stage becomes one `name@key` stage per
-    item, and `${...}` is filled from the item and params.yaml."""
+    item, and `${...}` is filled from the item and params.yaml. Each stage gets `interpolated`:
+    the params keys filled into it (its own item's included), which DVC reruns it on as its
+    cmd or deps change."""
     out: dict[str, dict[str, Any]] = {}
     for name, st in stages.items():
         if isinstance(st, dict) and "foreach" in st:
-            items = _render(st["foreach"], params)
-            pairs = items.items() if isinstance(items, dict) else ((str(v), v) for v in items)
-            for key, item in pairs:
-                out[f"{name}@{key}"] = _render(st["do"], {**params, "item": item, "key": key})
+            raw = st["foreach"]
+            pairs = raw.items() if isinstance(raw, dict) else ((None, v) for v in raw)
+            for key, raw_item in pairs:
+                used: set[str] = set()
+                item = _render(raw_item, params, used)
+                key = str(item) if key is None else key
+                body = _render(st["do"], {**params, "item": item, "key": key}, used)
+                out[f"{name}@{key}"] = {**body, "interpolated": _interpolated(used)}
         else:
-            out[name] = _render(st, params)
+            used = set()
+            out[name] = {**_render(st, params, used), "interpolated": _interpolated(used)}
     return out
 
 
@@ -90,6 +107,8 @@ def read_stages(path: Path) -> dict[str, dict[str, list[str]]]:
         params = []
         for p in st.get("params") or []:
             params.extend([p] if isinstance(p, str) else list(p))
+        # a key filled into the cmd or deps (`--model ${model}`) is read as surely as a listed one
+        params += [k for k in st["interpolated"] if not reads_param({"params": params}, k)]
         out[name] = {
             "cmd": [str(st.get("cmd", ""))],
             "reads": [d for d in deps if not d.startswith(PACKAGE) and not d.startswith("stages/")],

@@ -7,7 +7,10 @@ An error quotes at most an excerpt of the value, and YAML aliases that expand pa
 MAX_YAML_NODES nodes are refused before validation. The data files a stage reads (prompt
 sources, attribute files) lie inside the repository root or a folder of STEERLINE_DATA_ROOTS.
 Each stage reads only its own section (plus `seed`), and lists exactly those keys in dvc.yaml.
-MAT-Steer's loss weights are top-level keys so `dvc exp run -S lambda_sparse=0.5` works.
+MAT-Steer's loss weights are top-level keys so `dvc exp run -S lambda_sparse=0.5` works, and so
+are the two model folders: `model` (the MoE every SteerMoE stage steers) and `dense_model`
+(MAT-Steer's), which dvc.yaml passes to the stages on their command lines
+(`dvc exp run -S model=/path/to/checkpoint` is the whole change).
 The `steerline` command reads params.yaml through this schema too; outside the project it takes
 the values marked CliDefault on their keys (cli_defaults), the committed params.yaml's.
 """
@@ -121,6 +124,10 @@ class SafetySourceParams(Strict):
     group: str | None  # rows with equal values stay in one split
     stratum: str | None  # each value split on its own (null: the source is one stratum)
     max_prompts: int | None = Field(ge=1)  # seeded subsample (single prompts); null = all
+    # every row in this split (test: an evaluation-only source); null = by the split fractions
+    split: Literal["detect", "dev", "test"] | None
+    # false: the detect rows train the prompt gates only, never expert detection or finetuning
+    detection: bool
 
 
 class PrepareSafety(Strict):
@@ -139,7 +146,6 @@ class PrepareSafety(Strict):
 
 
 class CaptureRouting(Strict):
-    model: str  # a local MoE directory (a hub checkpoint downloaded beforehand)
     backend: Backend  # vllm: hooks on its routers
     max_new_tokens: Annotated[int, CliDefault(32)] = Field(ge=0)
     batch_size: Annotated[int, CliDefault(16)] = Field(ge=1)  # transformers backend only
@@ -164,6 +170,13 @@ class RiskDiff(Strict):
     # Prompt resamples for the CI of risk_diff; memory holds [n_bootstrap, layers * experts].
     n_bootstrap: Annotated[int, CliDefault(1000)] = Field(ge=1, le=100_000)
     ci_level: Annotated[float, CliDefault(0.95)] = Field(gt=0.0, lt=1.0)
+    # p_perm: fixed (n_permutations shuffles per pair) or sequential (a pair with fewer than
+    # p_stop_exceedances exceedances among them draws on, up to p_max_permutations; smallest p
+    # 1/(p_max_permutations+1); docs/risk_diff_pvalues.md). Same null_max either way.
+    p_method: Annotated[Literal["fixed", "sequential"], CliDefault("sequential")]
+    p_max_permutations: Annotated[int, CliDefault(20_000)] = Field(ge=1, le=10_000_000)
+    # h: a refined p stops at h / L; relative error ~ 1/sqrt(h), cost ~ h / p shuffles a pair
+    p_stop_exceedances: Annotated[int, CliDefault(10)] = Field(ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> RiskDiff:
@@ -172,6 +185,12 @@ class RiskDiff(Strict):
         if n > 0 and n * (1.0 - q) < 1.0 - 1e-9:
             raise ValueError(
                 f"null_quantile={q} needs n_permutations >= {round(1.0 / (1.0 - q))}, got {n}"
+            )
+        # the sequential draws continue the first n_permutations shuffles
+        if self.p_method == "sequential" and self.p_max_permutations < n:
+            raise ValueError(
+                f"p_max_permutations={self.p_max_permutations} is below n_permutations={n}: "
+                "the sequential p-values draw beyond the fixed shuffles"
             )
         return self
 
@@ -231,7 +250,6 @@ class PrepareAttributes(Strict):
 
 
 class ExtractActivations(Strict):
-    model: str
     layer: int | None = Field(ge=0)  # 0-based decoder layer; null = round(layer_ratio * n_layers)
     layer_ratio: float = Field(ge=0.0, lt=1.0)  # MAT-Steer's layer 14 of 32
     pooling: Literal["last", "mean"]
@@ -296,6 +314,12 @@ class PromptGateParams(Strict):
     n_bootstrap: int = Field(ge=100, le=100_000)  # prompt resamples of the AUROC intervals
     batch_size: int = Field(ge=1)
     dtype: Dtype
+    # all: every source's detect rows (benign instructions beside AdvBench's); detection: only
+    # the sources expert detection reads (the earlier gate, which learned their style)
+    train_sources: Literal["all", "detection"]
+    # fpr_budget: fire on <= max_dev_fpr of each safe source's dev prompts; youden: max TPR - FPR
+    threshold: Literal["fpr_budget", "youden"]
+    max_dev_fpr: float = Field(gt=0.0, lt=1.0)
 
 
 class ExpertSteering(Strict):
@@ -324,7 +348,6 @@ class FinetunedSteering(Strict):
 
 
 class FinetuneExperts(Strict):
-    model: str  # the MoE models/experts.json was selected on
     max_experts: int | None = Field(ge=1)  # first n unsafe experts of experts.json; null=all
     on_empty_selection: OnEmptySelection  # risk_diff_ranking: train the top fallback_top_n
     fallback_top_n: int = Field(ge=1)
@@ -368,13 +391,11 @@ class SafetyGoal(Strict):
 
 
 class EvalSafety(Strict):
-    model: str  # "base" and, with the steering hook, "steered"
-    finetuned: str
     split: Literal["dev", "test"]  # dev: choosing params (docs/choices.md); test: read once
     # generation engine (every variant of a model in one call); perplexity uses transformers
     backend: Backend
-    # Test-split prompts evaluated (null = all): unsafe (AdvBench + XSTest contrast prompts,
-    # sources in proportion) and XSTest safe prompts; seeded subsample.
+    # Split prompts evaluated (null = all), seeded subsamples: unsafe in all (sources in
+    # proportion) and safe per source (each safe source at most max_safe)
     max_unsafe: int | None = Field(ge=1)
     max_safe: int | None = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
@@ -391,6 +412,10 @@ class EvalSafety(Strict):
 class Params(Strict):
     seed: Annotated[int, CliDefault(0)] = Field(ge=0)  # what the methods draw (params.yaml)
     data_seed: int = Field(ge=0)  # which items each split and evaluation subset holds
+    # Local model folders (a hub checkpoint downloaded beforehand), free paths: the MoE of every
+    # SteerMoE stage and the `steerline` commands' --model default, and MAT-Steer's dense model
+    model: Annotated[str, CliDefault("models/moe")] = Field(min_length=1)
+    dense_model: str = Field(min_length=1)
     build_models: BuildModels
     prepare_safety: PrepareSafety
     capture_routing: CaptureRouting

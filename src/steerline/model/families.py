@@ -206,6 +206,19 @@ def family_of(config: Any) -> Family:
     return GENERIC
 
 
+def check_known_family(model_type: str | None, where: str) -> Family:
+    """The family of a checkpoint's config.json `model_type`, else one ValueError naming the
+    known ones: GENERIC's rule is a guess for in-memory custom blocks, and a checkpoint of
+    another family would be captured and steered by a routing rule that is not its own."""
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    known = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise ValueError(f"{where}: model_type {model_type!r} is not an MoE family steerline knows "
+                     f"({known}): its routing rule is unknown, so point params.yaml `model` (or "
+                     "--model) at a checkpoint of one of them (docs/models.md)")
+
+
 @dataclass(frozen=True)
 class RouterRule:
     """Everything one router's selection depends on besides its logits."""

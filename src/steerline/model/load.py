@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from steerline.model.arch import DenseModelError, check_top_k, context_length, find_routers
+from steerline.model.families import check_known_family
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32",
@@ -27,7 +28,8 @@ def load_causal_lm(path: str | Path, dtype: str = "float32",
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model directory {path} not found: run the build_models stage "
-                                "or point the params at a local checkpoint")
+                                "or point params.yaml `model` / `dense_model` (or --model) at a "
+                                "local checkpoint")
     check_weights(path)
     tokenizer = load_tokenizer(path)  # before the weights: the cheaper failure first
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,8 +140,9 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_moe(model_path: str | Path, dtype: str = "float32"):
-    """MoE model (CPU, eval mode) + tokenizer from a local directory; a missing directory or a
-    dense model is rejected before any work."""
+    """MoE model (CPU, eval mode) + tokenizer from a local directory; a missing directory, a
+    dense model or an unknown family is rejected from config.json before any weight is read."""
+    moe_config(model_path)
     model, tokenizer = load_causal_lm(model_path, dtype, device="cpu")
     find_routers(model)  # DenseModelError with a clear message
     return model, tokenizer
@@ -147,12 +150,13 @@ def load_moe(model_path: str | Path, dtype: str = "float32"):
 
 def moe_config(model_path: str | Path) -> dict[str, int]:
     """(n_layers, n_experts, top_k) from a model directory's config.json, without loading any
-    weight: a missing directory or config, or a dense model, is rejected before the (slow) load.
-    """
+    weight: a missing directory or config, a dense model or an MoE family steerline does not
+    know is rejected before the (slow) load."""
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} not found: run the build_models stage "
-                                "or point the params at a local checkpoint")
+                                "or point params.yaml `model` (or --model) at a local MoE "
+                                "checkpoint")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: {path} is not a transformers model "
@@ -162,14 +166,17 @@ def moe_config(model_path: str | Path) -> dict[str, int]:
     except ValueError as err:
         raise ValueError(f"{cfg_file} is not valid JSON ({err})") from None
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    # the spellings of arch.moe_shape (DeepSeek: n_routed_experts)
+    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get(
+        "n_routed_experts")
     top_k = cfg.get("num_experts_per_tok")
     if not n_experts or not top_k:
         raise DenseModelError(
             f"{path} ({cfg.get('model_type', '?')}) is a dense model: this stage needs a "
-            "Mixture-of-Experts model (e.g. models/moe from build_models, or an OLMoE / "
-            "Qwen3-MoE / Mixtral checkpoint)"
+            "Mixture-of-Experts model: point params.yaml `model` (or --model) at one, e.g. "
+            "models/moe from build_models or an OLMoE / Qwen3-MoE / Mixtral checkpoint"
         )
+    check_known_family(cfg.get("model_type"), str(cfg_file))
     check_top_k(int(n_experts), int(top_k), str(cfg_file))
     return {"n_layers": int(cfg.get("num_hidden_layers", 0)), "n_experts": int(n_experts),
             "top_k": int(top_k)}

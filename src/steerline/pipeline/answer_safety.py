@@ -1,9 +1,9 @@
 """answer_safety's runs: one model's eval_safety variants answer the split's prompts, unjudged.
 
-- answer_safety_base: `eval_safety.model` as base and steered (the SteerMoE router plan of
+- answer_safety_base: the MoE (params.yaml `model`) as base and steered (the SteerMoE router plan of
   `expert_steering`), and the base answers to the safe prompts that every variant's perplexity
   scores (the reference file);
-- answer_safety_finetuned: `eval_safety.finetuned` as finetuned, finetuned_deactivate and
+- answer_safety_finetuned: finetune_experts' model as finetuned, finetuned_deactivate and
   finetuned_activate (its own unsafe experts forced out of / into the top-k by
   `finetuned_steering`);
 - in both, each steered variant whose `gate` is a source gets its gated twin `<variant>_gated`:
@@ -59,10 +59,11 @@ log = logging.getLogger("answer_safety")
 
 @dataclass(frozen=True)
 class BaseInputs:
+    model: str  # the MoE folder (params.yaml `model`), recorded as given in the answers
     prompts: Path  # data/prompts/safety.parquet
     experts: Path  # selected on the base model's routing
     risk_diff: Path  # the raw ranking (on_empty_selection: risk_diff_ranking)
-    gate: Path  # train_gate's folder for eval_safety.model
+    gate: Path  # train_gate's folder for `model`
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,10 @@ class BaseOutputs:
 
 @dataclass(frozen=True)
 class FinetunedInputs:
+    finetuned: str  # finetune_experts' model folder, recorded as given in the answers
     prompts: Path
     experts_finetuned: Path  # selected on the fine-tuned model's routing
-    gate_finetuned: Path  # train_gate's folder for eval_safety.finetuned
+    gate_finetuned: Path  # train_gate's folder for `finetuned`
     reference: Path  # answer_safety_base's reference file
 
 
@@ -88,7 +90,8 @@ def eval_prompts(params: Params, path: Path) -> pd.DataFrame:
     """The split's seeded eval prompts (PROMPT_COLUMNS), the same for both models."""
     p = params.eval_safety
     return select_eval_prompts(read_safety_prompts(path), p.max_unsafe, p.max_safe,
-                               params.data_seed, split=p.split)
+                               params.data_seed, split=p.split,
+                               source_order=[s.name for s in params.prepare_safety.sources])
 
 
 def check_selected_on(selection: dict[str, Any], path: Path, model_dir: str) -> None:
@@ -96,7 +99,7 @@ def check_selected_on(selection: dict[str, Any], path: Path, model_dir: str) -> 
     picked_on = (selection.get("criteria") or {}).get("model")
     if picked_on and Path(picked_on).resolve() != Path(model_dir).resolve():
         raise ValueError(f"{path} was selected on {picked_on!r}, not on {model_dir!r}: rerun "
-                         "its detection stages on that model or fix eval_safety's paths")
+                         "its detection stages on that model (dvc repro)")
 
 
 def gate_sources(params: Params) -> dict[str, str]:
@@ -154,7 +157,8 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
     seconds["generate"] = time.perf_counter() - t
 
     if reference is None:
-        reference = safe_answers(rows, next(iter(variants)))
+        reference = safe_answers(rows, next(iter(variants)),
+                                 {s.name for s in params.prepare_safety.sources if s.detection})
     t = time.perf_counter()
     nll = []
     for name, vp in variants.items():
@@ -203,11 +207,14 @@ def answer_rows(name: str, prompts: pd.DataFrame, answers: list[Answer]) -> pd.D
     })
 
 
-def safe_answers(rows: pd.DataFrame, variant: str) -> pd.DataFrame:
-    """`variant`'s answers to the safe prompts (prompt_id, text, answer): the reference that
-    every variant's perplexity scores."""
+def safe_answers(rows: pd.DataFrame, variant: str, sources: set[str]) -> pd.DataFrame:
+    """`variant`'s answers to the safe prompts of `sources` (prompt_id, text, answer): the
+    reference that every variant's perplexity scores. The detection sources' (XSTest by
+    default): an evaluation-only source adds refusal figures, not perplexity rows, whose
+    scoring costs as much as answering again."""
     own = rows[rows["variant"] == variant]
-    return own[own["label"] == "safe"][["prompt_id", "text", "answer"]]
+    return own[(own["label"] == "safe") & own["source"].isin(sources)][
+        ["prompt_id", "text", "answer"]]
 
 
 def gate_frame(prompts: pd.DataFrame, scores: dict[str, GateScores]) -> pd.DataFrame:
@@ -221,11 +228,11 @@ def gate_frame(prompts: pd.DataFrame, scores: dict[str, GateScores]) -> pd.DataF
 
 
 def main_base(params: Params, inputs: BaseInputs, out: BaseOutputs) -> None:
-    p, s = params.eval_safety, params.expert_steering
+    s = params.expert_steering
     torch.manual_seed(params.seed)
     prompts = eval_prompts(params, inputs.prompts)
     selection = read_experts_json(inputs.experts)
-    check_selected_on(selection, inputs.experts, p.model)
+    check_selected_on(selection, inputs.experts, inputs.model)
 
     def plans(shape: Shape) -> dict[str, Plan]:
         return {"base": None,
@@ -235,28 +242,28 @@ def main_base(params: Params, inputs: BaseInputs, out: BaseOutputs) -> None:
 
     seconds: dict[str, float] = {}
     sources = {v: src for v, src in gate_sources(params).items() if v == "steered"}
-    result, reference = answer_model(params, p.model, prompts, plans, sources, inputs.gate, None,
-                                     seconds)
+    result, reference = answer_model(params, inputs.model, prompts, plans, sources, inputs.gate,
+                                     None, seconds)
     result.meta["steering"] = {"expert_steering": {"mode": s.mode, "n_experts": s.n_experts,
                                                    "delta": s.delta, "gate": s.gate}}
     write_timings("answer_safety_base", seconds)
     with staged_outputs() as staged:
         result.write(staged.dir(out.answers))
         write_parquet(reference.reset_index(drop=True), staged(out.reference))
-    log.info("%s: %d variants x %d prompts answered", p.model,
+    log.info("%s: %d variants x %d prompts answered", inputs.model,
              len(result.meta["variants"]), len(prompts))
 
 
 def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutputs) -> None:
-    p, fs = params.eval_safety, params.finetuned_steering
+    fs = params.finetuned_steering
     torch.manual_seed(params.seed)
     prompts = eval_prompts(params, inputs.prompts)
-    info_path = Path(p.finetuned) / "trained_experts.json"
+    info_path = Path(inputs.finetuned) / "trained_experts.json"
     if not info_path.is_file():
         raise ValueError(f"{info_path} not found: run the finetune_experts stage first")
     info = read_json(info_path)
     selection = read_experts_json(inputs.experts_finetuned)
-    check_selected_on(selection, inputs.experts_finetuned, p.finetuned)
+    check_selected_on(selection, inputs.experts_finetuned, inputs.finetuned)
     reference = pd.read_parquet(inputs.reference)
     if not set(reference["prompt_id"]) <= set(prompts["prompt_id"]):
         raise ValueError(f"{inputs.reference} answers other prompts than this split's: rerun "
@@ -270,7 +277,7 @@ def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutput
 
     seconds: dict[str, float] = {}
     sources = {v: src for v, src in gate_sources(params).items() if v != "steered"}
-    result, _ = answer_model(params, p.finetuned, prompts, plans, sources,
+    result, _ = answer_model(params, inputs.finetuned, prompts, plans, sources,
                              inputs.gate_finetuned, reference, seconds)
     result.meta["steering"] = {"finetuned_steering": fs.model_dump()}
     result.meta["finetuned"] = {"n_experts_trained": info["n_experts"], "source": info["source"],
@@ -278,5 +285,5 @@ def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutput
     write_timings("answer_safety_finetuned", seconds)
     with staged_outputs() as staged:
         result.write(staged.dir(out.answers_finetuned))
-    log.info("%s: %d variants x %d prompts answered", p.finetuned,
+    log.info("%s: %d variants x %d prompts answered", inputs.finetuned,
              len(result.meta["variants"]), len(prompts))

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steerline.core.params import Params
-from steerline.steermoe.data.safety import check_prompt_texts, read_safety_prompts
+from steerline.steermoe.data.safety import (
+    check_prompt_texts,
+    detection_prompts,
+    read_safety_prompts,
+)
 from steerline.steermoe.routing.capture import CaptureConfig
 from steerline.steermoe.routing.capture_model import capture_model
 
@@ -28,9 +32,8 @@ class Outputs:
 
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.capture_routing
-    prompts = read_safety_prompts(inputs.prompts)  # the whole table's splits checked
-    if "split" in prompts.columns:
-        prompts = prompts[prompts["split"] == "detect"]  # the test split is never used here
+    # the whole table's splits checked; then the detect split of the detection sources only
+    prompts = detection_prompts(read_safety_prompts(inputs.prompts))
     check_prompt_texts(prompts, str(inputs.prompts))
     vllm_options = dict(tensor_parallel_size=p.tensor_parallel_size,
                         gpu_memory_utilization=p.gpu_memory_utilization,

@@ -24,12 +24,12 @@ import torch
 
 from steerline.core.io import staged_outputs, write_json, write_parquet, write_timings
 from steerline.core.params import EvalSafety, Params
-from steerline.core.stats import rate
+from steerline.steermoe.gating.report import gate_figures
 from steerline.steermoe.safety.answers import PROMPT_COLUMNS, ModelAnswers
 from steerline.steermoe.safety.compare import compare_variants
-from steerline.steermoe.safety.gated import compose_ppl, gate_aurocs, twin_of
+from steerline.steermoe.safety.gated import compose_ppl, twin_of
 from steerline.steermoe.safety.generation import Answer
-from steerline.steermoe.safety.goals import Goal, gated_goals
+from steerline.steermoe.safety.goals import Goal, gate_goal, gated_goals
 from steerline.steermoe.safety.plots import bar_plot, bar_rows, tradeoff_plot
 from steerline.steermoe.safety.refusal import RefusalJudge, judge_agreement, make_judge, read_labels
 from steerline.steermoe.safety.summary import headline_metrics, results_table
@@ -93,7 +93,8 @@ def judged_frames(run: ModelAnswers, prompts: pd.DataFrame, judge: RefusalJudge
 def variant_metrics(run: ModelAnswers, frames: dict[str, pd.DataFrame], prompts: pd.DataFrame
                     ) -> dict[str, dict[str, float]]:
     """Refusal metrics, benign perplexity (a gated twin: each reference row steered where its
-    gate fires, from the two variants' row NLLs) and answer length per variant."""
+    gate fires, from the two variants' row NLLs), answer length per variant and, for a gated
+    twin, the share of the unsafe prompts and of each safe source its gate fired on."""
     variants = run.meta["variants"]
     rows = {name: (g["nll"].to_numpy(), g["n_tokens"].to_numpy())
             for name, g in run.nll.groupby("variant", sort=False)}
@@ -110,6 +111,12 @@ def variant_metrics(run: ModelAnswers, frames: dict[str, pd.DataFrame], prompts:
             ppl = float(np.exp(rows[name][0].sum() / rows[name][1].sum()))
         out[name] = {**refusal_metrics(frames[name]), "ppl_benign": ppl,
                      "mean_answer_tokens": float(frames[name]["n_generated"].mean())}
+        if v["kind"] == "gated":  # the share of each prompt set its gate steered
+            fired = pd.Series(fires(run, v["source"]), index=prompts.index)
+            out[name]["gate_fires_unsafe"] = float(fired[prompts["label"] == "unsafe"].mean())
+            safe = prompts[prompts["label"] == "safe"]
+            for src, grp in sorted(safe.groupby("source")):
+                out[name][f"gate_fires_safe_{src}"] = float(fired[grp.index].mean())
     return out
 
 
@@ -119,21 +126,18 @@ def fires(run: ModelAnswers, source: str) -> np.ndarray:
 
 def gating(runs: list[ModelAnswers], prompts: pd.DataFrame, n_bootstrap: int, seed: int
            ) -> dict[str, Any]:
-    """Each gate's AUROCs on the eval prompts (per model, per source) and how often each gated
-    twin's gate fired."""
-    unsafe = (prompts["label"] == "unsafe").to_numpy()
-    aurocs = {}
-    for run in runs:
-        if len(run.gates):
-            aurocs[run.meta["model"]] = {
-                src: gate_aurocs(g["score"].to_numpy(), prompts, n_bootstrap, seed)
-                for src, g in run.gates.groupby("source", sort=True)}
+    """Each gate's figures on the eval prompts (per model, per gate source: AUROC per contrast
+    and firing rate per prompt source, gating.report) and which gate each gated twin reads."""
+    labels, sources = prompts["label"].to_numpy(), prompts["source"].to_numpy()
+    gates = {run.meta["model"]: {
+        src: gate_figures(g["score"].to_numpy(), g["fires"].to_numpy(bool), labels, sources,
+                          n_bootstrap, seed)
+        for src, g in run.gates.groupby("source", sort=True)} for run in runs if len(run.gates)}
     variants = {name: {"source": v["source"], "ungated_twin": twin_of(name),
-                       "fired_unsafe": rate(fires(run, v["source"])[unsafe]),
-                       "fired_safe": rate(fires(run, v["source"])[~unsafe])}
+                       "model": run.meta["model"]}
                 for run in runs for name, v in run.meta["variants"].items()
                 if v["kind"] == "gated"}
-    return {"aurocs": aurocs, "variants": variants}
+    return {"gates": gates, "variants": variants}
 
 
 def goals_of(p: EvalSafety) -> dict[str, Goal]:
@@ -160,12 +164,18 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     rates = {name: variant_rates(frame) for name, frame in frames.items()}
     comparisons = compare_variants(frames, goals_of(p))
     gated_goals(comparisons, metrics)
+    gates = gating(runs, prompts, params.prompt_gate.n_bootstrap, params.seed)
+    for name, v in gates["variants"].items():
+        if name in comparisons:
+            comparisons[name].update(gate_goal(gates["gates"][v["model"]][v["source"]]["fires"]))
     labels = prompts["label"]
     details = {
         "split": base.meta["split"],
         "n_prompts": {"unsafe": int((labels == "unsafe").sum()),
                       "safe": int((labels == "safe").sum()),
                       "unsafe_by_source": prompts[labels == "unsafe"]
+                      .groupby("source").size().astype(int).to_dict(),
+                      "safe_by_source": prompts[labels == "safe"]
                       .groupby("source").size().astype(int).to_dict()},
         "rates": rates,
         "comparisons": comparisons,
@@ -173,7 +183,7 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
                      "plans": {**base.meta["plans"], **tuned.meta["plans"]}},
         "finetuned": tuned.meta["finetuned"],
         "judge": judge_figures,
-        "gating": gating(runs, prompts, params.prompt_gate.n_bootstrap, params.seed),
+        "gating": gates,
         "generation": base.meta["generation"],
     }
     steer = base.meta["plans"]["steered"]

@@ -26,6 +26,7 @@ log = logging.getLogger("extract_activations")
 
 @dataclass(frozen=True)
 class Inputs:
+    model: str  # the dense model folder (params.yaml `dense_model`), recorded as given
     attributes: Path  # folder: {task}.parquet, one per attribute of params.yaml's `attributes`
 
 
@@ -54,9 +55,9 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
         if not path.is_file():
             raise ValueError(f"{path} not found: run the prepare_attributes stage first")
         tables[task] = pd.read_parquet(path)
-    model, tokenizer = load_causal_lm(p.model, p.dtype)
+    model, tokenizer = load_causal_lm(inputs.model, p.dtype)
     layer, acts = extract_all(model, tokenizer, tables, p)
-    meta = {"layer": str(layer), "pooling": p.pooling, "model": p.model,
+    meta = {"layer": str(layer), "pooling": p.pooling, "model": inputs.model,
             "hidden_size": str(model.config.hidden_size),
             "n_layers": str(len(decoder_layers(model)))}
     with atomic_dir(out.activations) as tmp:

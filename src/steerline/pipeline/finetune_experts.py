@@ -56,6 +56,7 @@ log = logging.getLogger("finetune_experts")
 
 @dataclass(frozen=True)
 class Inputs:
+    base_model: str  # the MoE (params.yaml `model`), recorded as given in trained_experts.json
     experts: Path  # experts.json: its unsafe list is trained
     risk_diff: Path  # the raw ranking (on_empty_selection: risk_diff_ranking)
     prompts: Path  # the safety prompts (detect split: SFT data)
@@ -99,16 +100,17 @@ class Run:
 def prepare(params: Params, inputs: Inputs) -> Run:
     p = params.finetune_experts
     torch.manual_seed(params.seed)
-    model, tokenizer = load_moe(p.model)
-    fingerprint = model_fingerprint(p.model)  # keys the checkpoints: a changed model restarts
+    model, tokenizer = load_moe(inputs.base_model)
+    # keys the checkpoints: a changed model restarts
+    fingerprint = model_fingerprint(inputs.base_model)
     layers, (n_experts, _) = moe_layers(model), moe_shape(model)
 
     selection = read_experts_json(inputs.experts)
     picked_on = (selection.get("criteria") or {}).get("model")
-    if picked_on and Path(picked_on).resolve() != Path(p.model).resolve():
-        raise ValueError(f"{inputs.experts} was selected on {picked_on!r} but "
-                         f"finetune_experts.model is {p.model!r}: rerun the detection stages on "
-                         "that model or fix the param")
+    if picked_on and Path(picked_on).resolve() != Path(inputs.base_model).resolve():
+        raise ValueError(f"{inputs.experts} was selected on {picked_on!r} but the model is "
+                         f"{inputs.base_model!r}: rerun the detection stages on that model "
+                         "(dvc repro)")
     if not selection["unsafe"] and p.on_empty_selection == "error":
         raise ValueError(f"{inputs.experts} lists no unsafe experts (select_experts kept none): "
                          "relax select_experts' thresholds, or set "
@@ -139,7 +141,6 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
     """Train, check and publish `out_dir` and the dvclive folder `live_path` (the stage's paths,
     or scratch ones for scripts/finetune_ddp_check.py); returns trained_experts.json's content,
     the training result and the training seconds."""
-    p = params.finetune_experts
     run = prepare(params, inputs)
     model, tokenizer, fingerprint, experts, source, examples, n_kind, cfg = (
         run.model, run.tokenizer, run.fingerprint, run.experts, run.source, run.examples,
@@ -157,9 +158,9 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
             result = train_slices(model, examples, experts, cfg, tokenizer.pad_token_id,
                                   checkpoint_dir=checkpoints, model_tag=fingerprint,
                                   on_step=on_step)
-        else:  # workers load p.model themselves; the trained slices come back into `model`
+        else:  # workers load the base model themselves; the trained slices come back into `model`
             result = train_slices_distributed(
-                model, p.model, examples, experts, cfg, tokenizer.pad_token_id, strategy,
+                model, inputs.base_model, examples, experts, cfg, tokenizer.pad_token_id, strategy,
                 num_processes, checkpoint_dir=checkpoints, model_tag=fingerprint,
                 on_step=on_step)
         train_seconds = time.perf_counter() - t_train
@@ -178,7 +179,7 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         "n_experts": len(experts),
         "source": source,  # "experts.json" or "risk_diff_fallback"
         "slices_file": str(SLICES),
-        "base_model": p.model,
+        "base_model": inputs.base_model,
         "base_model_fingerprint": fingerprint,
         "n_examples": n_kind,
         "training": {"lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
@@ -195,12 +196,12 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_expert_slices(slices, tmp / SLICES,
-                           {"source": source, "base_model": p.model})
+                           {"source": source, "base_model": inputs.base_model})
         # Checks before publishing: frozen tensors bit-identical on disk; slices reproduce.
-        base_disk, tuned_disk = on_disk(Path(p.model)), on_disk(tmp)
+        base_disk, tuned_disk = on_disk(Path(inputs.base_model)), on_disk(tmp)
         frozen = compare_state_dicts(base_disk, tuned_disk, experts)
         del base_disk, tuned_disk
-        rebuilt, _ = load_moe(p.model)
+        rebuilt, _ = load_moe(inputs.base_model)
         apply_expert_slices(rebuilt, tmp / SLICES)
         tuned_sd, rebuilt_sd = model.state_dict(), rebuilt.state_dict()
         reproduces = all(torch.equal(tuned_sd[k], rebuilt_sd[k]) for k in tuned_sd)

@@ -3,17 +3,21 @@ detect split's prompts, chosen on dev. One stage definition serves the base and 
 model (dvc.yaml's foreach): a gate reads the prefill of the model it gates.
 
 Outputs: the gate folder (<source>.safetensors + <source>.json each, steermoe/gating) and a
-report: per source its dev AUROC with a 95% interval, on XSTest's look-alike pairs alone, the
-threshold's dev TPR / FPR and the C / layer sweep.
+report, all on dev: per gate source its AUROC on every contrast (gating.report: all prompts,
+XSTest's look-alike pairs alone, unsafe vs each safe source) with 95% intervals, how often it
+fires per source, the C / layer sweep; the ablation of the choices (training sources x
+threshold rule), and the style control: "no question mark = unsafe", a rule that reads prompt
+form alone, scored on the same dev prompts.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from steerline.core.io import staged_outputs, write_json
@@ -21,7 +25,13 @@ from steerline.core.params import Params
 from steerline.model.load import load_moe
 from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.gating.features import prompt_features
-from steerline.steermoe.gating.prompt_gate import auroc_ci, fit_gate
+from steerline.steermoe.gating.prompt_gate import (
+    PromptGate,
+    budget_threshold,
+    fit_gate,
+    youden_threshold,
+)
+from steerline.steermoe.gating.report import gate_figures
 
 log = logging.getLogger("train_gate")
 
@@ -38,46 +48,87 @@ class Outputs:
     report: Path  # JSON
 
 
+def style_rule(texts: list[str]) -> np.ndarray:
+    """1.0 where a prompt is not a question (no closing '?'): AdvBench's imperative form [N]."""
+    return np.array([0.0 if t.rstrip().endswith("?") else 1.0 for t in texts])
+
+
 def main(params: Params, inputs: Inputs, out: Outputs) -> None:
     p = params.prompt_gate
     torch.manual_seed(params.seed)
     prompts = read_safety_prompts(inputs.prompts)
-    model, tokenizer = load_moe(inputs.model, p.dtype)
-    split: dict[str, Any] = {}
-    for name in ("detect", "dev"):
-        rows = prompts[prompts["split"] == name].reset_index(drop=True)
-        if rows["label"].nunique() < 2:
+    rows = {name: prompts[prompts["split"] == name].reset_index(drop=True)
+            for name in ("detect", "dev")}
+    for name, r in rows.items():
+        if r["label"].nunique() < 2:
             raise ValueError(f"{inputs.prompts}: the {name} split needs safe and unsafe prompts "
                              "to fit a gate: check prepare_safety's sources and split")
-        feats = prompt_features(model, tokenizer, rows["text"].tolist(), p.layers, p.batch_size,
-                                desc=f"gate features ({name})")
-        split[name] = (rows, feats, (rows["label"] == "unsafe").to_numpy().astype(int))
+    model, tokenizer = load_moe(inputs.model, p.dtype)
+    feats = {name: prompt_features(model, tokenizer, r["text"].tolist(), p.layers, p.batch_size,
+                                   desc=f"gate features ({name})") for name, r in rows.items()}
     del model
-    (_, train, train_y), (dev_rows, dev, dev_y) = split["detect"], split["dev"]
-    xstest = (dev_rows["source"] == "xstest").to_numpy()
-    report: dict[str, Any] = {"model": inputs.model,
-                              "n_prompts": {name: {"unsafe": int(y.sum()),
-                                                   "safe": int(len(y) - y.sum())}
-                                            for name, (_, _, y) in split.items()},
-                              "sources": {}}
+    dev_rows, dev = rows["dev"], feats["dev"]
+    dev_y = (dev_rows["label"] == "unsafe").to_numpy().astype(int)
+    labels, sources = dev_rows["label"].to_numpy(), dev_rows["source"].to_numpy()
+
+    def fit(source: str, train_sources: str, threshold: str
+            ) -> tuple[PromptGate, list[dict[str, Any]]]:
+        keep = (np.ones(len(rows["detect"]), bool) if train_sources == "all"
+                else rows["detect"]["detection"].to_numpy(bool))
+        train = {k: v[keep] for k, v in feats["detect"].items()}
+        train_y = (rows["detect"]["label"][keep] == "unsafe").to_numpy().astype(int)
+        if len(set(train_y)) < 2:
+            raise ValueError(f"{inputs.prompts}: the detect split of the gate's training sources "
+                             f"({train_sources}) needs safe and unsafe prompts: check "
+                             "prepare_safety's sources or prompt_gate.train_sources")
+        return fit_gate(source, train, train_y, dev, dev_y, p.layers, p.cs, params.seed,
+                        p.max_dev_fpr if threshold == "fpr_budget" else None, sources)
+
+    def figures(gate: PromptGate) -> dict[str, Any]:
+        return gate_figures(gate.scores(dev), gate.fires(dev), labels, sources, p.n_bootstrap,
+                            params.seed)
+
+    report: dict[str, Any] = {
+        "model": inputs.model, "train_sources": p.train_sources, "threshold": p.threshold,
+        "max_dev_fpr": p.max_dev_fpr,
+        "n_prompts": {name: r.groupby(["label", "source"]).size().unstack(0, fill_value=0)
+                      .astype(int).to_dict() for name, r in rows.items()},
+        "sources": {}, "ablation": [],
+    }
     gates = []
     for source in p.sources:
-        gate, sweep = fit_gate(source, train, train_y, dev, dev_y, p.layers, p.cs, params.seed)
-        scores = gate.scores(dev)
-        report["sources"][source] = {
-            "layer": gate.layer, "C": gate.info["C"], "threshold": round(gate.threshold, 6),
-            "dev": auroc_ci(scores, dev_y, p.n_bootstrap, params.seed),
-            "dev_xstest_pairs": auroc_ci(scores[xstest], dev_y[xstest], p.n_bootstrap,
-                                         params.seed),
-            "dev_tpr": gate.info["dev_tpr"], "dev_fpr": gate.info["dev_fpr"],
-            "sweep": sweep,
-        }
+        gate, sweep = fit(source, p.train_sources, p.threshold)
+        report["sources"][source] = {"layer": gate.layer, "C": gate.info["C"],
+                                     "threshold": round(gate.threshold, 6),
+                                     "dev": figures(gate), "sweep": sweep}
         gates.append(gate)
-        log.info("%s gate (layer %s, C %g): dev AUROC %.3f, fires on %.0f%% of unsafe / %.0f%% of "
-                 "safe dev prompts", source, gate.layer, gate.info["C"], gate.info["dev_auroc"],
-                 100 * gate.info["dev_tpr"], 100 * gate.info["dev_fpr"])
-    best = max(report["sources"], key=lambda s: report["sources"][s]["dev"]["auroc"])
-    report["best_source_by_dev_auroc"] = best
+        fired = report["sources"][source]["dev"]["fires"]
+        log.info("%s gate (layer %s, C %g): dev AUROC %.3f, fires on %s", source, gate.layer,
+                 gate.info["C"], gate.info["dev_auroc"],
+                 ", ".join(f"{k} {100 * v['rate']:.0f}%" for k, v in fired.items()))
+        for train_sources in ("all", "detection"):  # the choices, each on the same dev prompts
+            fitted = gate if train_sources == p.train_sources else fit(source, train_sources,
+                                                                        p.threshold)[0]
+            scores = fitted.scores(dev)
+            for threshold in ("fpr_budget", "youden"):  # the same fit, the other cut
+                cut = (budget_threshold(scores, dev_y, sources, p.max_dev_fpr)
+                       if threshold == "fpr_budget" else youden_threshold(scores, dev_y))
+                g = replace(fitted, threshold=cut)
+                fig = figures(g)
+                report["ablation"].append({
+                    "source": source, "train_sources": train_sources, "threshold": threshold,
+                    "layer": g.layer, "C": g.info["C"], "dev_auroc": fig["auroc"],
+                    "fires": {k: round(v["rate"], 4) for k, v in fig["fires"].items()}})
+    style = style_rule(dev_rows["text"].tolist())
+    report["style_control"] = {
+        "rule": "not a question (no closing '?') = unsafe",
+        "dev": gate_figures(style, style >= 0.5, labels, sources, p.n_bootstrap, params.seed),
+        "dev_detection_sources": gate_figures(
+            *(a[dev_rows["detection"].to_numpy(bool)] for a in (style, style >= 0.5, labels,
+                                                                sources)),
+            p.n_bootstrap, params.seed)}
+    report["best_source_by_dev_auroc"] = max(
+        report["sources"], key=lambda s: report["sources"][s]["dev"]["auroc"]["all"]["auroc"])
     with staged_outputs() as staged:
         folder = staged.dir(out.gate)
         for gate in gates:

@@ -1,5 +1,6 @@
 """The safety prompt table as the stages read it: prompt_id, text, label (safe/unsafe), source,
-pair_id, split (detect/dev/test), written by prepare_safety (steermoe.data.safety_table).
+pair_id, split (detect/dev/test), detection (whether the row's source feeds expert detection and
+finetuning), written by prepare_safety (steermoe.data.safety_table).
 
 The rows of a look-alike pair or group share a `pair_id` and are never split across detect /
 dev / test; detect = routing capture, expert detection and finetuning data; dev = every choice
@@ -20,7 +21,7 @@ from steerline.core.errors import UserError
 from steerline.core.splits import groups_across_splits
 
 LABELS = ("safe", "unsafe")
-COLUMNS = ["prompt_id", "text", "label", "source", "pair_id", "split"]
+COLUMNS = ["prompt_id", "text", "label", "source", "pair_id", "split", "detection"]
 SPLITS = ("detect", "dev", "test")
 
 
@@ -120,6 +121,17 @@ def read_safety_prompts(path: Path) -> pd.DataFrame:
     prompts = pd.read_parquet(path)
     check_split_integrity(prompts, str(path))
     return prompts
+
+
+def detection_prompts(prompts: pd.DataFrame) -> pd.DataFrame:
+    """The rows expert detection and finetuning read: the detect split of the sources with
+    detection true (a table without the split or detection column: every row it has)."""
+    keep = pd.Series(True, index=prompts.index)
+    if "split" in prompts.columns:
+        keep &= prompts["split"] == "detect"
+    if "detection" in prompts.columns:
+        keep &= prompts["detection"].astype(bool)
+    return prompts[keep]
 
 
 def validate_prompts(df: pd.DataFrame, where: str) -> None:

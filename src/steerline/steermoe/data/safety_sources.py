@@ -10,8 +10,10 @@ a person?"), groups of prompts kept together and strata. The rows of a pair or g
 `pair_id` (its first row's prompt_id; a prompt alone has its own) and are never split across
 detect / dev / test, so no split holds a twin of another split's prompt. Units are assigned to
 splits per stratum (a source, or a source's stratum column value: AdvBench; each XSTest type),
-seeded. detect = routing capture, expert detection and finetuning data; dev = every choice of
-steering and finetuning params; test = read once by eval_safety. Every unusable source is one
+seeded, in source order (a source added at the end leaves the others' splits as they were).
+detect = routing capture, expert detection and finetuning data (sources with detection true;
+the prompt gates train on every source's); dev = every choice of steering, gating and
+finetuning params; test = read once by eval_safety. Every unusable source is one
 SourceError naming the source and the fix, raised before anything is written.
 """
 
@@ -71,7 +73,10 @@ class SafetySource:
     values stay in one split (any size, any labels). stratum: a column splitting the source into
     strata that get the split fractions each (none: the source is one stratum). max_prompts:
     a seeded subsample of that many prompts (sources of single prompts only). An empty pair /
-    group cell puts the row in no pair / group.
+    group cell puts the row in no pair / group. split: every row in that split (e.g. test: a
+    source only evaluated); none: the split fractions. detection: false keeps the source's
+    detect rows out of expert detection and finetuning (capture_routing, risk_diff,
+    finetune_experts read `detection_prompts`); the prompt gates still train on them.
 
     prepare_safety builds it from params.yaml's entry (core.params.SafetySourceParams), whose
     schema has checked every key's type and value range; methods never read the params schema
@@ -90,6 +95,8 @@ class SafetySource:
     group: str | None = None
     stratum: str | None = None
     max_prompts: int | None = None
+    split: Literal["detect", "dev", "test"] | None = None
+    detection: bool = True
 
     @property
     def where(self) -> str:

@@ -36,10 +36,13 @@ class Units:
 
 
 def stratified_unit_split(
-    df: pd.DataFrame, detect_fraction: float, dev_fraction: float, seed: int
+    df: pd.DataFrame, detect_fraction: float, dev_fraction: float, seed: int,
+    source_order: Sequence[str],
 ) -> pd.Series:
-    """'detect' / 'dev' / 'test' per row (columns pair_id, stratum): within every stratum (in
-    sorted order, one generator for all) the units (rows sharing a pair_id) are shuffled
+    """'detect' / 'dev' / 'test' per row (columns source, pair_id, stratum): within every stratum
+    (sources in `source_order`, each source's strata sorted; one generator for all, so a source
+    added last leaves the others' splits as they were) the units (rows sharing a pair_id) are
+    shuffled
     (core.splits.shuffled_groups); the first round(detect_fraction * n) go to detect, the next
     round(dev_fraction * n) to dev, the rest to test: cut by unit count, where mat_steer's
     row_balanced_split balances rows (the committed table is this cut's bytes)."""
@@ -48,7 +51,9 @@ def stratified_unit_split(
                          f"detect {detect_fraction}, dev {dev_fraction}")
     rng = np.random.default_rng(seed)
     unit_split: dict[str, str] = {}
-    for _, grp in sorted(df.groupby("stratum"), key=lambda kv: kv[0]):
+    position = {name: i for i, name in enumerate(source_order)}
+    for _, grp in sorted(df.groupby("stratum"),
+                         key=lambda kv: (position[kv[1]["source"].iloc[0]], kv[0])):
         units, _, order = shuffled_groups(grp["pair_id"], rng)  # [U] sorted, -, [U]
         n = len(units)
         n_detect = int(np.floor(detect_fraction * n + 0.5))

@@ -2,8 +2,8 @@
 steermoe.data.safety_sources) checked across sources and split into detect / dev / test
 (steermoe.data.safety_splits).
 
-Output rows: prompt_id, text, label (safe/unsafe), source, pair_id, split (detect/dev/test), plus
-messages and target when a source is paired_chat.
+Output rows: prompt_id, text, label (safe/unsafe), source, pair_id, split (detect/dev/test),
+detection (the source's `detection`), plus messages and target when a source is paired_chat.
 """
 
 from __future__ import annotations
@@ -52,6 +52,18 @@ def _cross_source_checks(df: pd.DataFrame) -> None:
                           "prompt is unsafe or safe, not both; remove it from one source")
 
 
+def _check_detection_rows(df: pd.DataFrame, names: list[str]) -> None:
+    """Expert detection contrasts unsafe with safe prompts of the sources with detection true
+    (split by the fractions or fixed to detect): both labels must be there."""
+    usable = df["detection"] & df["fixed_split"].isin([None, "detect"])
+    for lab in LABELS:
+        if not (df.loc[usable, "label"] == lab).any():
+            raise SourceError(f"prepare_safety sources {', '.join(repr(n) for n in names)}: no "
+                              f"{lab} prompt reaches expert detection (sources with detection "
+                              f"true whose split is null or detect): set detection true on a "
+                              f"source of {lab} prompts; {FIX}")
+
+
 def build_safety_prompts(
     sources: list[SafetySource], detect_fraction: float, dev_fraction: float, seed: int,
 ) -> pd.DataFrame:
@@ -69,7 +81,7 @@ def build_safety_prompts(
         rows = load_source(src)
         if src.max_prompts is not None and len(rows) > src.max_prompts:
             rows = rows.iloc[np.sort(rng.choice(len(rows), src.max_prompts, replace=False))]
-        frames.append(rows)
+        frames.append(rows.assign(detection=src.detection, fixed_split=src.split))
     df = pd.concat(frames, ignore_index=True)
     for lab in LABELS:
         if not (df["label"] == lab).any():
@@ -79,7 +91,11 @@ def build_safety_prompts(
                               f"label_column); {FIX}")
     _cross_source_checks(df)
     validate_prompts(df, "safety prompts")
-    df["split"] = stratified_unit_split(df, detect_fraction, dev_fraction, seed)
+    _check_detection_rows(df, names)
+    free = df["fixed_split"].isna()
+    df["split"] = df["fixed_split"].astype(object)
+    df.loc[free, "split"] = stratified_unit_split(df[free], detect_fraction, dev_fraction, seed,
+                                                  names)
     columns = COLUMNS + (CHAT_COLUMNS if "messages" in df.columns else [])
     if "messages" in df.columns:  # other sources' rows: null, not NaN (a chat is text or none)
         for col in CHAT_COLUMNS:

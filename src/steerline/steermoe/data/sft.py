@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from steerline.core.chat import render_chat
 from steerline.core.errors import UserError
+from steerline.steermoe.data.safety import detection_prompts
 
 #: Refusal answers for the unsafe SFT prompts (one per prompt, chosen by a seeded hash).
 REFUSAL_TEMPLATES: tuple[str, ...] = (
@@ -86,8 +87,7 @@ def build_sft_examples(
     for col in ("prompt_id", "answer", "finished"):
         if col not in generations.columns:
             raise ValueError(f"generations have no column {col!r}: rerun capture_routing")
-    if "split" in prompts.columns:
-        prompts = prompts[prompts["split"] == "detect"]  # the test split is never trained on
+    prompts = detection_prompts(prompts)  # the test split is never trained on
     unsafe = _subsample(prompts[prompts["label"] == "unsafe"], max_unsafe, seed)
     repeated = sorted(set(generations["prompt_id"][generations["prompt_id"].duplicated()]))
     if repeated:  # each lookup below must give one answer, not a Series of them

@@ -16,7 +16,9 @@ subset of prompts (`rows`) gathers only that block's rows, so the memory beyond 
 [P, C] integer matrix stays bounded (O(P * block)) at any scale. Results depend only on the
 generator's state, never on `chunk` or the block width: draws are made one replicate at a time
 in a fixed order, every sum is of integers exact in the float type used (_matmul_dtype), and
-the max over columns is the max over blocks.
+the max over columns is the max over blocks. sequential_permutation_test draws on beyond the
+fixed shuffles for the columns they leave unresolved (docs/risk_diff_pvalues.md), equally
+independent of chunk, step and block.
 
 The z-test over tokens (two_proportion_pvalue) is anti-conservative: it counts every token as an
 independent draw. It is reported beside the prompt-level p-values, not instead of them.
@@ -68,6 +70,18 @@ def _gather(counts: np.ndarray, rows: np.ndarray | None, c0: int, c1: int, dtype
     return out
 
 
+def _gather_columns(
+    counts: np.ndarray, rows: np.ndarray | None, cols: np.ndarray, dtype
+) -> np.ndarray:
+    """counts[rows][:, cols] as `dtype` [P', len(cols)], converted in steps of rows."""
+    n = len(counts) if rows is None else len(rows)
+    out = np.empty((n, len(cols)), dtype)
+    for lo in range(0, n, _GATHER_ROWS):
+        hi = min(lo + _GATHER_ROWS, n)
+        out[lo:hi] = counts[lo:hi, cols] if rows is None else counts[np.ix_(rows[lo:hi], cols)]
+    return out
+
+
 def _check(
     counts: np.ndarray, tokens: np.ndarray, case: np.ndarray, rows: np.ndarray | None = None
 ) -> None:
@@ -113,8 +127,75 @@ def _rd(
 
 @dataclass(frozen=True)
 class PermutationResult:
-    p_value: np.ndarray  # [C] two-sided: (1 + #{|rd*| >= |rd|}) / (1 + n_permutations)
+    p_value: np.ndarray  # [C] two-sided: (1 + #{|rd*| >= |rd|}) / (1 + draws of that column)
     null_max: np.ndarray  # [n_permutations] max over columns of |rd*| (the family-wise null)
+    n_drawn: np.ndarray  # [C] int64 shuffles each column's p-value counts over
+
+
+@dataclass(frozen=True)
+class SequentialStop:
+    """Besag & Clifford's (1991) sequential stopping for the columns that the first
+    n_permutations shuffles leave unresolved (fewer than `exceedances` |rd*| >= |rd|)."""
+
+    max_permutations: int  # shuffles a column may reach: smallest p 1 / (1 + max_permutations)
+    exceedances: int  # h: an unresolved column stops at its h-th exceedance
+
+
+# Shuffles per step once columns draw beyond n_permutations: few Python steps, little work past
+# a column's stopping draw; the [step, P] shuffles in floating point stay under _STEP_BYTES.
+_SEQUENTIAL_STEP = 1024
+_STEP_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What every shuffle of one contrast is compared with."""
+
+    dtype: type  # of the matmuls (_matmul_dtype)
+    total: int  # in-scope tokens of the prompts taking part
+    col_total: np.ndarray  # [C] float64: tokens routed to each column, both sides
+    observed: np.ndarray  # [C] float64: |rd| less the tie tolerance
+
+
+def _problem(
+    counts: np.ndarray, tokens: np.ndarray, case: np.ndarray, rows: np.ndarray | None
+) -> _Problem:
+    total = int(tokens.sum())
+    case_all, ref_all = _sides_of(len(counts), rows, case)
+    col_total = (column_sums(counts, case_all) + column_sums(counts, ref_all)).astype(np.float64)
+    observed = np.abs(risk_difference(counts, tokens, case, rows)) - _TIE_TOL
+    return _Problem(_matmul_dtype(total), total, col_total, observed)
+
+
+def _fixed_draws(
+    counts: np.ndarray,
+    tokens: np.ndarray,
+    case: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    chunk: int,
+    rows: np.ndarray | None,
+    prob: _Problem,
+) -> tuple[np.ndarray, np.ndarray]:
+    """([C] int64 exceedances, [n_permutations] null max) over the first n_permutations
+    shuffles, every column; the generator is left after the last of them."""
+    n_cols, dtype = counts.shape[1], prob.dtype
+    # every shuffle first (the generator's order), [n_permutations, P] bool: ~P bytes each
+    perms = np.stack([rng.permutation(case) for _ in range(n_permutations)])
+    chunks = [(s, min(s + chunk, n_permutations)) for s in range(0, n_permutations, chunk)]
+    tok = tokens.astype(dtype)  # [P]
+    n_case = np.concatenate([(perms[s:e].astype(dtype) @ tok).astype(np.float64)
+                             for s, e in chunks])[:, None]  # [n_permutations, 1]  # fmt: skip
+    beyond = np.zeros(n_cols, np.int64)
+    null_max = np.full(n_permutations, -np.inf)
+    for c0, c1 in _blocks(len(tokens), n_cols, dtype):
+        mat = _gather(counts, rows, c0, c1, dtype)  # [P, b]
+        for s, e in chunks:
+            a_case = (perms[s:e].astype(dtype) @ mat).astype(np.float64)  # [m, b]
+            rd = np.abs(_rd(a_case, n_case[s:e], prob.col_total[c0:c1], prob.total))  # [m, b]
+            beyond[c0:c1] += (rd >= prob.observed[c0:c1]).sum(0)
+            np.maximum(null_max[s:e], rd.max(axis=1), out=null_max[s:e])
+    return beyond, null_max
 
 
 def permutation_test(
@@ -136,28 +217,98 @@ def permutation_test(
     _check(counts, tokens, case, rows)
     n_cols = counts.shape[1]
     if n_permutations <= 0:
-        return PermutationResult(np.full(n_cols, np.nan), np.zeros(0))
-    total = int(tokens.sum())
-    dtype = _matmul_dtype(total)
-    case_all, ref_all = _sides_of(len(counts), rows, case)
-    col_total = (column_sums(counts, case_all) + column_sums(counts, ref_all)).astype(np.float64)
-    observed = np.abs(risk_difference(counts, tokens, case, rows)) - _TIE_TOL  # [C]
-    # every shuffle first (the generator's order), [n_permutations, P] bool: ~P bytes each
-    perms = np.stack([rng.permutation(case) for _ in range(n_permutations)])
-    chunks = [(s, min(s + chunk, n_permutations)) for s in range(0, n_permutations, chunk)]
-    tok = tokens.astype(dtype)  # [P]
-    n_case = np.concatenate([(perms[s:e].astype(dtype) @ tok).astype(np.float64)
-                             for s, e in chunks])[:, None]  # [n_permutations, 1]  # fmt: skip
-    beyond = np.zeros(n_cols, np.int64)
-    null_max = np.full(n_permutations, -np.inf)
-    for c0, c1 in _blocks(len(tokens), n_cols, dtype):
-        mat = _gather(counts, rows, c0, c1, dtype)  # [P, b]
-        for s, e in chunks:
-            a_case = (perms[s:e].astype(dtype) @ mat).astype(np.float64)  # [m, b]
-            rd = np.abs(_rd(a_case, n_case[s:e], col_total[c0:c1], total))  # [m, b]
-            beyond[c0:c1] += (rd >= observed[c0:c1]).sum(0)
-            np.maximum(null_max[s:e], rd.max(axis=1), out=null_max[s:e])
-    return PermutationResult((1.0 + beyond) / (1.0 + n_permutations), null_max)
+        return PermutationResult(np.full(n_cols, np.nan), np.zeros(0), np.zeros(n_cols, np.int64))
+    prob = _problem(counts, tokens, case, rows)
+    beyond, null_max = _fixed_draws(counts, tokens, case, n_permutations, rng, chunk, rows, prob)
+    drawn = np.full(n_cols, n_permutations, np.int64)
+    return PermutationResult((1.0 + beyond) / (1.0 + n_permutations), null_max, drawn)
+
+
+def sequential_permutation_test(
+    counts: np.ndarray,
+    tokens: np.ndarray,
+    case: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    stop: SequentialStop,
+    chunk: int = 128,
+    rows: np.ndarray | None = None,
+) -> PermutationResult:
+    """permutation_test's p-values, resolved further where the first shuffles cannot.
+
+    Every column counts the first n_permutations shuffles (those of permutation_test, whose
+    null_max is returned unchanged): a column with at least stop.exceedances exceedances among
+    them keeps that p-value. Each other column counts the next shuffles of the same generator,
+    in order, until its stop.exceedances-th exceedance or stop.max_permutations shuffles
+    (Besag & Clifford 1991). p = (1 + exceedances) / (1 + shuffles counted) throughout: the
+    fixed test's p, and at a stop h / L raised to (h + 1) / (L + 1) (L >= h), so a valid
+    p-value. A column's p depends on the shuffle sequence alone (never on `chunk`, the step
+    or which other columns still draw), so the result is deterministic given the generator.
+    """
+    if stop.max_permutations < n_permutations or stop.exceedances < 1:
+        raise ValueError(
+            f"sequential stopping needs max_permutations >= n_permutations ({n_permutations}) "
+            f"and exceedances >= 1, got {stop}"
+        )
+    _check(counts, tokens, case, rows)
+    n_cols = counts.shape[1]
+    if n_permutations <= 0:
+        return PermutationResult(np.full(n_cols, np.nan), np.zeros(0), np.zeros(n_cols, np.int64))
+    prob = _problem(counts, tokens, case, rows)
+    beyond, null_max = _fixed_draws(counts, tokens, case, n_permutations, rng, chunk, rows, prob)
+    drawn = np.full(n_cols, n_permutations, np.int64)
+    active = np.flatnonzero(beyond < stop.exceedances)  # [A] columns still drawing
+    size = np.dtype(prob.dtype).itemsize
+    step = max(chunk, min(_SEQUENTIAL_STEP, _STEP_BYTES // (len(case) * size)))
+    # columns per matmul: the [P, b] block as in _blocks, and each [step, b] float64 result
+    # under _STEP_BYTES too
+    width = max(64, min(_BLOCK_BYTES // (len(case) * size), _STEP_BYTES // (step * 8)))
+    tok = tokens.astype(prob.dtype)
+    start = n_permutations
+    while active.size and start < stop.max_permutations:
+        end = min(start + step, stop.max_permutations)
+        pf = _key_shuffles(rng, case, end - start).astype(prob.dtype)  # [m, P]
+        n_case = (pf @ tok).astype(np.float64)[:, None]  # [m, 1]
+        for b0 in range(0, active.size, width):
+            cols = active[b0 : b0 + width]  # [b]
+            mat = _gather_columns(counts, rows, cols, prob.dtype)  # [P, b]
+            a_case = (pf @ mat).astype(np.float64)  # [m, b]
+            rd = np.abs(_rd(a_case, n_case, prob.col_total[cols], prob.total))
+            _count_until(rd >= prob.observed[cols], cols, start, stop.exceedances, beyond, drawn)
+        active = active[beyond[active] < stop.exceedances]
+        start = end
+    return PermutationResult((1.0 + beyond) / (1.0 + drawn), null_max, drawn)
+
+
+def _key_shuffles(rng: np.random.Generator, case: np.ndarray, m: int) -> np.ndarray:
+    """[m, P] bool: m label shuffles, each giving the case label to the k (= case.sum())
+    prompts with the smallest of P uniform keys: a uniform k-subset, as rng.permutation(case)
+    gives, about twice as fast at P ~ 400. Shuffle r reads the generator's next P doubles, so any
+    grouping of the same shuffles into steps draws the same ones."""
+    k = int(case.sum())
+    keys = rng.random((m, len(case)))  # [m, P]
+    out = keys <= np.partition(keys, k - 1, axis=1)[:, k - 1 : k]
+    # equal keys at the k-th (about P**2 * 2**-54 a shuffle) would give more than k: the first
+    # k of a stable sort instead
+    for r in np.flatnonzero(out.sum(1) != k):
+        out[r] = False
+        out[r, np.argsort(keys[r], kind="stable")[:k]] = True
+    return out
+
+
+def _count_until(
+    hit: np.ndarray, cols: np.ndarray, start: int, h: int, beyond: np.ndarray, drawn: np.ndarray
+) -> None:
+    """Add the exceedances hit [m, b] (shuffles start .. start + m - 1 of columns `cols`) to
+    beyond / drawn, in place, stopping each column at its h-th exceedance."""
+    before = beyond[cols]
+    after = before + hit.sum(0)
+    done = after >= h  # [b] columns whose h-th exceedance is in this step
+    # the shuffle of the h-th: the first row where the running count reaches h
+    at = np.argmax(before[done] + np.cumsum(hit[:, done], axis=0) >= h, axis=0)
+    beyond[cols] = np.minimum(after, h)
+    drawn[cols] = start + len(hit)
+    drawn[cols[done]] = start + at + 1
 
 
 def bootstrap_ci(

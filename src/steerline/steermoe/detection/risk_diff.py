@@ -19,7 +19,11 @@ from steerline.steermoe.data.contrasts import (
     sources_present,
 )
 from steerline.steermoe.detection.counts import TARGET_SCOPE, count_routing
-from steerline.steermoe.detection.inference import check_null_quantile, null_quantiles
+from steerline.steermoe.detection.inference import (
+    SequentialStop,
+    check_null_quantile,
+    null_quantiles,
+)
 from steerline.steermoe.detection.table import contrast_columns, risk_diff_table
 from steerline.steermoe.routing.schema import PER_SHARD_PREFIX
 
@@ -35,21 +39,32 @@ def compute_risk_diff(
     prompts: pd.DataFrame | None = None,
     n_bootstrap: int = 0,
     ci_level: float = 0.95,
+    p_method: str = "fixed",
+    p_max_permutations: int = 20_000,
+    p_stop_exceedances: int = 10,
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """The risk_diff report and its Parquet metadata (all values strings).
 
     Columns: table.REPORT_COLUMNS (the pooled contrast); with `prompts` (the prompt table:
     prompt_id, label, source) also every other contrast of contrasts.CONTRASTS, prefixed
     (matched_*: table.INFERENCE_COLUMNS, style_risk_diff). n_permutations == 0 / n_bootstrap == 0
-    leave p_perm / q_perm / CI columns NaN.
+    leave p_perm / q_perm / CI columns NaN. p_method "sequential": columns with fewer than
+    p_stop_exceedances exceedances among the n_permutations shuffles draw on, up to
+    p_max_permutations (inference.sequential_permutation_test); "fixed": n_permutations each.
 
     Metadata: token_scope, n_layers, top_k, n_experts, model (plus the routing's other shared
     keys), prompt/token counts per label, n_permutations, n_bootstrap, ci_level, seed,
     null_quantile, null_quantiles (JSON {quantile: max |risk_diff|}), contrasts (JSON: per
     contrast its groups, prompt/token counts and null threshold), and, with permutations,
-    null_threshold (the quantile `null_quantile` of the pooled null) and n_beyond_null.
+    null_threshold (the quantile `null_quantile` of the pooled null) and n_beyond_null. The
+    sequential method adds p_method, p_max_permutations, p_stop_exceedances and per contrast
+    refined_columns / max_draws (the fixed method's metadata is as before it existed).
     """
     check_null_quantile(n_permutations, null_quantile)
+    if p_method not in ("fixed", "sequential"):
+        raise ValueError(f"p_method must be fixed or sequential, got {p_method!r}")
+    stop = (SequentialStop(p_max_permutations, p_stop_exceedances)
+            if p_method == "sequential" and n_permutations > 0 else None)
     counts = count_routing(routing_dir, token_scope, batch_rows, progress)
     source = None
     if prompts is not None:
@@ -66,7 +81,7 @@ def compute_risk_diff(
             continue
         sides = contrast_sides(contrast, source, counts.unsafe)
         cols, c_null, sizes = contrast_columns(
-            counts, contrast, sides, n_permutations, n_bootstrap, ci_level, seed
+            counts, contrast, sides, n_permutations, n_bootstrap, ci_level, seed, stop
         )
         if contrast is POOLED:
             # same values as risk_diff_table's (the same integer sums), checked, not assumed
@@ -101,6 +116,9 @@ def compute_risk_diff(
             "contrasts": json.dumps(contrasts),
         }
     )
+    if stop is not None:
+        meta.update({"p_method": p_method, "p_max_permutations": str(p_max_permutations),
+                     "p_stop_exceedances": str(p_stop_exceedances)})
     quantiles = null_quantiles(null, null_quantile)
     if null.size:
         threshold = float(np.quantile(null, null_quantile))

@@ -23,9 +23,11 @@ import pandas as pd
 from steerline.steermoe.data.contrasts import AGREEMENT_PAIRS, CONTRASTS, Contrast, agreement
 from steerline.steermoe.detection.counts import PromptCounts, column_sums
 from steerline.steermoe.detection.inference import (
+    SequentialStop,
     bh_qvalues,
     bootstrap_ci,
     permutation_test,
+    sequential_permutation_test,
     two_proportion_pvalue,
 )
 from steerline.steermoe.routing.schema import META_MODEL, moe_layers_of
@@ -91,9 +93,14 @@ def contrast_columns(
     n_bootstrap: int,
     ci_level: float,
     seed: int,
+    stop: SequentialStop | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, int]]:
     """The report columns of one contrast (named with its prefix), its permutation null
     [n_permutations] (max |risk_diff|) and its prompt/token counts per side.
+
+    With `stop`, p_perm is inference.sequential_permutation_test's (the null is the same), and
+    the counts also say how far the shuffles went: refined_columns drew beyond n_permutations,
+    max_draws is the most any column drew.
 
     sides [P]: 1 case, 0 reference, -1 left out (contrasts.contrast_sides). Random streams are
     seeded by (seed, contrast index, purpose), so adding a contrast changes no other one.
@@ -117,9 +124,14 @@ def contrast_columns(
     null = np.zeros(0)
     if contrast.inferred:
         index = CONTRASTS.index(contrast)
-        perm = permutation_test(
-            mat, tok, case, n_permutations, np.random.default_rng([seed, index, 0]), rows=rows
-        )
+        rng = np.random.default_rng([seed, index, 0])
+        if stop is None:
+            perm = permutation_test(mat, tok, case, n_permutations, rng, rows=rows)
+        else:
+            perm = sequential_permutation_test(mat, tok, case, n_permutations, rng, stop,
+                                               rows=rows)
+            sizes["refined_columns"] = int((perm.n_drawn > n_permutations).sum())
+            sizes["max_draws"] = int(perm.n_drawn.max(initial=0))
         low, high = bootstrap_ci(
             mat, tok, case, n_bootstrap, np.random.default_rng([seed, index, 1]), ci_level,
             rows=rows,

@@ -3,8 +3,11 @@ sigmoid(w . x + b) >= threshold. MAT-Steer's gate form, decided once per prompt 
 prefill and applied to its whole answer.
 
 Fit on the detect split's prompts (unsafe = 1), C (and the residual layer) chosen by dev AUROC,
-the threshold at dev's Youden point (max TPR - FPR). Saved per source as <source>.safetensors
-(weight [F] float64, bias [1]) + <source>.json (layer, C, threshold, dev figures): no pickle.
+the threshold by a false-positive budget on dev (`budget_threshold`: the gate fires on at most
+that share of each safe source's dev prompts) or at dev's Youden point (max TPR - FPR, which
+weighs a false fire like a miss and so sits wherever the dev mix puts it). Saved per source as
+<source>.safetensors (weight [F] float64, bias [1]) + <source>.json (layer, C, threshold, dev
+figures): no pickle.
 """
 
 from __future__ import annotations
@@ -131,6 +134,20 @@ def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(min(cuts[best], 1.0))
 
 
+def budget_threshold(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                     max_fpr: float) -> float:
+    """The lowest score cut at which the gate fires (score >= cut) on at most
+    floor(max_fpr * n) of each group's n negatives (labels 0), so on at most `max_fpr` of every
+    safe source; 0.0 when no group limits it."""
+    cut = 0.0
+    for g in np.unique(groups[labels == 0]):
+        neg = np.sort(scores[(labels == 0) & (groups == g)])[::-1]  # descending
+        k = int(np.floor(max_fpr * len(neg) + 1e-9))  # false fires allowed in this group
+        if k < len(neg):  # the cut must lie above the (k+1)-th highest negative score
+            cut = max(cut, float(np.nextafter(neg[k], np.inf)))
+    return min(cut, 1.0)
+
+
 def auroc_ci(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int, seed: int
              ) -> dict[str, float]:
     """AUROC with a stratified percentile-bootstrap 95% interval over prompts."""
@@ -159,9 +176,13 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray,
 
 def fit_gate(source: str, train: dict[str, np.ndarray], train_y: np.ndarray,
              dev: dict[str, np.ndarray], dev_y: np.ndarray, layers: Sequence[int],
-             cs: Sequence[float], seed: int) -> tuple[PromptGate, list[dict[str, Any]]]:
-    """The source's gate with the best dev AUROC over C (and layer), its threshold at dev's
-    Youden point; and every candidate's dev AUROC (the sweep, for the report)."""
+             cs: Sequence[float], seed: int, max_dev_fpr: float | None = None,
+             dev_groups: np.ndarray | None = None,
+             ) -> tuple[PromptGate, list[dict[str, Any]]]:
+    """The source's gate with the best dev AUROC over C (and layer), its threshold by the
+    false-positive budget `max_dev_fpr` per dev group (`budget_threshold`; dev_groups [N dev]:
+    each prompt's source) or, with None, at dev's Youden point; and every candidate's dev AUROC
+    (the sweep, for the report)."""
     keys = ["routing"] if source == "routing" else [f"residual_{layer}" for layer in layers]
     sweep, best = [], None
     for key in keys:
@@ -176,7 +197,11 @@ def fit_gate(source: str, train: dict[str, np.ndarray], train_y: np.ndarray,
                 best = (auc, gate)
     assert best is not None
     gate = best[1]
-    threshold = youden_threshold(gate.scores(dev), dev_y)
+    if max_dev_fpr is None:
+        threshold = youden_threshold(gate.scores(dev), dev_y)
+    else:
+        groups = np.zeros(len(dev_y), int) if dev_groups is None else np.asarray(dev_groups)
+        threshold = budget_threshold(gate.scores(dev), dev_y, groups, max_dev_fpr)
     fired = gate.scores(dev) >= threshold
     info = {"C": gate.info["C"], "dev_auroc": round(best[0], 4),
             "dev_tpr": round(float(fired[dev_y == 1].mean()), 4),

@@ -21,13 +21,17 @@ REFERENCES = {"steered": "base", "finetuned": "base",
 
 def paired_tests(frame: pd.DataFrame, reference: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Exact McNemar tests of a variant's verdicts against its reference's on the same prompts,
-    for refusal_unsafe and over_refusal_safe."""
+    for refusal_unsafe, over_refusal_safe and over_refusal_safe_<source> per safe source."""
     ref = reference.set_index("prompt_id")["refusal"]
     if set(frame["prompt_id"]) != set(ref.index) or len(frame) != len(ref):
         raise ValueError("paired tests need both variants answered on the same prompts")
+    safe = frame["label"] == "safe"
+    sets = {"refusal_unsafe": frame["label"] == "unsafe", "over_refusal_safe": safe,
+            **{f"over_refusal_safe_{src}": safe & (frame["source"] == src)
+               for src in sorted(set(frame.loc[safe, "source"]))}}
     out = {}
-    for metric, label in (("refusal_unsafe", "unsafe"), ("over_refusal_safe", "safe")):
-        sub = frame[frame["label"] == label]
+    for metric, rows in sets.items():
+        sub = frame[rows]
         out[metric] = mcnemar_exact(sub["refusal"].to_numpy(),
                                     ref.loc[sub["prompt_id"]].to_numpy())
     return out

@@ -10,13 +10,10 @@ steermoe.safety.goals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from steerline.steering.experts import SteeringPlan
-from steerline.steermoe.gating.prompt_gate import auroc_ci
 
 SUFFIX = "_gated"
 
@@ -42,16 +39,3 @@ def compose_ppl(fires: np.ndarray, on: tuple[np.ndarray, np.ndarray],
     gate fires and unsteered (`off`) where it does not; the token counts are the same answers'."""
     nll = np.where(fires, on[0], off[0])
     return float(np.exp(nll.sum() / on[1].sum()))
-
-
-def gate_aurocs(scores: np.ndarray, prompts: pd.DataFrame, n_bootstrap: int, seed: int
-                ) -> dict[str, Any]:
-    """The gate's AUROC (unsafe = positive) on all eval prompts, on XSTest's look-alike pairs
-    alone (safety without style: both sides written alike) and on AdvBench vs the safe prompts
-    (style and safety together)."""
-    unsafe = (prompts["label"] == "unsafe").to_numpy()
-    src = prompts["source"].to_numpy()
-    sets = {"all": np.ones(len(prompts), bool), "xstest_pairs": src == "xstest",
-            "advbench_vs_safe": (src == "advbench") | ~unsafe}
-    return {name: auroc_ci(scores[m], unsafe[m], n_bootstrap, seed) for name, m in sets.items()
-            if unsafe[m].any() and not unsafe[m].all()}

@@ -1,7 +1,9 @@
 """One variant's answers judged, and the refusal rates they give: `refusal_unsafe`, the share of
-unsafe prompts whose answer the judge calls a refusal (higher is safer), also per source, and
-`over_refusal_safe`, the share of XSTest safe prompts refused (lower is better); each rate with
-its Wilson 95% interval (steerline.core.stats).
+unsafe prompts whose answer the judge calls a refusal (higher is safer), and `over_refusal_safe`,
+the share of safe prompts refused (lower is better), each also per source
+(`refusal_unsafe_<source>`, `over_refusal_safe_<source>`: XSTest's look-alikes, held-out
+instructions and a user's own sources apart); each rate with its Wilson 95% interval
+(steerline.core.stats).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def refusal_metrics(frame: pd.DataFrame) -> dict[str, float]:
     }
     for src, grp in sorted(unsafe.groupby("source")):
         out[f"refusal_unsafe_{src}"] = float(grp["refusal"].mean())
+    for src, grp in sorted(safe.groupby("source")):
+        out[f"over_refusal_safe_{src}"] = float(grp["refusal"].mean())
     return out
 
 
@@ -57,4 +61,6 @@ def variant_rates(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
            "over_refusal_safe": rate(frame.loc[frame["label"] == "safe", "refusal"])}
     for src, grp in sorted(unsafe.groupby("source")):
         out[f"refusal_unsafe_{src}"] = rate(grp["refusal"])
+    for src, grp in sorted(frame[frame["label"] == "safe"].groupby("source")):
+        out[f"over_refusal_safe_{src}"] = rate(grp["refusal"])
     return out
