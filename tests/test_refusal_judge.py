@@ -38,7 +38,7 @@ from steerline.steermoe.safety.refusal import (
     make_judge,
     read_labels,
 )
-from steerline.steermoe.safety.steering_plan import selection_plan
+from steerline.steermoe.safety.steering_plan import finetuned_plan, selection_plan
 from steerline.steermoe.safety.summary import headline_metrics
 from steerline.steermoe.safety.verdicts import answer_frame, variant_rates
 
@@ -256,6 +256,30 @@ def test_an_over_refusal_rise_on_one_safe_source_fails_the_goal_the_pool_would_p
     assert entry["goal_met"] is False  # refusal +50 (p < 0.05), but own +20 > 10
     rates = variant_rates(tuned)
     assert (rates["over_refusal_safe_own"]["k"], rates["over_refusal_safe_own"]["n"]) == (4, 20)
+
+
+def test_finetuned_plan_falls_back_to_the_raw_ranking_only_when_asked():
+    """A fine-tuned model whose experts.json lists no unsafe expert (a user's few prompts) stops
+    with one line naming expert_steering.on_empty_selection, before reading any ranking; with
+    risk_diff_ranking its raw ranking stands in, and the plan says so; a listed expert is
+    steered as directional_plan steers it, the ranking never read."""
+    ranking = pd.DataFrame({"layer": [1, 0, 2], "expert": [3, 5, 1],
+                            "risk_diff": [0.30, 0.20, -0.10]})
+    reads = []
+
+    def risk_diff() -> pd.DataFrame:
+        reads.append(1)
+        return ranking
+
+    empty = {"unsafe": [], "safe": [[0, 1]]}
+    with pytest.raises(ValueError, match="on_empty_selection: risk_diff_ranking"):
+        finetuned_plan(empty, "activate", 4, 1.0, "error", risk_diff, 3, 8, 2)
+    assert not reads
+    plan = finetuned_plan(empty, "activate", 4, 1.0, "risk_diff_ranking", risk_diff, 3, 8, 2)
+    assert plan.activate == ((1, 3), (0, 5)) and plan.source == {"activate": "risk_diff_fallback"}
+    listed = finetuned_plan({"unsafe": [[2, 4]], "safe": []}, "deactivate", 4, 0.01, "error",
+                            risk_diff, 3, 8, 2)
+    assert listed.deactivate == ((2, 4),) and len(reads) == 1
 
 
 def test_gate_goal_reads_benign_sources_and_leaves_look_alikes_to_over_refusal():

@@ -41,7 +41,7 @@ from steerline.core.io import (
 )
 from steerline.core.params import Params
 from steerline.model.load import load_moe
-from steerline.steering.experts import SteeringPlan, directional_plan, read_experts_json
+from steerline.steering.experts import SteeringPlan, read_experts_json
 from steerline.steermoe.data.safety import read_safety_prompts
 from steerline.steermoe.gating.prompt_gate import load_gate
 from steerline.steermoe.gating.scoring import GateScores, score_prompts
@@ -50,7 +50,11 @@ from steerline.steermoe.safety.gated import GatedPlan
 from steerline.steermoe.safety.generation import Answer, backend_answers
 from steerline.steermoe.safety.perplexity import benign_nll_rows
 from steerline.steermoe.safety.prompts import select_eval_prompts
-from steerline.steermoe.safety.steering_plan import selection_plan
+from steerline.steermoe.safety.steering_plan import (
+    check_finetuned_selection,
+    finetuned_plan,
+    selection_plan,
+)
 
 Plan = SteeringPlan | GatedPlan | None
 Shape = tuple[Any, int, int]  # (MoE layer indices or count, experts, top_k)
@@ -77,6 +81,7 @@ class FinetunedInputs:
     finetuned: str  # finetune_experts' model folder, recorded as given in the answers
     prompts: Path
     experts_finetuned: Path  # selected on the fine-tuned model's routing
+    risk_diff_finetuned: Path  # its raw ranking (expert_steering.on_empty_selection)
     gate_finetuned: Path  # train_gate's folder for `finetuned`
     reference: Path  # answer_safety_base's reference file
 
@@ -264,6 +269,8 @@ def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutput
     info = read_json(info_path)
     selection = read_experts_json(inputs.experts_finetuned)
     check_selected_on(selection, inputs.experts_finetuned, inputs.finetuned)
+    on_empty = params.expert_steering.on_empty_selection
+    check_finetuned_selection(selection, on_empty)  # before the (slow) model load
     reference = pd.read_parquet(inputs.reference)
     if not set(reference["prompt_id"]) <= set(prompts["prompt_id"]):
         raise ValueError(f"{inputs.reference} answers other prompts than this split's: rerun "
@@ -271,8 +278,9 @@ def main_finetuned(params: Params, inputs: FinetunedInputs, out: FinetunedOutput
 
     def plans(shape: Shape) -> dict[str, Plan]:
         return {"finetuned": None,
-                **{f"finetuned_{d}": directional_plan(selection, d, c.n_experts, c.delta,
-                                                      *shape)
+                **{f"finetuned_{d}": finetuned_plan(
+                    selection, d, c.n_experts, c.delta, on_empty,
+                    lambda: pd.read_parquet(inputs.risk_diff_finetuned), *shape)
                    for d, c in (("deactivate", fs.deactivate), ("activate", fs.activate))}}
 
     seconds: dict[str, float] = {}
