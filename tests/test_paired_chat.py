@@ -93,7 +93,7 @@ def test_default_table_has_no_chat_columns(tmp_path, monkeypatch):
     stage_dir(tmp_path, monkeypatch)
     call_stage("prepare_safety")
     cols = pd.read_parquet(tmp_path / "data/prompts/safety.parquet").columns.tolist()
-    assert cols == ["prompt_id", "text", "label", "source", "pair_id", "split"]
+    assert cols == ["prompt_id", "text", "label", "source", "pair_id", "split", "detection"]
 
 
 def test_pairs_sharing_a_request_share_a_unit_and_label_column_per_row(tmp_path, monkeypatch):

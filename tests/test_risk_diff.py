@@ -547,8 +547,10 @@ def test_stage_writes_all_outputs(
     call_stage("risk_diff@base")
     df = pd.read_parquet("reports/risk_diff.parquet")
     meta = parquet_metadata("reports/risk_diff.parquet")
+    repo = yaml.safe_load((ROOT / "params.yaml").read_text())["risk_diff"]
+    p_keys = {k: repo[k] for k in ("p_method", "p_max_permutations", "p_stop_exceedances")}
     expected, expected_meta = compute_risk_diff(
-        routing_dir, "all", prompts=prompts, seed=0, **STAGE_RISK_DIFF
+        routing_dir, "all", prompts=prompts, seed=0, **STAGE_RISK_DIFF, **p_keys
     )
     pd.testing.assert_frame_equal(df, expected)
     assert meta == expected_meta

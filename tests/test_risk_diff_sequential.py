@@ -193,8 +193,8 @@ def test_params_and_the_report(tmp_path: Path) -> None:
 
 
 def test_detect_takes_the_method_from_its_flag(tmp_path: Path, monkeypatch) -> None:
-    """`steerline detect --p-method sequential` (outside the project: the schema's CliDefault
-    values, so fixed without the flag)."""
+    """`steerline detect --p-method fixed` (outside the project: the schema's CliDefault
+    values, so sequential without the flag)."""
     import argparse
 
     from steerline.cli import detect
@@ -204,6 +204,6 @@ def test_detect_takes_the_method_from_its_flag(tmp_path: Path, monkeypatch) -> N
     detect.add_parser(parser.add_subparsers(), "detect")
     files = ["detect", "--unsafe", "u.txt", "--safe", "s.txt"]
     risk, *_ = detect.settings(parser.parse_args(files))
-    assert risk.p_method == "fixed"
-    risk, *_ = detect.settings(parser.parse_args([*files, "--p-method", "sequential"]))
     assert risk.p_method == "sequential" and risk.p_max_permutations >= risk.n_permutations
+    risk, *_ = detect.settings(parser.parse_args([*files, "--p-method", "fixed"]))
+    assert risk.p_method == "fixed"
