@@ -93,8 +93,7 @@ def judged_frames(run: ModelAnswers, prompts: pd.DataFrame, judge: RefusalJudge
 def variant_metrics(run: ModelAnswers, frames: dict[str, pd.DataFrame], prompts: pd.DataFrame
                     ) -> dict[str, dict[str, float]]:
     """Refusal metrics, benign perplexity (a gated twin: each reference row steered where its
-    gate fires, from the two variants' row NLLs), answer length per variant and, for a gated
-    twin, the share of the unsafe prompts and of each safe source its gate fired on."""
+    gate fires, from the two variants' row NLLs) and answer length per variant."""
     variants = run.meta["variants"]
     rows = {name: (g["nll"].to_numpy(), g["n_tokens"].to_numpy())
             for name, g in run.nll.groupby("variant", sort=False)}
@@ -111,12 +110,6 @@ def variant_metrics(run: ModelAnswers, frames: dict[str, pd.DataFrame], prompts:
             ppl = float(np.exp(rows[name][0].sum() / rows[name][1].sum()))
         out[name] = {**refusal_metrics(frames[name]), "ppl_benign": ppl,
                      "mean_answer_tokens": float(frames[name]["n_generated"].mean())}
-        if v["kind"] == "gated":  # the share of each prompt set its gate steered
-            fired = pd.Series(fires(run, v["source"]), index=prompts.index)
-            out[name]["gate_fires_unsafe"] = float(fired[prompts["label"] == "unsafe"].mean())
-            safe = prompts[prompts["label"] == "safe"]
-            for src, grp in sorted(safe.groupby("source")):
-                out[name][f"gate_fires_safe_{src}"] = float(fired[grp.index].mean())
     return out
 
 
@@ -165,9 +158,13 @@ def run(params: Params, inputs: Inputs) -> SafetyRun:
     comparisons = compare_variants(frames, goals_of(p))
     gated_goals(comparisons, metrics)
     gates = gating(runs, prompts, params.prompt_gate.n_bootstrap, params.seed)
-    for name, v in gates["variants"].items():
+    for name, v in gates["variants"].items():  # a gated twin: its gate's firing rates and goal
+        fired = gates["gates"][v["model"]][v["source"]]["fires"]
+        metrics[name]["gate_fires_unsafe"] = fired["unsafe"]["rate"]
+        metrics[name].update({f"gate_fires_{k.replace('/', '_')}": f["rate"]
+                              for k, f in fired.items() if k.startswith("safe/")})
         if name in comparisons:
-            comparisons[name].update(gate_goal(gates["gates"][v["model"]][v["source"]]["fires"]))
+            comparisons[name].update(gate_goal(fired))
     labels = prompts["label"]
     details = {
         "split": base.meta["split"],

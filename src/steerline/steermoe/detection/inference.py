@@ -214,14 +214,27 @@ def permutation_test(
     With n_permutations == 0 the p-values are NaN and the null is empty. `rows` ([P'] indices
     into counts): only those prompts take part (tokens, case: [P']), without copying them.
     """
+    first = _first_shuffles(counts, tokens, case, n_permutations, rng, chunk, rows)
+    if isinstance(first, PermutationResult):
+        return first
+    _, beyond, null_max, drawn = first
+    return PermutationResult((1.0 + beyond) / (1.0 + n_permutations), null_max, drawn)
+
+
+def _first_shuffles(
+    counts: np.ndarray, tokens: np.ndarray, case: np.ndarray, n_permutations: int,
+    rng: np.random.Generator, chunk: int, rows: np.ndarray | None,
+) -> PermutationResult | tuple[_Problem, np.ndarray, np.ndarray, np.ndarray]:
+    """What both permutation tests start with: the inputs checked, then (the problem, beyond
+    [C], null_max [n_permutations], drawn [C] = n_permutations) of the first n_permutations
+    shuffles; with n_permutations <= 0 the NaN result instead."""
     _check(counts, tokens, case, rows)
     n_cols = counts.shape[1]
     if n_permutations <= 0:
         return PermutationResult(np.full(n_cols, np.nan), np.zeros(0), np.zeros(n_cols, np.int64))
     prob = _problem(counts, tokens, case, rows)
     beyond, null_max = _fixed_draws(counts, tokens, case, n_permutations, rng, chunk, rows, prob)
-    drawn = np.full(n_cols, n_permutations, np.int64)
-    return PermutationResult((1.0 + beyond) / (1.0 + n_permutations), null_max, drawn)
+    return prob, beyond, null_max, np.full(n_cols, n_permutations, np.int64)
 
 
 def sequential_permutation_test(
@@ -250,13 +263,10 @@ def sequential_permutation_test(
             f"sequential stopping needs max_permutations >= n_permutations ({n_permutations}) "
             f"and exceedances >= 1, got {stop}"
         )
-    _check(counts, tokens, case, rows)
-    n_cols = counts.shape[1]
-    if n_permutations <= 0:
-        return PermutationResult(np.full(n_cols, np.nan), np.zeros(0), np.zeros(n_cols, np.int64))
-    prob = _problem(counts, tokens, case, rows)
-    beyond, null_max = _fixed_draws(counts, tokens, case, n_permutations, rng, chunk, rows, prob)
-    drawn = np.full(n_cols, n_permutations, np.int64)
+    first = _first_shuffles(counts, tokens, case, n_permutations, rng, chunk, rows)
+    if isinstance(first, PermutationResult):
+        return first
+    prob, beyond, null_max, drawn = first
     active = np.flatnonzero(beyond < stop.exceedances)  # [A] columns still drawing
     size = np.dtype(prob.dtype).itemsize
     step = max(chunk, min(_SEQUENTIAL_STEP, _STEP_BYTES // (len(case) * size)))
