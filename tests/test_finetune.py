@@ -113,7 +113,76 @@ def test_frozen_weights_bit_identical(tiny_moe, examples, tokenizer):
     report = compare_state_dicts(base, tuned, EXPERTS)
     assert report["identical_outside_slices"] and report["changed_slices"] == 6
     assert all(p.requires_grad for p in tiny_moe.parameters())  # restored afterwards
-    assert not any(p._backward_hooks for p in tiny_moe.parameters())  # masks removed
+    assert not any(p._backward_hooks or p._post_accumulate_grad_hooks
+                   for p in tiny_moe.parameters())  # the row hooks removed
+
+
+def test_row_gradients_are_the_whole_gradients_rows_one_layer_at_a_time(tiny_moe, examples,
+                                                                         tokenizer):
+    """The listed rows' gradients equal the rows of autograd's whole-tensor gradient, bit for
+    bit, and at most one fused tensor holds a whole gradient at any time (each is dropped once
+    its rows are taken)."""
+    batch = collate(list(examples[:3]), tokenizer.pad_token_id)
+    tiny_moe.set_experts_implementation("eager")
+    slices = ExpertSlices(tiny_moe, EXPERTS)
+    for p in tiny_moe.parameters():
+        p.requires_grad_(False)
+    for s in slices.slices:
+        s.param.requires_grad_(True)
+    tiny_moe(**batch, use_cache=False).loss.backward()
+    whole = [s.param.grad.index_select(0, s.rows) for s in slices.slices]
+    slices.zero_grad()
+
+    alive = []
+    take = slices._take_rows
+
+    def counting(i, param):
+        alive.append(sum(s.param.grad is not None for s in slices.slices))
+        take(i, param)
+
+    slices._take_rows = counting
+    slices.freeze(tiny_moe)
+    try:
+        tiny_moe(**batch, use_cache=False).loss.backward()
+        assert len(alive) == len(slices.slices) and max(alive) == 1
+        assert all(s.param.grad is None for s in slices.slices)
+        for got, want in zip(slices.grads(), whole, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        slices.unfreeze_hooks()
+
+
+def test_bfloat16_model_trains_float32_masters(tokenizer, examples, monkeypatch):
+    """finetune_experts.dtype bfloat16: the weights stay bfloat16 and bit-identical outside the
+    listed slices, AdamW steps float32 copies of the slices, and the loss falls."""
+    from conftest import finish_model, tiny_moe_config
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = finish_model(Qwen2MoeForCausalLM(tiny_moe_config(len(tokenizer))), tokenizer)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)
+    model = model.to(torch.bfloat16)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def spy(params, **kw):
+        params = list(params)
+        seen.extend(p.dtype for p in params)
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    result = train_slices(model, examples, EXPERTS, CFG, tokenizer.pad_token_id)
+    assert seen and set(seen) == {torch.float32}
+    tuned = model.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in tuned.values() if v.is_floating_point())
+    report = compare_state_dicts(base, tuned, EXPERTS)
+    assert report["identical_outside_slices"] and report["changed_slices"] == 6
+    losses = [h["loss"] for h in result.history]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) < sum(losses[:4])
 
 
 def test_saved_model_and_slices_reproduce(tiny_moe, examples, tokenizer, tmp_path):

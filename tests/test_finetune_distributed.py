@@ -111,7 +111,7 @@ def test_world_errors():
     fields = dict(max_experts=None, on_empty_selection="error", fallback_top_n=1,
                   lr=1e-3, epochs=1, batch_size=4, warmup_ratio=0.0, weight_decay=0.0,
                   max_grad_norm=1.0, max_unsafe=None, max_safe=None, max_length=64,
-                  checkpoint_every=0)
+                  checkpoint_every=0, dtype="float32")
     assert FinetuneExperts(**fields, strategy="ddp", num_processes=2).num_processes == 2
     with pytest.raises(ValueError, match="not divisible by num_processes 3"):
         FinetuneExperts(**fields, strategy="ddp", num_processes=3)

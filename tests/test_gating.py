@@ -226,7 +226,7 @@ def test_train_gate_on_a_users_own_sources_without_xstest(moe_dir, tmp_path):
     table.to_parquet(tmp_path / "safety.parquet")
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"prompt_gate": params.prompt_gate.model_copy(
-        update={"layers": [1, 2], "n_bootstrap": 100})})
+        update={"depths": [0.5, 1.0], "n_bootstrap": 100})})  # layers 1, 2 of 2
     out = train_gate.Outputs(tmp_path / "gate", tmp_path / "gate_dev.json")
     train_gate.main(params, train_gate.Inputs(tmp_path / "safety.parquet", str(moe_dir)), out)
     report = read_json(out.report)
@@ -247,3 +247,22 @@ def test_train_gate_on_a_users_own_sources_without_xstest(moe_dir, tmp_path):
         train_gate.main(strict, train_gate.Inputs(tmp_path / "one.parquet", str(moe_dir)),
                         train_gate.Outputs(tmp_path / "g2", tmp_path / "g2.json"))
     assert not (tmp_path / "g2").exists() and not (tmp_path / "g2.json").exists()
+
+
+def test_probe_layers_are_fractions_of_any_models_depth():
+    """params.yaml's depths are the default model's layers 3, 9, 15, 21, 27 (of 30) and land
+    inside every real family's depth (GPT-OSS-20B 24, OLMoE 16, Mixtral 32, Qwen3-30B-A3B 48)."""
+    from steerline.core.params import load_params
+    from steerline.steermoe.gating.features import probe_layers
+
+    depths = load_params(ROOT / "params.yaml").prompt_gate.depths
+    assert probe_layers(depths, 30) == [3, 9, 15, 21, 27]
+    assert probe_layers(depths, 48) == [5, 14, 24, 34, 43]
+    assert probe_layers(depths, 24) == [2, 7, 12, 17, 22]
+    for n in (1, 2, 16, 24, 32, 48, 94):
+        layers = probe_layers(depths, n)
+        assert layers and all(0 <= x <= n for x in layers) and len(set(layers)) == len(layers)
+    assert probe_layers([0.5, 1.0, 0.75], 2) == [1, 2]  # 0.75 x 2 = 1.5 rounds up: a repeat
+    assert probe_layers([0.0, 1.0], 24) == [0, 24]  # embeddings, the last layer's output
+    with pytest.raises(ValueError, match="prompt_gate.depths"):
+        probe_layers([1.5], 24)

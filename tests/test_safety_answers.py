@@ -84,3 +84,33 @@ def test_folders_of_other_prompts_are_refused():
     b.answers.loc[b.answers["prompt_id"] == "p3", "text"] = "Another prompt"
     with pytest.raises(ValueError, match="answer different prompts"):
         eval_prompts([a, b])
+
+
+def test_answer_engine_placement(tiny_moe, tokenizer, monkeypatch):
+    """The vLLM answer engine gets eval_safety.tensor_parallel_size and the seed; the
+    transformers backend answers on the loaded model itself; a model on the CPU stays loaded
+    beside a vLLM engine (only a GPU model gives the GPU up to the engine)."""
+    from pathlib import Path
+
+    from steerline.core.params import load_params
+    from steerline.pipeline import answer_safety
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    seen = {}
+
+    def fake_make_backend(name, model_dir, dtype, **kw):
+        seen.update(name=name, model_dir=model_dir, dtype=dtype, **kw)
+        return "engine"
+
+    monkeypatch.setattr(answer_safety, "make_backend", fake_make_backend)
+    tp = params.model_copy(update={"eval_safety": params.eval_safety.model_copy(
+        update={"backend": "vllm", "tensor_parallel_size": 2})})
+    assert answer_safety.answer_backend(tp, "models/x", None, tokenizer) == "engine"
+    assert seen["name"] == "vllm" and seen["tensor_parallel_size"] == 2
+    assert seen["seed"] == params.seed
+    hf = params.model_copy(update={"eval_safety": params.eval_safety.model_copy(
+        update={"backend": "transformers"})})
+    backend = answer_safety.answer_backend(hf, "models/x", tiny_moe, tokenizer)
+    assert backend.model is tiny_moe
+    assert not answer_safety.gives_way_to_engine("vllm", tiny_moe)  # on the CPU
+    assert not answer_safety.gives_way_to_engine("transformers", tiny_moe)

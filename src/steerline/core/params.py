@@ -308,8 +308,10 @@ Gate = Literal["none", GateSource]
 
 class PromptGateParams(Strict):
     sources: list[GateSource] = Field(min_length=1)
-    # residual: hidden_states indices tried (0 = embeddings), the best by dev AUROC is kept
-    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    # residual: the probe layers as fractions of the model's depth (prompt_features.probe_layers:
+    # hidden_states index round(depth x n_layers), 0 = embeddings, 1 = the last layer's output),
+    # so one list fits 24 or 48 layers; the best by dev AUROC is kept
+    depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(min_length=1)
     cs: list[Annotated[float, Field(gt=0, le=1e6)]] = Field(min_length=1)  # L2 inverse strengths
     n_bootstrap: int = Field(ge=100, le=100_000)  # prompt resamples of the AUROC intervals
     batch_size: int = Field(ge=1)
@@ -368,6 +370,9 @@ class FinetuneExperts(Strict):
     # CUDA), each on batch_size / num_processes examples of the same global batch
     strategy: Literal["single", "ddp", "fsdp"]
     num_processes: int = Field(ge=1)
+    # the weights' dtype in every process (bfloat16: half of float32's memory, the fine-tuned
+    # model saved in it); the trained slices keep float32 master copies for AdamW either way
+    dtype: Dtype
 
     @model_validator(mode="after")
     def _world_fits(self) -> FinetuneExperts:
@@ -404,6 +409,9 @@ class EvalSafety(Strict):
     judge_model: str | None  # a local chat model for judge: llm (e.g. on a GPU)
     judge_window: int = Field(ge=1)  # characters of the answer the phrase judge reads
     dtype: Dtype
+    # GPUs one vLLM answer engine spans (Mixtral-8x7B's 93 GB of bf16 weights: 2 H100s); a
+    # placement knob like capture_routing's, so not a DVC param of the answer stages
+    tensor_parallel_size: int = Field(ge=1)
     # per variant (a gated twin takes its ungated twin's); a variant left out has no goal
     goals: dict[Literal["steered", "finetuned", "finetuned_deactivate", "finetuned_activate"],
                 SafetyGoal]

@@ -139,11 +139,12 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_moe(model_path: str | Path, dtype: str = "float32"):
-    """MoE model (CPU, eval mode) + tokenizer from a local directory; a missing directory, a
-    dense model or an unknown family is rejected from config.json before any weight is read."""
+def load_moe(model_path: str | Path, dtype: str = "float32", device: str | None = None):
+    """MoE model (eval mode, on `device`: None = the GPU when there is one) + tokenizer from a
+    local directory; a missing directory, a dense model or an unknown family is rejected from
+    config.json before any weight is read."""
     moe_config(model_path)
-    model, tokenizer = load_causal_lm(model_path, dtype, device="cpu")
+    model, tokenizer = load_causal_lm(model_path, dtype, device=device)
     find_routers(model)  # DenseModelError with a clear message
     return model, tokenizer
 

@@ -18,6 +18,7 @@ Each writes a folder of steermoe.safety.answers.ModelAnswers.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -134,8 +135,10 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
     in one backend call, each variant in `sources` with its gated twin; then each ungated
     variant scores the reference answers' NLL (reference None: this model's first, unsteered
     variant's answers to the safe prompts). Returns the answers and the reference scored.
-    The transformers model is loaded once: the gates' prefill, the NLL and (transformers
-    backend) the answers all run on it."""
+    The transformers model (on the GPU when there is one) runs the gates' prefill, the NLL and
+    (transformers backend) the answers; with vLLM on a GPU it leaves the GPU to the engine while
+    the answers are generated and loads again for the NLL, so one copy of the weights is on the
+    GPU at a time."""
     p, g = params.eval_safety, params.prompt_gate
     texts = prompts["text"].tolist()
     # the gate files are checked before the (slow) model load
@@ -151,7 +154,11 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
         seconds["gate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with answer_backend(params, model_dir, model, tokenizer) as backend:
+    yields_gpu = gives_way_to_engine(p.backend, model)
+    if yields_gpu:
+        del model
+        free_gpu()
+    with answer_backend(params, model_dir, None if yields_gpu else model, tokenizer) as backend:
         variants = with_gated(make_variants((backend.moe_layers or backend.n_layers,
                                              backend.n_experts, backend.top_k)),
                               sources, scores)
@@ -160,6 +167,9 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
     rows = pd.concat([answer_rows(name, prompts, ans)
                       for name, ans in zip(variants, answers, strict=True)], ignore_index=True)
     seconds["generate"] = time.perf_counter() - t
+    if yields_gpu:
+        free_gpu()
+        model, tokenizer = load_moe(model_dir, p.dtype)
 
     if reference is None:
         reference = safe_answers(rows, next(iter(variants)),
@@ -185,15 +195,30 @@ def answer_model(params: Params, model_dir: str, prompts: pd.DataFrame,
                         meta), reference
 
 
-def answer_backend(params: Params, model_dir: str, model: nn.Module,
+def gives_way_to_engine(backend: str, model: nn.Module) -> bool:
+    """True where `model` sits on a GPU that a vLLM engine (its own copy of the weights) is about
+    to take: the transformers model is freed for the answers and loaded again after them. On the
+    CPU both fit in host memory as they always did, and the transformers backend answers on
+    `model` itself."""
+    return backend == "vllm" and next(model.parameters()).is_cuda
+
+
+def free_gpu() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def answer_backend(params: Params, model_dir: str, model: nn.Module | None,
                    tokenizer: PreTrainedTokenizerBase) -> Backend:
-    """eval_safety's backend. The transformers one runs on `model` (CPU, as load_moe keeps it)
-    wherever it would have loaded its own copy to the CPU too; vLLM loads its own engine."""
+    """eval_safety's backend: the transformers one answers on `model` (where load_moe put it);
+    vLLM loads its own engine (tensor_parallel_size GPUs)."""
     p = params.eval_safety
-    if p.backend == "transformers" and not torch.cuda.is_available():
+    if p.backend == "transformers":
+        assert model is not None  # gives_way_to_engine keeps it for this backend
         return TransformersBackend(model, tokenizer, p.batch_size)
-    options = {"seed": params.seed} if p.backend == "vllm" else {}
-    return make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size, **options)
+    return make_backend(p.backend, model_dir, p.dtype, batch_size=p.batch_size,
+                        seed=params.seed, tensor_parallel_size=p.tensor_parallel_size)
 
 
 def variant_kind(plan: Plan) -> dict[str, str]:

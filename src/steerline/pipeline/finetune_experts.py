@@ -100,7 +100,10 @@ class Run:
 def prepare(params: Params, inputs: Inputs) -> Run:
     p = params.finetune_experts
     torch.manual_seed(params.seed)
-    model, tokenizer = load_moe(inputs.base_model)
+    # strategy single trains where the model loads (the GPU when there is one); ddp / fsdp
+    # workers load their own copies, and this one, on the host, only takes the trained slices
+    model, tokenizer = load_moe(inputs.base_model, p.dtype,
+                                device=None if p.strategy == "single" else "cpu")
     # keys the checkpoints: a changed model restarts
     fingerprint = model_fingerprint(inputs.base_model)
     layers, (n_experts, _) = moe_layers(model), moe_shape(model)
@@ -201,10 +204,10 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         base_disk, tuned_disk = on_disk(Path(inputs.base_model)), on_disk(tmp)
         frozen = compare_state_dicts(base_disk, tuned_disk, experts)
         del base_disk, tuned_disk
-        rebuilt, _ = load_moe(inputs.base_model)
+        rebuilt, _ = load_moe(inputs.base_model, params.finetune_experts.dtype, device="cpu")
         apply_expert_slices(rebuilt, tmp / SLICES)
         tuned_sd, rebuilt_sd = model.state_dict(), rebuilt.state_dict()
-        reproduces = all(torch.equal(tuned_sd[k], rebuilt_sd[k]) for k in tuned_sd)
+        reproduces = all(torch.equal(tuned_sd[k].cpu(), rebuilt_sd[k]) for k in tuned_sd)
         if not frozen["identical_outside_slices"] or not reproduces:
             raise RuntimeError(f"fine-tuned model failed its checks: frozen={frozen}, "
                                f"slices reproduce the model: {reproduces}")

@@ -22,9 +22,10 @@ import torch
 
 from steerline.core.io import staged_outputs, write_json
 from steerline.core.params import Params
+from steerline.model.arch import decoder_layers
 from steerline.model.load import load_moe
 from steerline.steermoe.data.safety import read_safety_prompts
-from steerline.steermoe.gating.features import prompt_features
+from steerline.steermoe.gating.features import probe_layers, prompt_features
 from steerline.steermoe.gating.prompt_gate import (
     PromptGate,
     budget_threshold,
@@ -64,7 +65,8 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
             raise ValueError(f"{inputs.prompts}: the {name} split needs safe and unsafe prompts "
                              "to fit a gate: check prepare_safety's sources and split")
     model, tokenizer = load_moe(inputs.model, p.dtype)
-    feats = {name: prompt_features(model, tokenizer, r["text"].tolist(), p.layers, p.batch_size,
+    layers = probe_layers(p.depths, len(decoder_layers(model)))
+    feats = {name: prompt_features(model, tokenizer, r["text"].tolist(), layers, p.batch_size,
                                    desc=f"gate features ({name})") for name, r in rows.items()}
     del model
     dev_rows, dev = rows["dev"], feats["dev"]
@@ -81,7 +83,7 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
             raise ValueError(f"{inputs.prompts}: the detect split of the gate's training sources "
                              f"({train_sources}) needs safe and unsafe prompts: check "
                              "prepare_safety's sources or prompt_gate.train_sources")
-        return fit_gate(source, train, train_y, dev, dev_y, p.layers, p.cs, params.seed,
+        return fit_gate(source, train, train_y, dev, dev_y, layers, p.cs, params.seed,
                         p.max_dev_fpr if threshold == "fpr_budget" else None, sources)
 
     def figures(gate: PromptGate) -> dict[str, Any]:

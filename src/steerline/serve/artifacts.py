@@ -84,6 +84,7 @@ def load_artifacts(model: str | Path, experts: str | Path | None = None,
         arts.gates = {s: load_gate(folder, s) for s in found}
         from steerline.model.load import load_moe  # the weights: only when gates need them
 
-        arts.gate_model = load_moe(model, dtype)
+        # on the host: the server's vLLM engine holds the GPU (gpu_memory_utilization)
+        arts.gate_model = load_moe(model, dtype, device="cpu")
         arts.names["gate"] = str(folder)
     return arts

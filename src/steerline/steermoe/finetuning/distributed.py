@@ -108,7 +108,10 @@ def train_slices_distributed(
     with tempfile.TemporaryDirectory(prefix="finetune_dist_") as tmp:
         job = Path(tmp) / "job.json"
         write_json({
-            "model": str(model_path), "strategy": strategy, "experts": [list(e) for e in experts],
+            "model": str(model_path), "strategy": strategy,
+            # the workers load the weights in the dtype `model` has (finetune_experts.dtype)
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "experts": [list(e) for e in experts],
             "cfg": asdict(cfg), "pad_id": pad_id,
             "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
             "model_tag": model_tag, "stop_after": stop_after, "result_dir": tmp,
@@ -139,11 +142,12 @@ def worker(job_path: Path) -> None:
     job = read_json(job_path)
     replica = init_replica(job["strategy"])
     try:
-        model, _ = load_moe(job["model"])
         if replica.strategy == "fsdp":
-            shard_fsdp(model, replica)  # fully_shard moves only this rank's shards to the device
-        else:
-            model.to(replica.device)
+            # loaded on the host: fully_shard moves only this rank's shards to the device
+            model, _ = load_moe(job["model"], job["dtype"], device="cpu")
+            shard_fsdp(model, replica)
+        else:  # straight to this rank's device: no host copy per worker
+            model, _ = load_moe(job["model"], job["dtype"], device=str(replica.device))
         examples = [SftExample(p, k, tuple(ids), n) for p, k, ids, n in job["examples"]]
         cfg = TrainConfig(**job["cfg"])
         ckpt = job["checkpoint_dir"]

@@ -175,7 +175,9 @@ def train_slices(
         # the per-expert loop: grouped_mm's backward is not deterministic on CPU
         model.set_experts_implementation("eager")
         slices.freeze(model)
-        proxies = [v.requires_grad_(True) for v in slices.values()]  # what AdamW sees
+        # what AdamW sees: float32 master copies of the slices (the same tensors for a float32
+        # model), written back in the model's dtype after each step
+        proxies = [v.float().requires_grad_(True) for v in slices.values()]
         opt = torch.optim.AdamW(proxies, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         per_epoch = math.ceil(len(examples) / cfg.batch_size)
         total = per_epoch * cfg.epochs
@@ -203,8 +205,7 @@ def train_slices(
             lr = linear_warmup_lr(step, total, warmup, cfg.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            for s in slices.slices:
-                s.param.grad = None
+            slices.zero_grad()
             if replica is None:
                 out = model(**collate(picked, pad_id), use_cache=False)
                 out.loss.backward()
@@ -213,7 +214,7 @@ def train_slices(
                 loss, grads = _replica_step(model, slices, picked, cfg.batch_size, pad_id,
                                             replica)
             for p, g in zip(proxies, grads, strict=True):
-                p.grad = g
+                p.grad = g.to(p.dtype)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(proxies, cfg.max_grad_norm)
             opt.step()
@@ -233,8 +234,7 @@ def train_slices(
                 kill_point(f"finetune:checkpoint:{done}")
     finally:
         slices.unfreeze_hooks()
-        for s in slices.slices:
-            s.param.grad = None
+        slices.zero_grad()
         for p, flag in zip(model.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
         model.set_experts_implementation(experts_impl)

@@ -10,6 +10,7 @@ in risk_diff's `user` scope.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,6 +29,21 @@ Source = Literal["routing", "residual"]
 SOURCES: tuple[Source, ...] = ("routing", "residual")
 
 
+def probe_layers(depths: Sequence[float], n_layers: int) -> list[int]:
+    """hidden_states indices of `depths` (fractions of an n_layers-deep decoder): round(depth x
+    n_layers), halves up, in the order given, each once (a shallow model maps two depths to one
+    layer)."""
+    out: list[int] = []
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"prompt_gate depth {d} is not a fraction of the depth in [0, 1]: "
+                             "fix prompt_gate.depths")
+        layer = math.floor(d * n_layers + 0.5)
+        if layer not in out:
+            out.append(layer)
+    return out
+
+
 @torch.inference_mode()
 def prompt_features(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -37,8 +53,9 @@ def prompt_features(
     n_layers = len(decoder_layers(model))
     for layer in layers:
         if not 0 <= layer <= n_layers:
-            raise ValueError(f"prompt_gate layer {layer} is outside the model's 0..{n_layers} "
-                             "(hidden_states index: 0 = embeddings): fix prompt_gate.layers")
+            raise ValueError(f"residual layer {layer} is outside the model's 0..{n_layers} "
+                             "(hidden_states index: 0 = embeddings): a gate is read on the model "
+                             "it was fit on (rerun train_gate for this model)")
     chats = [render_chat(tokenizer, t) for t in texts]
     recorder = RoutingRecorder(model)
     n_sites, n_experts = len(recorder.sites), recorder.n_experts
