@@ -35,7 +35,7 @@ from steerline.cli.stages import stage_argv
 from steerline.core.io import read_json
 from steerline.core.params import load_params
 from steerline.model.load import load_moe
-from steerline.pipeline.finetune_experts import SLICES, Inputs, Outputs, finetune, on_disk
+from steerline.pipeline.finetune_experts import SLICES, DiskTensors, Inputs, Outputs, finetune
 from steerline.pipeline.stage import parse_paths
 from steerline.steermoe.finetuning.distributed import check_world
 from steerline.steermoe.finetuning.expert_slices import ExpertSlices, compare_state_dicts
@@ -61,7 +61,7 @@ def main() -> int:
         ref = read_json(committed / "trained_experts.json")
         same_experts = info["experts"] == ref["experts"]
         want, got = load_file(committed / SLICES), load_file(out / SLICES)
-        frozen = compare_state_dicts(on_disk(committed), on_disk(out),
+        frozen = compare_state_dicts(DiskTensors(committed), DiskTensors(out),
                                      ref["experts"])["identical_outside_slices"]
     diff = rel = None  # null when the two runs trained different experts (nothing to compare)
     if same_experts and set(want) == set(got):

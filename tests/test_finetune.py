@@ -196,6 +196,12 @@ def test_saved_model_and_slices_reproduce(tiny_moe, examples, tokenizer, tmp_pat
     report = compare_state_dicts(load_file(base_dir / "model.safetensors"),
                                  load_file(tuned_dir / "model.safetensors"), EXPERTS)
     assert report["identical_outside_slices"] and report["changed_slices"] > 0
+    # the stage's check reads the folders a tensor at a time, to the same report
+    from steerline.pipeline.finetune_experts import DiskTensors
+
+    lazy = DiskTensors(tuned_dir)
+    assert set(lazy) == set(load_file(tuned_dir / "model.safetensors")) and len(lazy) > 0
+    assert compare_state_dicts(DiskTensors(base_dir), lazy, EXPERTS) == report
     # the slices file holds only the listed slices, and applying it reproduces the model
     with safe_open(tmp_path / "slices.safetensors", "pt") as f:
         keys = list(f.keys())

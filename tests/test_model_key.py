@@ -132,3 +132,25 @@ def test_the_commands_take_the_model_key(tmp_path, monkeypatch, capsys, command,
     want = {"missing": f"{path} not found", "dense": f"{path} is a dense model",
             "unknown": "model_type 'dbrx' is not an MoE family steerline knows"}[kind]
     one_line(err, want)
+
+
+def test_placement_from_the_weights_size(moe_dir):
+    """A model loads where it fits: the host without a GPU, GPU 0 when its weights take at most
+    GPU_WEIGHT_SHARE of that GPU's free memory, else spread over the GPUs (device_map auto);
+    the weights are counted from the safetensors headers alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from steerline.model.load import GPU_WEIGHT_SHARE, load_moe, placement, weight_count
+
+    gb = 2**30
+    assert placement(61 * gb, []) == "cpu"
+    assert placement(61 * gb, [79 * gb]) == "cuda"  # Qwen3-30B-A3B, bfloat16, one H100
+    assert placement(93 * gb, [79 * gb, 79 * gb]) == "auto"  # Mixtral-8x7B: two
+    assert placement(int(GPU_WEIGHT_SHARE * 10 * gb), [10 * gb]) == "cuda"
+    on_disk = sum(t.numel() for f in moe_dir.glob("*.safetensors")
+                  for t in load_file(f).values())
+    assert weight_count(moe_dir) == on_disk > 0
+    if not torch.cuda.is_available():  # no device given: the host, as before
+        model, _ = load_moe(moe_dir)
+        assert next(model.parameters()).device.type == "cpu"

@@ -11,6 +11,8 @@ model.safetensors is absent, even beside other *.safetensors files.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ from steerline.model.families import check_known_family
 
 def load_causal_lm(path: str | Path, dtype: str = "float32",
                    device: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A local causal LM directory (safetensors) and its tokenizer, in eval mode."""
+    """A local causal LM directory (safetensors) and its tokenizer, in eval mode, on `device`
+    (None: `placement` from the weights' size and the GPUs' free memory)."""
     from transformers import AutoModelForCausalLM
 
     if not Path(path).is_dir():
@@ -32,11 +35,46 @@ def load_causal_lm(path: str | Path, dtype: str = "float32",
                                 "local checkpoint")
     check_weights(path)
     tokenizer = load_tokenizer(path)  # before the weights: the cheaper failure first
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        free = ([torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+                if torch.cuda.is_available() else [])
+        device = placement(weight_count(path) * torch.empty((), dtype=getattr(torch, dtype))
+                           .element_size(), free)
+    if device == "auto":  # accelerate spreads the layers over the GPUs (then the host)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                     use_safetensors=True, device_map="auto")
+        return model.eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                  use_safetensors=True)
     model.to(device).eval()
     return model, tokenizer
+
+
+# of a GPU's free memory the weights may take; the rest holds activations (a 4 x 256-token
+# training batch of Qwen3-30B-A3B: a few GB) and the CUDA context
+GPU_WEIGHT_SHARE = 0.85
+
+
+def placement(weight_bytes: int, free_gpu_bytes: Sequence[int]) -> str:
+    """Where a model of `weight_bytes` loads: "cpu" without a GPU, "cuda" (GPU 0) when it fits
+    GPU_WEIGHT_SHARE of that GPU's free memory, else "auto" (accelerate's device_map: the
+    layers spread over every GPU, and the host past them; Mixtral-8x7B's 93 GB of bfloat16
+    weights on two 80 GB GPUs)."""
+    if not free_gpu_bytes:
+        return "cpu"
+    return "cuda" if weight_bytes <= GPU_WEIGHT_SHARE * free_gpu_bytes[0] else "auto"
+
+
+def weight_count(model_path: str | Path) -> int:
+    """The number of weight values in a model directory's safetensors files, from their
+    headers alone (the files are checked by check_weights first)."""
+    total = 0
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with open(f, "rb") as handle:
+            n = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 _REFETCH = ("copy the checkpoint again, or rerun the stage that wrote it (dvc repro "

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from dvclive import Live
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -71,15 +72,28 @@ class Outputs:
     checkpoints: Path  # resumable training checkpoints (not a DVC output; removed on success)
 
 
-def on_disk(directory: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a saved model directory (its top-level *.safetensors files)."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:  # e.g. the folder is being rebuilt by another run: never compare with nothing
-        raise ValueError(f"{directory} holds no *.safetensors weights: rebuild it (dvc repro)")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
+class DiskTensors(Mapping[str, torch.Tensor]):
+    """Every weight of a saved model directory (its top-level *.safetensors files), read one
+    tensor at a time: comparing two real checkpoints holds two tensors, not two models."""
+
+    def __init__(self, directory: Path) -> None:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:  # e.g. the folder is being rebuilt by another run: never compare with nothing
+            raise ValueError(f"{directory} holds no *.safetensors weights: rebuild it (dvc repro)")
+        self._file: dict[str, str] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                self._file.update(dict.fromkeys(handle.keys(), str(f)))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(self._file[key], "pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
 
 
 
@@ -201,7 +215,7 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         save_expert_slices(slices, tmp / SLICES,
                            {"source": source, "base_model": inputs.base_model})
         # Checks before publishing: frozen tensors bit-identical on disk; slices reproduce.
-        base_disk, tuned_disk = on_disk(Path(inputs.base_model)), on_disk(tmp)
+        base_disk, tuned_disk = DiskTensors(Path(inputs.base_model)), DiskTensors(tmp)
         frozen = compare_state_dicts(base_disk, tuned_disk, experts)
         del base_disk, tuned_disk
         rebuilt, _ = load_moe(inputs.base_model, params.finetune_experts.dtype, device="cpu")
