@@ -202,6 +202,9 @@ def test_saved_model_and_slices_reproduce(tiny_moe, examples, tokenizer, tmp_pat
     lazy = DiskTensors(tuned_dir)
     assert set(lazy) == set(load_file(tuned_dir / "model.safetensors")) and len(lazy) > 0
     assert compare_state_dicts(DiskTensors(base_dir), lazy, EXPERTS) == report
+    # a float32 checkpoint read as the bfloat16 model finetune_experts.dtype loads
+    cast = DiskTensors(base_dir, torch.bfloat16)
+    assert all(cast[k].dtype == torch.bfloat16 for k in cast if lazy[k].is_floating_point())
     # the slices file holds only the listed slices, and applying it reproduces the model
     with safe_open(tmp_path / "slices.safetensors", "pt") as f:
         keys = list(f.keys())

@@ -74,9 +74,12 @@ class Outputs:
 
 class DiskTensors(Mapping[str, torch.Tensor]):
     """Every weight of a saved model directory (its top-level *.safetensors files), read one
-    tensor at a time: comparing two real checkpoints holds two tensors, not two models."""
+    tensor at a time: comparing two real checkpoints holds two tensors, not two models. With
+    `dtype`, floating tensors are cast to it as loading in that dtype casts them (a float32
+    checkpoint fine-tuned in bfloat16 is compared as the bfloat16 model it trained)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, dtype: torch.dtype | None = None) -> None:
+        self._dtype = dtype
         files = sorted(directory.glob("*.safetensors"))
         if not files:  # e.g. the folder is being rebuilt by another run: never compare with nothing
             raise ValueError(f"{directory} holds no *.safetensors weights: rebuild it (dvc repro)")
@@ -87,7 +90,8 @@ class DiskTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(self._file[key], "pt") as handle:
-            return handle.get_tensor(key)
+            t = handle.get_tensor(key)
+        return t.to(self._dtype) if self._dtype is not None and t.is_floating_point() else t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file)
@@ -215,7 +219,9 @@ def finetune(params: Params, inputs: Inputs, out_dir: Path, live_path: Path,
         save_expert_slices(slices, tmp / SLICES,
                            {"source": source, "base_model": inputs.base_model})
         # Checks before publishing: frozen tensors bit-identical on disk; slices reproduce.
-        base_disk, tuned_disk = DiskTensors(Path(inputs.base_model)), DiskTensors(tmp)
+        base_disk = DiskTensors(Path(inputs.base_model),
+                                getattr(torch, params.finetune_experts.dtype))
+        tuned_disk = DiskTensors(tmp)
         frozen = compare_state_dicts(base_disk, tuned_disk, experts)
         del base_disk, tuned_disk
         rebuilt, _ = load_moe(inputs.base_model, params.finetune_experts.dtype, device="cpu")
