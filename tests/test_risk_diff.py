@@ -609,3 +609,40 @@ def test_own_sources_have_the_pooled_contrast_only(
     pd.testing.assert_frame_equal(df, alone)
     with pytest.raises(ValueError, match="set select_experts.require: pooled"):
         select_experts(df, threshold=0.05, top_k=10, alpha=0.05, require="both")
+
+
+def test_spearman_and_normal_tail_equal_scipy_stats():
+    """contrasts.spearman and two_proportion_pvalue's normal tail (scipy.special.ndtr) give
+    scipy.stats' spearmanr and norm.sf value for value, ties, float32, NaN and constant inputs
+    included (the risk_diff stage no longer imports scipy.stats)."""
+    import warnings
+
+    from scipy.special import ndtr
+    from scipy.stats import norm, spearmanr
+
+    from steerline.steermoe.data.contrasts import average_ranks, spearman
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(400):
+        n = int(rng.integers(2, 300))
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        if i % 4 == 1:  # ties
+            a, b = np.round(a, 1), np.round(b, 0)
+        elif i % 4 == 2:
+            a = rng.integers(0, 3, n).astype(float)
+            b = a + rng.integers(0, 2, n)
+        elif i % 4 == 3:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+        cases.append((a, b))
+    cases += [(np.ones(5), np.arange(5.0)), (np.array([1.0, np.nan, 3.0]), np.arange(3.0)),
+              (np.array([2.0]), np.array([1.0]))]
+    for a, b in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = float(spearmanr(a, b).statistic)
+        got = spearman(a, b)
+        assert got == want or (np.isnan(got) and np.isnan(want)), (a, b)
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    z = np.concatenate([rng.normal(size=10_000) * 6, [0.0, 40.0, np.inf]])
+    assert np.array_equal(ndtr(-np.abs(z)), norm.sf(np.abs(z)))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
 # (source, label) of a group of prompts; source None = any source
 Group = tuple[str | None, str]
@@ -118,9 +117,32 @@ def prompt_sources(
     return rows["source"].astype(str).to_numpy()
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (scipy.stats.rankdata's "average") [N]."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]  # [N] a new value starts here
+    dense = first.cumsum()
+    count = np.r_[np.flatnonzero(first), len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = 0.5 * (count[dense] + count[dense - 1] + 1)
+    return ranks
+
+
+def spearman(first: np.ndarray, second: np.ndarray) -> float:
+    """scipy.stats.spearmanr(first, second).statistic, value for value (the Pearson
+    correlation of the average ranks, as its np.corrcoef computes it; NaN for a NaN or a
+    constant input), without importing scipy.stats (a second of the risk_diff stage's start)."""
+    a = np.column_stack((first, second)).astype(np.float64)  # [N, 2]
+    if len(a) <= 1 or np.isnan(a).any() or (a[0] == a).all(axis=0).any():
+        return float("nan")
+    ranked = np.column_stack((average_ranks(a[:, 0]), average_ranks(a[:, 1])))
+    return float(np.corrcoef(ranked, rowvar=False)[1, 0])
+
+
 def agreement(first: np.ndarray, second: np.ndarray, top_n: int = AGREEMENT_TOP_N) -> dict:
     """Spearman correlation over all pairs and the overlap of the top_n highest of each."""
-    rho = float(spearmanr(first, second).statistic)
+    rho = spearman(first, second)
     n = min(top_n, len(first))
     top_a = set(np.argsort(-first, kind="stable")[:n].tolist())
     top_b = set(np.argsort(-second, kind="stable")[:n].tolist())
