@@ -96,6 +96,37 @@ def test_gate_fit_choice_threshold_and_files(tmp_path):
         wrong.scores({"routing": np.zeros((2, 4))})
 
 
+def test_bootstrap_auroc_equals_roc_auc_score():
+    """The bootstrap draws' Mann-Whitney AUROC is roc_auc_score's to rounding (ties counted
+    half), and auroc_ci's interval equals one computed with roc_auc_score draw by draw."""
+    from sklearn.metrics import roc_auc_score
+
+    from steerline.steermoe.gating.prompt_gate import mann_whitney_auroc
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        n = int(rng.integers(4, 300))
+        y = rng.random(n) < rng.uniform(0.1, 0.9)
+        if y.all() or not y.any():
+            continue
+        s = rng.normal(size=n)
+        if i % 3 == 1:
+            s = np.round(s, 1)
+        elif i % 3 == 2:
+            s = rng.integers(0, 4, n).astype(float)  # many ties
+        assert mann_whitney_auroc(s[y], s[~y]) == pytest.approx(roc_auc_score(y, s),
+                                                                rel=0, abs=1e-15)
+    s, y = rng.normal(size=120), rng.random(120) < 0.4
+    draws, draw_rng = [], np.random.default_rng(3)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    for _ in range(300):
+        idx = np.concatenate([draw_rng.choice(pos, len(pos)), draw_rng.choice(neg, len(neg))])
+        draws.append(roc_auc_score(y[idx], s[idx]))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    ci = auroc_ci(s, y, 300, 3)
+    assert (ci["ci_low"], ci["ci_high"]) == (round(float(lo), 4), round(float(hi), 4))
+
+
 def test_budget_threshold_caps_each_safe_source_against_a_loop():
     """The cut fires on at most floor(max_fpr * n) prompts of every safe group, and is the
     lowest such cut: equal to a brute-force search over every candidate score."""
