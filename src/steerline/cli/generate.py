@@ -148,19 +148,14 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int) -> 
 def gate_scores(gate: PromptGate, model: str, prompts: list[str], dtype: str) -> list[float]:
     """Each prompt's gate score from one unsteered prefill of `model` (the answer_safety
     stages' scoring)."""
-    import gc
-
-    import torch
-
+    from steerline.model.gpu import free_gpu
     from steerline.model.load import load_moe
     from steerline.steermoe.gating.scoring import score_prompts
 
     hf, tok = load_moe(model, dtype)
     scores, _ = score_prompts({gate.source: gate}, hf, tok, prompts, batch_size=8)[gate.source]
     del hf  # on a GPU: its memory goes back before the vLLM engine sizes its KV cache
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_gpu()
     return [float(x) for x in scores]
 
 

@@ -18,7 +18,6 @@ Each writes a folder of steermoe.safety.answers.ModelAnswers.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from steerline.core.io import (
     write_timings,
 )
 from steerline.core.params import Params
+from steerline.model.gpu import free_gpu
 from steerline.model.load import load_moe
 from steerline.steering.experts import SteeringPlan, read_experts_json
 from steerline.steermoe.data.safety import read_safety_prompts
@@ -201,12 +201,6 @@ def gives_way_to_engine(backend: str, model: nn.Module) -> bool:
     CPU both fit in host memory as they always did, and the transformers backend answers on
     `model` itself."""
     return backend == "vllm" and next(model.parameters()).is_cuda
-
-
-def free_gpu() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def answer_backend(params: Params, model_dir: str, model: nn.Module | None,

@@ -116,7 +116,8 @@ def main(params: Params, inputs: Inputs, out: Outputs) -> None:
                 cut = (budget_threshold(scores, dev_y, sources, p.max_dev_fpr)
                        if threshold == "fpr_budget" else youden_threshold(scores, dev_y))
                 g = replace(fitted, threshold=cut)
-                fig = figures(g)
+                chosen = (train_sources, threshold) == (p.train_sources, p.threshold)
+                fig = report["sources"][source]["dev"] if chosen else figures(g)
                 report["ablation"].append({
                     "source": source, "train_sources": train_sources, "threshold": threshold,
                     "layer": g.layer, "C": g.info["C"], "dev_auroc": fig["auroc"],
